@@ -1,0 +1,92 @@
+"""One exception hierarchy for the library, and the wire error codes that map onto it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Reason codes carried by ERROR and BYE messages and CLOSE frames."""
+
+    NORMAL = 0
+    MALFORMED = 1
+    TOO_LARGE = 2
+    UNSUPPORTED_VERSION = 3
+    BAD_UPDATE = 4
+    AUTH_FAILED = 5
+    TIMEOUT = 6
+    OVERLOADED = 7
+    DUPLICATE_LINK = 8
+    SHUTDOWN = 9
+    INTERNAL = 10
+
+    @classmethod
+    def parse(cls, value: int) -> ErrorCode:
+        """Map an unknown wire value to INTERNAL instead of failing."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.INTERNAL
+
+
+class UnityCrdtError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(UnityCrdtError, ValueError):
+    """A configuration value is missing or invalid."""
+
+
+class ProtocolError(UnityCrdtError):
+    """A peer broke the sync protocol; the link that carried it is closed."""
+
+    code: ErrorCode = ErrorCode.MALFORMED
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a well-formed message (truncated, bad tag, bad length)."""
+
+
+class LimitExceeded(ProtocolError):
+    """A message, count or length is over a configured limit."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class SecurityError(ProtocolError):
+    """Authentication or integrity failed: wrong group secret, tampered or replayed frame."""
+
+    code = ErrorCode.AUTH_FAILED
+
+
+class HandshakeError(SecurityError):
+    """The Noise handshake failed or broke its rules (deadline, order, size)."""
+
+
+class FrameError(SecurityError):
+    """A transport frame failed authentication, order or size checks."""
+
+
+class ChannelClosed(UnityCrdtError):
+    """The underlying connection is gone."""
+
+
+class StoreError(UnityCrdtError):
+    """The local cache could not be read or written."""
+
+
+class CacheLockedError(StoreError):
+    """Another process holds the local cache."""
+
+
+class CorruptCacheError(StoreError):
+    """The local cache file is damaged; it was moved aside and a fresh one opened."""
+
+
+class CheckpointError(UnityCrdtError):
+    """A checkpoint could not be written, read or verified."""

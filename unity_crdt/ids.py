@@ -1,0 +1,66 @@
+"""Value types for document names, device ids and peer addresses (stdlib only)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+MAX_DOC_ID_BYTES = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DEVICE_ID = re.compile(r"^[a-z2-7]{26}$")
+
+
+def check_doc_id(name: object) -> str:
+    """Return `name` if it is a valid document name (1-255 UTF-8 bytes, no control chars)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"document name must be str, not {type(name).__name__}")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if not 0 < size <= MAX_DOC_ID_BYTES:
+        raise ConfigError(f"document name must be 1-{MAX_DOC_ID_BYTES} UTF-8 bytes, got {size}")
+    if _CONTROL.search(name):
+        raise ConfigError("document name must not contain control characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError("document name must be valid Unicode (no lone surrogates)") from exc
+    return name
+
+
+def is_device_id(value: str) -> bool:
+    """Whether `value` looks like a device id (26 lower-case base32 characters)."""
+    return bool(_DEVICE_ID.match(value))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """A websocket endpoint of a peer, such as ws://127.0.0.1:9001."""
+
+    host: str
+    port: int
+    scheme: str = "ws"
+
+    @classmethod
+    def parse(cls, url: str) -> PeerAddress:
+        """Parse and validate a ws:// or wss:// URL."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"invalid peer URL {url!r}: {exc}") from exc
+        if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None:
+            raise ConfigError(f"peer URL must look like ws://host:port, got {url!r}")
+        if not 0 < port < 65536:
+            raise ConfigError(f"peer URL port out of range: {url!r}")
+        return cls(parts.hostname, port, parts.scheme)
+
+    @property
+    def url(self) -> str:
+        """The URL form, with IPv6 hosts bracketed."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url
