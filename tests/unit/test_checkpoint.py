@@ -1,0 +1,322 @@
+"""Checkpointer policy on DirectorySink: dirty tracking, sealing, verification, backoff."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Text
+
+from unity_crdt.checkpoint import (
+    Checkpointer,
+    DirectorySink,
+    Manifest,
+    SinkRecord,
+    chunk_id,
+)
+from unity_crdt.errors import CheckpointError, SecurityError
+from unity_crdt.secure import GroupKeys, derive_group_keys, device_id_for
+
+
+@pytest.fixture(scope="module")
+def keys() -> GroupKeys:
+    return derive_group_keys("unit test group secret")
+
+
+def new_device() -> str:
+    return device_id_for(os.urandom(32))
+
+
+class Clock:
+    """An injected clock for status timestamps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Device:
+    """Docs held as raw bytes (no pycrdt needed for policy tests) plus a Checkpointer."""
+
+    def __init__(self, keys: GroupKeys, sink: DirectorySink | CountingSink, **kw: object) -> None:
+        self.states: dict[str, bytes] = {}
+        self.broken: set[str] = set()
+        self.edit_while_reading = False
+        self.clock = Clock()
+        self.cp = Checkpointer(keys, new_device(), sink, self.get_state, clock=self.clock, **kw)  # type: ignore[arg-type]
+
+    def get_state(self, name: str) -> bytes:
+        if name in self.broken:
+            raise RuntimeError("doc unavailable")
+        if self.edit_while_reading:  # an edit lands right after the state was read
+            self.cp.mark_dirty(name)
+        return self.states[name]
+
+    def set(self, name: str, state: bytes) -> None:
+        self.states[name] = state
+        self.cp.mark_dirty(name)
+
+
+class CountingSink(DirectorySink):
+    """DirectorySink that records which object ids each put carried."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.puts: list[list[str]] = []
+
+    async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
+        self.puts.append([r.manifest.object_id for r in records])
+        await super().put(tenant, records)
+
+
+def all_bytes(root: Path) -> bytes:
+    return b"\n".join(
+        p.name.encode() + b"\0" + p.read_bytes() for p in root.rglob("*") if p.is_file()
+    )
+
+
+async def test_only_dirty_docs_are_written(tmp_path: Path, keys: GroupKeys) -> None:
+    sink = CountingSink(tmp_path)
+    dev = Device(keys, sink)
+    dev.set("a", b"state a")
+    dev.set("b", b"state b")
+    report = await dev.cp.checkpoint()
+    assert report.written == ("a", "b") and dev.cp.dirty == frozenset()
+    assert (await dev.cp.checkpoint()).written == ()  # nothing dirty: no write at all
+    assert len(sink.puts) == 1
+    dev.set("b", b"state b2")
+    assert (await dev.cp.checkpoint()).written == ("b",)
+    assert sink.puts[-1] == [dev.cp.object_id("b")]
+    assert (await dev.cp.checkpoint(["a"], force=True)).written == ("a",)
+    assert (await dev.cp.checkpoint(["a"])).written == ()
+    assert dev.cp.status["b"].writes == 2 and dev.cp.status["a"].writes == 2
+    assert dev.cp.status["a"].last_ok == 1000.0
+
+
+async def test_edit_during_checkpoint_keeps_doc_dirty(tmp_path: Path, keys: GroupKeys) -> None:
+    dev = Device(keys, DirectorySink(tmp_path))
+    dev.set("a", b"v1")
+    dev.edit_while_reading = True
+    assert (await dev.cp.checkpoint()).written == ("a",)
+    assert dev.cp.dirty == {"a"}
+
+
+async def test_unreadable_doc_is_reported_and_others_written(
+    tmp_path: Path, keys: GroupKeys
+) -> None:
+    dev = Device(keys, DirectorySink(tmp_path))
+    dev.set("ok", b"fine")
+    dev.set("bad", b"x")
+    dev.broken.add("bad")
+    report = await dev.cp.checkpoint()
+    assert report.written == ("ok",)
+    assert "doc unavailable" in report.failed["bad"]
+    assert dev.cp.dirty == {"bad"} and dev.cp.status["bad"].last_error is not None
+
+
+async def test_devices_each_write_own_object_and_restore_merges(
+    tmp_path: Path, keys: GroupKeys
+) -> None:
+    sink = DirectorySink(tmp_path)
+    devices = [Device(keys, sink) for _ in range(3)]
+    docs = []
+    for n, dev in enumerate(devices):
+        doc: Doc = Doc()
+        doc["t"] = text = Text()
+        text += f"device {n} "
+        docs.append(doc)
+        dev.set("shared", doc.get_update())
+        await dev.cp.checkpoint()
+    assert len(list((tmp_path / keys.tenant / "manifests").iterdir())) == 3
+    restored = await Device(keys, sink).cp.restore()
+    assert len(restored["shared"]) == 3
+    merged: Doc = Doc()
+    merged["t"] = text = Text()
+    for state in restored["shared"]:
+        merged.apply_update(state)
+    assert sorted(str(text).split("device ")[1:]) == ["0 ", "1 ", "2 "]
+
+
+async def test_chunked_roundtrip_and_stale_chunks_removed(tmp_path: Path, keys: GroupKeys) -> None:
+    dev = Device(keys, DirectorySink(tmp_path), chunk_size=1000)
+    big = os.urandom(10_500)
+    dev.set("big", big)
+    await dev.cp.checkpoint()
+    oid = dev.cp.object_id("big")
+    chunk_dir = tmp_path / keys.tenant / "chunks" / oid
+    assert len(list(chunk_dir.iterdir())) == 11
+    assert (await dev.cp.restore())["big"] == [big]
+    dev.set("big", big[:2500])
+    await dev.cp.checkpoint()
+    assert len(list(chunk_dir.iterdir())) == 3  # the old generation is gone
+    assert (await dev.cp.restore())["big"] == [big[:2500]]
+    dev.set("empty", b"")
+    await dev.cp.checkpoint()
+    assert (await dev.cp.restore(["empty"]))["empty"] == [b""]
+
+
+async def test_files_hold_no_doc_names_or_private_text(tmp_path: Path, keys: GroupKeys) -> None:
+    states = {"Quarterly plan ñ": b"zanzibar secret", "recipes": b"pancakes"}
+    searchable = {"recipes"}
+    dev = Checkpointer(
+        keys,
+        new_device(),
+        DirectorySink(tmp_path),
+        states.__getitem__,
+        lambda n: "pancakes with flour" if n in searchable else None,
+    )
+    for name in states:
+        dev.mark_dirty(name)
+    await dev.checkpoint()
+    raw = all_bytes(tmp_path)
+    for secret in ("Quarterly", "recipes", "zanzibar", dev.device_id):
+        assert secret.encode() not in raw
+    assert b"pancakes with flour" in raw  # the searchable projection, as documented
+    hits = await dev.search("flour")
+    assert [h.doc for h in hits] == ["recipes"]
+
+
+async def test_flipped_byte_refused_with_object_id_others_kept(
+    tmp_path: Path, keys: GroupKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = DirectorySink(tmp_path)
+    a, b = Device(keys, sink), Device(keys, sink)
+    a.set("notes", b"from a")
+    b.set("notes", b"from b")
+    await a.cp.checkpoint()
+    await b.cp.checkpoint()
+    victim = a.cp.object_id("notes")
+    (chunk,) = (tmp_path / keys.tenant / "chunks" / victim).iterdir()
+    data = bytearray(chunk.read_bytes())
+    data[-3] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="unity_crdt.checkpoint"):
+        restored = await Device(keys, sink).cp.restore()
+    assert restored == {"notes": [b"from b"]}
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert victim in line and "refused" in line and "notes" not in line
+
+
+async def test_swapped_chunks_and_headers_are_detected(tmp_path: Path, keys: GroupKeys) -> None:
+    dev = Device(keys, DirectorySink(tmp_path))
+    rec_a = dev.cp.seal("a", b"state of a")
+    rec_b = dev.cp.seal("b", b"state of b")
+    ma, mb = rec_a.manifest, rec_b.manifest
+    assert dev.cp.open(ma, rec_a.chunks) == ("a", b"state of a")
+    with pytest.raises(SecurityError):  # b's chunk under a's manifest
+        dev.cp.open(ma, rec_b.chunks)
+    with pytest.raises(SecurityError):  # a's header moved onto b's object id
+        dev.cp.open(Manifest(mb.object_id, *_rest(ma)), rec_a.chunks)
+    other = Device(derive_group_keys("another group secret"), DirectorySink(tmp_path))
+    with pytest.raises(SecurityError):  # another group's key
+        other.cp.open(ma, rec_a.chunks)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        dev.cp.open(ma, [])
+
+
+def _rest(m: Manifest) -> tuple[str, str, str, int, int, bytes]:
+    return m.doc_key, m.device, m.generation, m.parts, m.nbytes, m.header
+
+
+async def test_missing_chunk_is_refused(
+    tmp_path: Path, keys: GroupKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = Device(keys, DirectorySink(tmp_path), chunk_size=4)
+    dev.set("a", b"0123456789")
+    dev.set("b", b"fine")
+    await dev.cp.checkpoint()
+    m = next(
+        x for x in await dev.cp.sink.manifests(keys.tenant) if x.object_id == dev.cp.object_id("a")
+    )
+    (tmp_path / keys.tenant / "chunks" / m.object_id / f"{m.generation}.1").unlink()
+    with caplog.at_level(logging.WARNING, logger="unity_crdt.checkpoint"):
+        assert await dev.cp.restore() == {"b": [b"fine"]}
+    assert any("incomplete" in r.getMessage() for r in caplog.records)
+    assert chunk_id(m.object_id, m.generation, 0) != chunk_id(m.object_id, m.generation, 1)
+
+
+async def test_changed_only_restore_returns_new_generations(
+    tmp_path: Path, keys: GroupKeys
+) -> None:
+    sink = DirectorySink(tmp_path)
+    me, peer = Device(keys, sink), Device(keys, sink)
+    me.set("n", b"mine")
+    peer.set("n", b"theirs v1")
+    await me.cp.checkpoint()
+    await peer.cp.checkpoint()
+    assert await me.cp.restore(changed_only=True, include_own=False) == {"n": [b"theirs v1"]}
+    assert await me.cp.restore(changed_only=True, include_own=False) == {}
+    peer.set("n", b"theirs v2")
+    await peer.cp.checkpoint()
+    assert await me.cp.restore(changed_only=True, include_own=False) == {"n": [b"theirs v2"]}
+
+
+def test_backoff_schedule() -> None:
+    delays = [Checkpointer.next_delay(1.0, f, 60.0) for f in range(9)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert Checkpointer.next_delay(90.0, 3, 60.0) == 90.0  # never below the interval
+
+
+class Stop(Exception):
+    pass
+
+
+async def test_run_backs_off_while_sink_fails_and_recovers(tmp_path: Path, keys: GroupKeys) -> None:
+    blocker = tmp_path / "store"
+    blocker.write_text("a file where the store directory should be")
+    dev = Device(keys, DirectorySink(blocker))
+    dev.set("a", b"payload")
+    slept: list[float] = []
+    seen_failures: list[int] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+        seen_failures.append(dev.cp.failures)
+        if len(slept) == 5:  # the store comes back
+            blocker.unlink()
+        if len(slept) == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        await dev.cp.run(0.5, max_backoff=3.0, sleep=sleep)
+    assert slept == [0.5, 1.0, 2.0, 3.0, 3.0, 0.5, 0.5]
+    assert seen_failures == [0, 1, 2, 3, 4, 0, 0]
+    assert dev.cp.dirty == frozenset()
+    assert dev.cp.status["a"].last_error is None and dev.cp.status["a"].writes == 1
+    assert (await dev.cp.restore())["a"] == [b"payload"]
+
+
+async def test_failed_checkpoint_raises_and_records_status(tmp_path: Path, keys: GroupKeys) -> None:
+    blocker = tmp_path / "store"
+    blocker.write_text("not a directory")
+    dev = Device(keys, DirectorySink(blocker))
+    dev.set("a", b"payload")
+    with pytest.raises(CheckpointError, match="checkpoint directory failed"):
+        await dev.cp.checkpoint()
+    assert dev.cp.dirty == {"a"}
+    assert "checkpoint directory failed" in (dev.cp.status["a"].last_error or "")
+    assert dev.cp.status["a"].last_ok is None
+
+
+async def test_run_pull_hands_new_states_to_apply(tmp_path: Path, keys: GroupKeys) -> None:
+    sink = DirectorySink(tmp_path)
+    me, peer = Device(keys, sink), Device(keys, sink)
+    peer.set("n", b"theirs")
+    await peer.cp.checkpoint()
+    applied: list[dict[str, list[bytes]]] = []
+    rounds = 0
+
+    async def sleep(_: float) -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        await me.cp.run_pull(1.0, applied.append, sleep=sleep)
+    assert applied == [{"n": [b"theirs"]}]  # the second round found nothing new

@@ -1,0 +1,66 @@
+"""One real weaviate-server for the whole session (scripts/weaviate.py), on loopback ports.
+
+The server binary is built by `python scripts/weaviate.py install` (`make setup`); if it is
+missing the fixture installs it rather than skipping. Each test uses fresh group keys, so
+each test gets its own tenant and tests never see each other's objects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import secrets
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from unity_crdt.secure import GroupKeys, derive_group_keys
+from unity_crdt.weaviate_sink import WeaviateSink
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "weaviate.py"
+
+
+def load_script() -> ModuleType:
+    """Import scripts/weaviate.py under another name (its file name shadows the client)."""
+    name = "unity_crdt_weaviate_script"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def weaviate_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A running WeaviateServer (stopped at the end of the session)."""
+    script = load_script()
+    if not script.binary_path().exists():
+        script.install()
+    server = script.WeaviateServer(tmp_path_factory.mktemp("weaviate-data"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def group_keys() -> GroupKeys:
+    """Fresh keys, hence a fresh tenant, per test."""
+    return derive_group_keys(secrets.token_hex(16))
+
+
+@pytest.fixture
+async def sink(weaviate_server: Any) -> AsyncIterator[WeaviateSink]:
+    """A WeaviateSink on the session server, closed after the test."""
+    s = WeaviateSink(weaviate_server.url, weaviate_server.grpc_port)
+    try:
+        yield s
+    finally:
+        await s.close()
