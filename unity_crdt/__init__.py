@@ -1,5 +1,6 @@
-"""unity_crdt: offline-first CRDT documents that merge peer to peer, encrypted, checkpointed to Weaviate."""
+"""unity_crdt: offline-first CRDT documents merged peer to peer, encrypted, checkpointed."""
 
+from .config import NodeConfig
 from .errors import (
     CacheLockedError,
     CheckpointError,
@@ -10,12 +11,17 @@ from .errors import (
     StoreError,
     UnityCrdtError,
 )
+from .mesh import PeerInfo
+from .node import Node
 
 __all__ = [
     "CacheLockedError",
     "CheckpointError",
     "ConfigError",
     "CorruptCacheError",
+    "Node",
+    "NodeConfig",
+    "PeerInfo",
     "ProtocolError",
     "SecurityError",
     "StoreError",

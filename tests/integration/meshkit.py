@@ -1,0 +1,84 @@
+"""Helpers for tests that run real nodes on 127.0.0.1 with real caches in tmp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from unity_crdt import Node, NodeConfig
+
+SECRET = "test group secret: correct horse battery staple"
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> float:
+    """Poll until check() is true; return the seconds it took, or fail with `what`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not check():
+        if loop.time() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or check}")
+        await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+def node_config(tmp: Path, name: str, **kw: Any) -> NodeConfig:
+    """A config for a test node: loopback, no mDNS unless asked, fast timers."""
+    values: dict[str, Any] = dict(
+        name=name, cache_dir=tmp / name, group_secret=SECRET, mdns=False,
+        anti_entropy_interval=2.0, ping_interval=1.0, idle_timeout=5.0, reconnect_max=1.0,
+    )
+    values.update(kw)
+    return NodeConfig(**values)
+
+
+
+
+class Attacker:
+    """A member-turned-attacker: holds the group secret, speaks raw frames to a node."""
+
+    def __init__(self, channel: Any, session: Any, sent: list[bytes]) -> None:
+        self.channel, self.session, self.sent = channel, session, sent
+
+    @classmethod
+    async def connect(cls, url: str, secret: str = SECRET, name: str = "mallory") -> Attacker:
+        """Dial `url` and complete a genuine handshake, recording every message sent."""
+        from unity_crdt import transport
+        from unity_crdt.secure import DeviceIdentity, Handshake, PeerHello, derive_group_keys
+
+        me = DeviceIdentity.generate()
+        hello = PeerHello(name=name, device_id=me.device_id, version=1, max_frame=2**20)
+        loop = asyncio.get_running_loop()
+        hs = Handshake(derive_group_keys(secret), me, hello, initiator=True, now=loop.time())
+        # Generous sender limits: the attacker must be able to send what the node must refuse.
+        channel = await transport.dial(url, limits=transport.TransportLimits(max_message=2**23))
+        sent = [hs.initiate()]
+        await channel.send(sent[0])
+        while not hs.complete:
+            reply = hs.receive(await channel.recv(), loop.time())
+            if reply is not None:
+                sent.append(reply)
+                await channel.send(reply)
+        return cls(channel, hs.session(), sent)
+
+    async def send_message(self, data: bytes) -> None:
+        """Seal and send one plaintext message (whatever bytes it holds)."""
+        for frame in self.session.seal(data):
+            self.sent.append(frame)
+            await self.channel.send(frame)
+
+    async def closed_by_node(self, timeout: float = 3.0) -> bool:
+        """Whether the node ends the link within `timeout` (reading anything it still sends)."""
+        from unity_crdt.errors import ChannelClosed
+
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.channel.recv()
+        except ChannelClosed:
+            return True
+        except TimeoutError:
+            return False

@@ -1,0 +1,469 @@
+"""SyncSession over an in-memory link: every message goes through codec.encode/decode.
+
+The harness plays the node's part (h11's tests/helpers.py in spirit): each `Party` owns a
+Replica and one SyncSession per link; replica reports are queued by `on_update` and relayed
+to every session except the one the update came from, like `Node._on_update` does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pycrdt import Array, Map, Text
+
+from unity_crdt import codec
+from unity_crdt.codec import (
+    PROTOCOL_VERSION,
+    Batch,
+    Bye,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    SyncStep1,
+    SyncStep2,
+    Update,
+)
+from unity_crdt.errors import ErrorCode, ProtocolError
+from unity_crdt.protocol import EMPTY_UPDATE, SeenFilter, SyncSession, flatten
+from unity_crdt.replica import RemoteOrigin, Replica
+
+_ids = itertools.count(1)
+
+
+class Party:
+    """A node without I/O: a replica, its sessions, and the relay rule."""
+
+    def __init__(self, name: str, seen: SeenFilter | None = None) -> None:
+        self.name = name
+        self.replica = Replica(self._on_update, client_id_factory=lambda: next(_ids))
+        self.seen = seen if seen is not None else SeenFilter()
+        self.sessions: dict[str, SyncSession] = {}
+        self.queued: list[tuple[str, bytes, object | None]] = []
+        self.reports: list[tuple[str, bytes, object | None]] = []
+
+    def _on_update(self, doc: str, update: bytes, origin: object | None) -> None:
+        self.queued.append((doc, update, origin))
+        self.reports.append((doc, update, origin))
+
+    def text(self, doc: str) -> Text:
+        text: Text = self.replica.doc(doc).get("t", type=Text)
+        return text
+
+    def content(self, doc: str) -> tuple[str, dict[str, Any], list[Any]]:
+        d = self.replica.doc(doc)
+        return (
+            str(d.get("t", type=Text)),
+            d.get("m", type=Map).to_py() or {},
+            d.get("a", type=Array).to_py() or [],
+        )
+
+
+class Net:
+    """Directed in-memory links carrying encoded bytes; `pump` runs to quiescence."""
+
+    def __init__(self, *parties: Party, now: float = 1000.0, **session_kw: Any) -> None:
+        self.parties = {p.name: p for p in parties}
+        self.queues: dict[tuple[str, str], deque[bytes]] = {}
+        self.now = now
+        self.session_kw = session_kw
+        self.sent: Counter[str] = Counter()
+        self.log: list[tuple[str, str, Message]] = []
+
+    def connect(self, a: str, b: str, a_kw: dict[str, Any] | None = None) -> None:
+        """Link `a` and `b`; `a_kw` are extra SyncSession arguments for `a`'s side only."""
+        for party in self.parties.values():  # earlier edits went to the links of that time
+            self.relay(party)
+        for x, y in ((a, b), (b, a)):
+            px = self.parties[x]
+            kw = {**self.session_kw, **((a_kw or {}) if x == a else {})}
+            px.sessions[y] = SyncSession(px.replica, peer=y, now=self.now, seen=px.seen, **kw)
+            self.queues[(x, y)] = deque()
+        for x, y in ((a, b), (b, a)):
+            self.send(x, y, self.parties[x].sessions[y].start())
+
+    def disconnect(self, a: str, b: str) -> None:
+        for x, y in ((a, b), (b, a)):
+            del self.parties[x].sessions[y]
+            del self.queues[(x, y)]
+
+    def send(self, src: str, dst: str, msgs: list[Message]) -> None:
+        if not msgs or (src, dst) not in self.queues:
+            return
+        for m in flatten(msgs):
+            self.sent[type(m).__name__] += 1
+            self.log.append((src, dst, m))
+        # Several replies travel as one BATCH, as the peer driver sends them.
+        payload = msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))
+        self.queues[(src, dst)].append(codec.encode(payload))
+
+    def relay(self, party: Party) -> None:
+        while party.queued:
+            doc, update, origin = party.queued.pop(0)
+            source = origin.peer if isinstance(origin, RemoteOrigin) else None
+            for peer, session in party.sessions.items():
+                if peer != source:
+                    self.send(party.name, peer, session.local_update(doc, update))
+
+    def deliver(self, src: str, dst: str) -> None:
+        data = self.queues[(src, dst)].popleft()
+        party = self.parties[dst]
+        replies = party.sessions[src].receive(codec.decode(data), self.now)
+        self.send(dst, src, replies)
+        self.relay(party)
+
+    def pump(self, limit: int = 10_000) -> int:
+        """Deliver until every queue is empty; return the number of frames delivered."""
+        for party in self.parties.values():
+            self.relay(party)
+        delivered = 0
+        while any(self.queues.values()):
+            for key in [k for k, q in self.queues.items() if q]:
+                if self.queues.get(key):
+                    self.deliver(*key)
+                    delivered += 1
+            assert delivered < limit, "gossip did not terminate"
+        return delivered
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        for party in self.parties.values():
+            for peer, session in list(party.sessions.items()):
+                self.send(party.name, peer, session.tick(self.now))
+
+    def drop_in_flight(self, src: str, dst: str) -> int:
+        q = self.queues[(src, dst)]
+        n = len(q)
+        q.clear()
+        return n
+
+
+def pair(**kw: Any) -> tuple[Party, Party, Net]:
+    a, b = Party("A"), Party("B")
+    return a, b, Net(a, b, **kw)
+
+
+def states_equal(parties: list[Party], docs: list[str]) -> bool:
+    return all(
+        len({p.replica.doc(d).get_state() for p in parties}) == 1
+        and all(p.content(d) == parties[0].content(d) for p in parties)
+        for d in docs
+    )
+
+
+def test_first_sync_of_disjoint_docs_then_everything_is_acknowledged() -> None:
+    a, b, net = pair()
+    a.text("alpha").insert(0, "from A")
+    b.replica.doc("beta").get("m", type=Map)["k"] = "from B"
+    b.replica.doc("gamma").get("a", type=Array).append("x")
+    net.connect("A", "B")
+    net.pump()
+    assert a.content("beta") == b.content("beta") == ("", {"k": "from B"}, [])
+    assert b.text("alpha").to_py() == "from A"
+    assert states_equal([a, b], ["alpha", "beta", "gamma"])
+    for p, other in ((a, "B"), (b, "A")):
+        assert p.sessions[other].synced_docs >= {"alpha", "beta", "gamma"}
+    # Docs that already match cost nothing: a fresh link exchanges HELLOs only.
+    net.disconnect("A", "B")
+    net.sent.clear()
+    net.connect("A", "B")
+    net.pump()
+    assert net.sent == Counter({"Hello": 2})
+    assert a.sessions["B"].is_synced("alpha") and b.sessions["A"].is_synced("gamma")
+
+
+def test_live_updates_and_deletions_flow_both_ways() -> None:
+    a, b, net = pair()
+    net.connect("A", "B")
+    net.pump()
+    text = a.text("d")
+    text += "hello world"
+    net.pump()
+    assert str(b.text("d")) == "hello world"
+    del b.text("d")[0:6]
+    net.pump()
+    assert str(a.text("d")) == "world"
+    assert states_equal([a, b], ["d"])
+
+
+def test_deletion_made_offline_is_found_by_digest_on_reconnect() -> None:
+    a, b, net = pair()
+    a.replica.doc("d").get("m", type=Map)["gone"] = "soon"
+    a.text("d").insert(0, "abcdef")
+    net.connect("A", "B")
+    net.pump()
+    net.disconnect("A", "B")
+    sv = a.replica.state_vector("d")
+    del a.replica.doc("d").get("m", type=Map)["gone"]
+    del a.text("d")[1:3]
+    assert a.replica.state_vector("d") == sv  # only the digest can see this difference
+    net.sent.clear()
+    net.connect("A", "B")
+    net.pump()
+    assert b.content("d") == ("adef", {}, [])
+    assert net.sent["SyncStep1"] == 2
+    assert states_equal([a, b], ["d"])
+
+
+def test_concurrent_edits_merge_with_no_edit_lost() -> None:
+    a, b, net = pair()
+    a.text("d").insert(0, "base")
+    net.connect("A", "B")
+    net.pump()
+    net.disconnect("A", "B")
+    a.text("d").insert(0, "A1-")
+    a.replica.doc("d").get("m", type=Map)["a"] = "1"
+    b.text("d").insert(4, "-B1")
+    b.replica.doc("d").get("m", type=Map)["b"] = "2"
+    del b.text("d")[0:1]
+    net.connect("A", "B")
+    net.pump()
+    text, m, _ = a.content("d")
+    assert text == "A1-ase-B1"
+    assert m == {"a": "1", "b": "2"}
+    assert states_equal([a, b], ["d"])
+    assert a.sessions["B"].is_synced("d") and b.sessions["A"].is_synced("d")
+
+
+def test_non_ascii_text_uses_utf8_byte_indices() -> None:
+    a, b, net = pair()
+    net.connect("A", "B")
+    net.pump()
+    text = a.text("ドキュメント/ü")
+    text += "héllo wörld"
+    net.pump()
+    # pycrdt Text indices count UTF-8 bytes: after "hé" is byte 3, not character 2.
+    b.text("ドキュメント/ü").insert(len("hé".encode()), "🌍")
+    net.pump()
+    del a.text("ドキュメント/ü")[len("hé🌍llo ".encode()) : len("hé🌍llo wö".encode())]
+    net.pump()
+    assert str(b.text("ドキュメント/ü")) == "hé🌍llo rld"
+    assert states_equal([a, b], ["ドキュメント/ü"])
+
+
+def test_bad_update_is_bad_update_error_and_replica_unchanged() -> None:
+    a, b, net = pair()
+    a.text("d").insert(0, "keep")
+    net.connect("A", "B")
+    net.pump()
+    session = b.sessions["A"]
+    before = b.replica.doc("d").get_update()
+    names = b.replica.names()
+    garbage = b"\x01\x01\x05garbage"
+    for msg in (Update("d", garbage), SyncStep2("d", garbage), Update("new", garbage)):
+        with pytest.raises(ProtocolError) as info:
+            session.receive(msg, net.now)
+        assert info.value.code == ErrorCode.BAD_UPDATE
+    assert b.replica.doc("d").get_update() == before
+    assert b.replica.names() == names
+    assert b.reports == [r for r in b.reports if r[0] == "d"]  # nothing new was reported
+    with pytest.raises(ProtocolError):
+        session.receive(SyncStep1("d", b"\x09"), net.now)
+
+
+def test_version_mismatch_and_messages_before_hello() -> None:
+    replica = Replica(lambda *_: None)
+    session = SyncSession(replica, peer="p", now=0.0)
+    assert session.receive(Ping(7), 0.0) == [Pong(7)]  # keepalive is fine before HELLO
+    for early in (Update("d", EMPTY_UPDATE), SyncStep1("d", b"\x00"), SyncStep2("d", b"\x00\x00")):
+        with pytest.raises(ProtocolError, match="before HELLO"):
+            session.receive(early, 0.0)
+    with pytest.raises(ProtocolError) as info:
+        session.receive(Hello(PROTOCOL_VERSION + 1, {}), 0.0)
+    assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
+    assert not session.ready
+    assert session.receive(Hello(PROTOCOL_VERSION, {}), 0.0) == []
+    assert session.ready
+
+
+def test_keepalive_ping_pong_and_idle_timeout() -> None:
+    replica = Replica(lambda *_: None)
+    s = SyncSession(
+        replica, peer="p", now=0.0, ping_interval=10, idle_timeout=30, anti_entropy_interval=1000
+    )
+    assert s.tick(5.0) == []
+    out = s.tick(10.0)
+    assert len(out) == 1 and isinstance(out[0], Ping)
+    assert s.tick(15.0) == []  # one ping per interval
+    s.receive(Pong(out[0].nonce), 10.25)
+    assert s.stats.rtt == pytest.approx(0.25)
+    assert s.tick(35.0) != []  # heard at 10.25: silent for 24.75 s, so only a ping
+    with pytest.raises(ProtocolError) as info:
+        s.tick(40.25)
+    assert info.value.code == ErrorCode.TIMEOUT
+
+
+def test_anti_entropy_repairs_a_lost_update_and_restores_synced_status() -> None:
+    a, b, net = pair(anti_entropy_interval=30.0, ping_interval=1000.0, idle_timeout=1e9)
+    net.connect("A", "B")
+    net.pump()
+    a.text("d").insert(0, "lost")
+    net.relay(a)
+    assert not a.sessions["B"].is_synced("d")  # sent, but not acknowledged
+    assert net.drop_in_flight("A", "B") == 1
+    net.pump()
+    assert "d" not in b.replica
+    net.tick(29.0)
+    assert net.pump() == 0  # not yet due
+    net.tick(1.0)
+    net.pump()
+    assert str(b.text("d")) == "lost"
+    assert a.sessions["B"].is_synced("d") and b.sessions["A"].is_synced("d")
+
+
+def test_relay_across_a_line_with_no_direct_link() -> None:
+    a, b, c = Party("A"), Party("B"), Party("C")
+    net = Net(a, b, c)
+    net.connect("A", "B")
+    net.connect("B", "C")
+    a.text("d").insert(0, "from A ü")
+    a.replica.doc("d").get("m", type=Map)["k"] = "v"
+    net.pump()
+    assert c.content("d") == ("from A ü", {"k": "v"}, [])
+    # A deletion is an update too: it must travel two hops, live ...
+    del a.text("d")[0:5]
+    net.pump()
+    assert str(c.text("d")) == "A ü"
+    # ... and through the digest handshake when the middle link was down.
+    net.disconnect("B", "C")
+    del a.replica.doc("d").get("m", type=Map)["k"]
+    net.pump()
+    net.connect("B", "C")
+    net.pump()
+    assert c.content("d") == ("A ü", {}, [])
+    assert states_equal([a, b, c], ["d"])
+    assert ("A", "C") not in net.queues
+
+
+class Amnesiac(SeenFilter):
+    """A SeenFilter that remembers nothing."""
+
+    def add(self, update: bytes) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("shared_filter", [True, False])
+def test_gossip_terminates_and_reapplied_updates_are_not_regossiped(
+    shared_filter: bool,
+) -> None:
+    # Without a shared SeenFilter, termination rests on the replica alone: applying an update
+    # it already has changes nothing and is not reported.
+    parties = [Party(n) for n in "ABC"]
+    net = Net(*parties)
+    for x, y in (("A", "B"), ("B", "C"), ("A", "C")):
+        net.connect(x, y)
+    net.pump()
+    if not shared_filter:
+        for p in parties:
+            for s in p.sessions.values():
+                s.seen = Amnesiac()
+    for p in parties:
+        p.reports.clear()
+    net.sent.clear()
+    parties[0].text("d").insert(0, "once")
+    net.pump()
+    assert states_equal(parties, ["d"])
+    assert [len(p.reports) for p in parties] == [1, 1, 1]
+    # A sends to B and C; B and C each relay once to the other; nobody sends it back to A.
+    assert net.sent["Update"] == 4
+    skipped = sum(s.stats.duplicates_skipped for p in parties for s in p.sessions.values())
+    assert skipped == (2 if shared_filter else 0)
+
+
+def test_seen_filter_is_bounded_and_forgets_oldest_first() -> None:
+    seen = SeenFilter(capacity=3)
+    for i in range(5):
+        assert seen.add(bytes([i]))
+    assert len(seen) == 3
+    assert bytes([0]) not in seen and bytes([4]) in seen
+    assert not seen.add(bytes([2]))  # refreshes 2, so 3 is now the oldest
+    assert seen.add(bytes([5]))
+    assert bytes([2]) in seen and bytes([3]) not in seen
+    assert len(SeenFilter.key(b"x")) == 16
+    with pytest.raises(ValueError):
+        SeenFilter(capacity=0)
+
+
+def test_policy_hook_hides_docs_from_a_peer() -> None:
+    a, b = Party("A"), Party("B")
+    net = Net(a, b)
+    a.text("secret").insert(0, "hidden")
+    a.text("public").insert(0, "shown")
+    allow: Callable[[str], bool] = lambda d: d != "secret"  # noqa: E731
+    net.connect("A", "B", a_kw={"allow": allow})
+    net.pump()
+    assert "secret" not in b.replica
+    assert str(b.text("public")) == "shown"
+    assert all("secret" not in repr(m) for src, _, m in net.log if src == "A")
+    # Asking for it directly gets the same answer as for a doc that does not exist ...
+    assert a.sessions["B"].receive(SyncStep1("secret", b"\x00"), net.now) == [
+        SyncStep2("secret", EMPTY_UPDATE)
+    ]
+    # ... and writes to it are dropped and counted.
+    b.text("secret").insert(0, "intrusion")
+    net.pump()
+    assert str(a.text("secret")) == "hidden"
+    assert a.sessions["B"].stats.denied >= 2
+    a.text("secret").insert(0, "more ")
+    assert a.sessions["B"].local_update("secret", b"\x00\x00") == []
+
+
+def test_asking_about_an_unknown_doc_creates_nothing() -> None:
+    replica = Replica(lambda *_: None)
+    s = SyncSession(replica, peer="p", now=0.0)
+    s.receive(Hello(PROTOCOL_VERSION, {}), 0.0)
+    assert s.receive(SyncStep1("ghost", b"\x00"), 0.0) == [SyncStep2("ghost", EMPTY_UPDATE)]
+    assert s.receive(SyncStep2("ghost", EMPTY_UPDATE), 0.0) == []
+    assert s.receive(Update("ghost", EMPTY_UPDATE), 0.0) == []
+    assert "ghost" not in replica
+
+
+def test_hello_asks_for_every_differing_or_one_sided_doc() -> None:
+    a, _, _ = pair()
+    a.text("mine").insert(0, "x")
+    a.text("same").insert(0, "y")
+    s = SyncSession(a.replica, peer="p", now=0.0)
+    theirs = {"same": a.replica.digest("same"), "theirs": b"\x01" * 16}
+    out = s.receive(Hello(PROTOCOL_VERSION, theirs), 0.0)
+    assert out == [
+        SyncStep1("mine", a.replica.state_vector("mine")),
+        SyncStep1("theirs", b"\x00"),
+    ]
+    assert s.synced_docs == frozenset({"same"})
+
+
+def test_error_bye_and_close() -> None:
+    replica = Replica(lambda *_: None)
+    s = SyncSession(replica, peer="p", now=0.0)
+    with pytest.raises(ProtocolError) as info:
+        s.receive(Error(ErrorCode.OVERLOADED, "d", "busy"), 0.0)
+    assert info.value.code == ErrorCode.OVERLOADED
+    s.receive(Bye(ErrorCode.SHUTDOWN, "bye"), 0.0)
+    assert s.closed and s.close_code == ErrorCode.SHUTDOWN
+    assert s.tick(1e6) == []  # a closed session never times out or pings
+    assert s.local_update("d", b"\x00\x00") == []
+    t = SyncSession(replica, peer="q", now=0.0)
+    assert t.close() == [Bye(ErrorCode.NORMAL, "")]
+    assert t.close() == []
+
+
+def _frames(msgs: list[Message]) -> Iterator[bytes]:
+    for m in msgs:
+        yield codec.encode(m)
+
+
+def test_batch_is_processed_in_order() -> None:
+    a, b = Party("A"), Party("B")
+    a.text("d").insert(0, "x")
+    s = SyncSession(b.replica, peer="A", now=0.0)
+    src = SyncSession(a.replica, peer="B", now=0.0)
+    batch = Batch((*src.start(), Update("d", a.replica.doc("d").get_update()), Ping(3)))
+    (data,) = _frames([batch])
+    out = s.receive(codec.decode(data), 0.0)
+    assert Pong(3) in out
+    assert str(b.text("d")) == "x"

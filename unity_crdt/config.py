@@ -1,0 +1,125 @@
+"""NodeConfig: every knob of a node in one frozen, validated value (stdlib only)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .ids import PeerAddress, check_doc_id
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Configuration of one Node. Secrets are excluded from the repr."""
+
+    name: str
+    cache_dir: str | Path
+    group_secret: str | bytes = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = 0
+    peers: tuple[str, ...] = ()
+    mdns: bool = True
+    # Loopback by default: never multicast on an interface the user did not choose.
+    mdns_interfaces: tuple[str, ...] = ("127.0.0.1",)
+    mdns_requery_interval: float = 30.0
+    weaviate_url: str | None = None
+    weaviate_grpc_port: int = 50051
+    weaviate_api_key: str | None = field(default=None, repr=False)
+    checkpoint_interval: float = 30.0
+    pull_interval: float | None = 60.0
+    restore_on_start: bool = False
+    searchable: tuple[str, ...] = ()
+    anti_entropy_interval: float = 30.0
+    ping_interval: float = 10.0
+    idle_timeout: float = 30.0
+    handshake_timeout: float = 5.0
+    max_handshakes: int = 64
+    max_handshakes_per_ip: int = 8
+    reconnect_max: float = 30.0
+    send_queue_bytes: int = 8 * 2**20
+    yjs_endpoint: bool = False
+    yjs_host: str = "127.0.0.1"
+    yjs_port: int = 0
+    yjs_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not 0 < len(self.name.encode()) <= 64:
+            raise ConfigError("name must be 1-64 UTF-8 bytes")
+        if not self.group_secret:
+            raise ConfigError("group_secret is required (generate one with `unity-crdt keygen`)")
+        if not 0 <= self.port < 65536 or not 0 <= self.yjs_port < 65536:
+            raise ConfigError(f"port out of range: {self.port}")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "peers", tuple(self.peers))
+        object.__setattr__(self, "searchable", tuple(self.searchable))
+        object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
+        for url in self.peers:
+            PeerAddress.parse(url)
+        for doc in self.searchable:
+            check_doc_id(doc)
+        for knob in ("checkpoint_interval", "anti_entropy_interval", "ping_interval",
+                     "idle_timeout", "handshake_timeout", "reconnect_max",
+                     "mdns_requery_interval"):
+            if getattr(self, knob) <= 0:
+                raise ConfigError(f"{knob} must be > 0")
+        if self.pull_interval is not None and self.pull_interval <= 0:
+            raise ConfigError("pull_interval must be > 0 or None")
+        if self.idle_timeout <= self.ping_interval:
+            raise ConfigError("idle_timeout must be longer than ping_interval")
+
+    @property
+    def cache_path(self) -> Path:
+        """cache_dir as a Path."""
+        return Path(self.cache_dir)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> NodeConfig:
+        """Build from a dict (TOML table, env), rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        values = dict(data)
+        for key in ("peers", "searchable", "mdns_interfaces"):
+            if key in values:
+                values[key] = tuple(values[key])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> NodeConfig:
+        """Read a TOML file; the table `[node]` or the top level holds the keys."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        return cls.from_mapping(data.get("node", data))
+
+    @classmethod
+    def from_env(cls, prefix: str = "UNITY_CRDT_", **overrides: Any) -> NodeConfig:
+        """Read UNITY_CRDT_<KEY> variables (comma-separated lists), then apply overrides."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = os.environ.get(prefix + f.name.upper())
+            if raw is None:
+                continue
+            kind = str(f.type)
+            if "tuple" in kind:
+                values[f.name] = tuple(x for x in raw.split(",") if x)
+            elif "bool" in kind:
+                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif "float" in kind:
+                values[f.name] = float(raw)
+            elif "int" in kind:
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls.from_mapping(values)

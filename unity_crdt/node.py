@@ -1,0 +1,329 @@
+"""Node: the composition root. It owns the replica, the local cache, every link and every task.
+
+Policy lives here and nowhere below: which links to keep (one per device pair), when to
+redial (jittered exponential backoff), how many handshakes to admit, where each committed
+update goes (local cache, every link but the one it came from, the checkpointer, front ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import pycrdt
+
+from . import transport
+from .config import NodeConfig
+from .errors import CheckpointError, ProtocolError, UnityCrdtError
+from .ids import PeerAddress, check_doc_id
+from .mesh import Mesh, PeerInfo
+from .peer import Link
+from .protocol import SeenFilter, SyncSession
+from .replica import RemoteOrigin, Replica
+from .secure import DeviceIdentity, GroupKeys, PeerHello, derive_group_keys
+from .store import SqliteStore, Store, load_or_create_secret_file
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointer, DocHit
+    from .discovery import Discovery
+    from .ywebsocket import YWebsocketEndpoint
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+# Merged checkpoint states travel like a peer's updates: relayed to every link, never undone.
+CHECKPOINT_ORIGIN = RemoteOrigin("checkpoint")
+
+
+class Node:
+    """One instance of the app: named CRDT docs, kept on disk and merged with every peer."""
+
+    def __init__(self, config: NodeConfig, *, store: Store | None = None) -> None:
+        self.config = config
+        self._store: Store = store or SqliteStore(config.cache_path)
+        self._replica = Replica(on_update=self._on_update)
+        self._seen = SeenFilter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Future[None]] = set()
+        self._keys: GroupKeys | None = None
+        self._identity: DeviceIdentity | None = None
+        self._server: transport.Server | None = None
+        self._mesh: Mesh | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._endpoint: YWebsocketEndpoint | None = None
+        self._discovery: Discovery | None = None
+        self._started = False
+        self._closed = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    def doc(self, name: str) -> pycrdt.Doc[Any]:
+        """The named document: created on first use, or as loaded from the local cache."""
+        return self._replica.doc(check_doc_id(name))
+
+    @property
+    def docs(self) -> list[str]:
+        """Names of every document this node holds."""
+        return self._replica.names()
+
+    @property
+    def url(self) -> str:
+        """The websocket URL this node listens on."""
+        if self._server is None:
+            raise UnityCrdtError("node is not started")
+        return self._server.url
+
+    @property
+    def device_id(self) -> str:
+        """This node's stable device id, derived from its device key."""
+        if self._identity is None:
+            raise UnityCrdtError("node is not started")
+        return self._identity.device_id
+
+    @property
+    def peers(self) -> list[PeerInfo]:
+        """Peers with a live, authenticated link."""
+        return self._mesh.peer_infos() if self._mesh else []
+
+    async def flush(self) -> None:
+        """Wait until every edit made so far is durable in the local cache."""
+        await asyncio.sleep(0)  # let observers of the current turn enqueue their appends
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def checkpoint(self) -> None:
+        """Push every doc changed since its last checkpoint to Weaviate now."""
+        cp = self._require_checkpointer()
+        await self.flush()
+        report = await cp.checkpoint()
+        if report.failed:
+            raise CheckpointError(f"checkpoint failed for {len(report.failed)} doc(s)")
+
+    async def restore(self) -> list[str]:
+        """Merge every device's checkpoint of every doc of the group; return the docs touched."""
+        states = await self._require_checkpointer().restore()
+        self._apply_checkpoints(states)
+        return sorted(states)
+
+    async def search(self, query: str, limit: int = 10) -> list[DocHit]:
+        """Keyword (BM25) search over the checkpointed text of searchable docs."""
+        return await self._require_checkpointer().search(query, limit)
+
+    @property
+    def ywebsocket(self) -> YWebsocketEndpoint:
+        """The local y-websocket endpoint for JS front ends (NodeConfig.yjs_endpoint=True)."""
+        if self._endpoint is None:
+            raise UnityCrdtError("the y-websocket endpoint is off (set yjs_endpoint=True)")
+        return self._endpoint
+
+    async def wait_for_peers(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until at least `count` peers are linked (handy in scripts and tests)."""
+        if self._mesh is None:
+            raise UnityCrdtError("node is not started")
+        mesh = self._mesh
+        await asyncio.wait_for(mesh.wait_until(lambda: len(mesh.links) >= count), timeout)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the cache, load every doc, listen, and start linking to peers."""
+        if self._started:
+            raise UnityCrdtError("node already started")
+        self._started = True
+        cfg = self.config
+        cfg.cache_path.mkdir(parents=True, exist_ok=True)
+        self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
+        key = await asyncio.to_thread(
+            load_or_create_secret_file,
+            cfg.cache_path / "device.key",
+            lambda: DeviceIdentity.generate().private_bytes(),
+        )
+        self._identity = DeviceIdentity.from_private_bytes(key)
+        await self._store.open()
+        for name in await self._store.docs():
+            self._replica.load(name, await self._store.load(name))
+        hello = PeerHello(
+            name=cfg.name, device_id=self._identity.device_id, version=PROTOCOL_VERSION,
+            max_frame=2**20,
+        )
+        self._mesh = Mesh(
+            config=cfg, keys=self._keys, identity=self._identity, hello=hello,
+            make_session=self._make_session, spawn=self.spawn,
+        )
+        self._server = await transport.serve(cfg.host, cfg.port, self._mesh.accept)
+        for url in cfg.peers:
+            self._mesh.add_address(PeerAddress.parse(url).url)
+        if cfg.mdns:
+            await self._start_discovery()
+        if cfg.yjs_endpoint:
+            from .ywebsocket import YWebsocketEndpoint
+
+            self._endpoint = YWebsocketEndpoint(self._replica, cfg.yjs_token)
+            await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
+        if cfg.weaviate_url is not None:
+            await self._start_checkpoints()
+        log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
+
+    async def close(self) -> None:
+        """Close every link, flush the cache, and stop every task."""
+        if self._closed or not self._started:
+            return
+        self._closed = True
+        if self._discovery is not None:
+            await self._discovery.close()
+        if self._endpoint is not None:
+            await self._endpoint.close()
+        if self._mesh is not None:
+            await self._mesh.close()
+        if self._server is not None:
+            await self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+        if self._checkpointer is not None:
+            await self._final_checkpoint(self._checkpointer)
+        await self._store.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a supervised task owned by this node: a crash is logged, never propagated."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("task %s crashed", t.get_name(), exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def _make_session(self, link: Link) -> SyncSession:
+        assert link.remote is not None
+        cfg = self.config
+        return SyncSession(
+            self._replica, peer=link.remote.device_id, now=asyncio.get_running_loop().time(),
+            seen=self._seen, anti_entropy_interval=cfg.anti_entropy_interval,
+            ping_interval=cfg.ping_interval, idle_timeout=cfg.idle_timeout,
+        )
+
+    def _on_update(self, doc: str, update: bytes, origin: object | None) -> None:
+        """Route one committed transaction: cache it, and gossip it to every other peer.
+
+        Called from the replica's observer, so it must not touch the doc: it only queues.
+        """
+        self._persist(doc, update)
+        source = origin.peer if isinstance(origin, RemoteOrigin) else None
+        if self._mesh is not None:
+            self._mesh.broadcast(doc, update, exclude=source)
+        if self._checkpointer is not None:
+            self._checkpointer.mark_dirty(doc)
+        if self._endpoint is not None:
+            self._endpoint.publish(doc, update, origin)
+
+    def _persist(self, doc: str, update: bytes) -> None:
+        fut = asyncio.ensure_future(self._store.append(doc, update))
+        self._pending.add(fut)
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._pending.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                # The doc in memory still holds the update and peers re-sync it; the cache
+                # failure must be loud, not fatal.
+                log.error("could not persist an update of a doc to the local cache: %s",
+                          f.exception())
+
+        fut.add_done_callback(done)
+
+    # -- discovery --------------------------------------------------------------------------
+
+    async def _start_discovery(self) -> None:
+        from .discovery import Discovery, Found
+
+        assert self._keys is not None and self._server is not None and self._mesh is not None
+        mesh = self._mesh
+
+        def found(peer: Found) -> None:
+            # mDNS is only a hint: the handshake decides whether it is one of us.
+            mesh.add_address(peer.url, persistent=False)
+
+        self._discovery = Discovery(
+            beacon=self._keys.beacon, port=self._server.port, on_found=found,
+            interfaces=self.config.mdns_interfaces,
+            requery_interval=self.config.mdns_requery_interval,
+        )
+        await self._discovery.start()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _require_checkpointer(self) -> Checkpointer:
+        if self._checkpointer is None:
+            raise UnityCrdtError("checkpoints are off: set NodeConfig.weaviate_url")
+        return self._checkpointer
+
+    async def _start_checkpoints(self) -> None:
+        from .checkpoint import Checkpointer
+        from .weaviate_sink import WeaviateSink
+
+        cfg = self.config
+        assert cfg.weaviate_url is not None and self._keys is not None
+        sink = WeaviateSink(cfg.weaviate_url, cfg.weaviate_grpc_port, cfg.weaviate_api_key)
+        cp = Checkpointer(
+            self._keys, self.device_id, sink,
+            get_state=lambda name: self._replica.doc(name).get_update(),
+            text_of=self._text_of,
+        )
+        self._checkpointer = cp
+        # Docs loaded from the cache may be newer than any checkpoint (offline edits).
+        for name in self._replica.names():
+            cp.mark_dirty(name)
+        if cfg.restore_on_start:
+            try:
+                await self.restore()
+            except CheckpointError as exc:
+                log.warning("restore on start failed, continuing from the local cache: %s", exc)
+        self.spawn(cp.run(cfg.checkpoint_interval), "checkpoint loop")
+        if cfg.pull_interval is not None:
+            self.spawn(cp.run_pull(cfg.pull_interval, self._apply_checkpoints), "pull loop")
+
+    def _apply_checkpoints(self, states: dict[str, list[bytes]]) -> None:
+        """Merge checkpointed states like any remote update: cached, gossiped, never undone."""
+        for name, blobs in states.items():
+            for state in blobs:
+                try:
+                    self._replica.apply_remote(name, state, CHECKPOINT_ORIGIN)
+                except ProtocolError as exc:
+                    log.warning("a checkpoint of one doc could not be merged: %s", exc)
+
+    def _text_of(self, name: str) -> str | None:
+        """The plain-text projection of a searchable doc: its Text roots, in name order."""
+        if name not in self.config.searchable:
+            return None
+        doc = self._replica.doc(name)
+        parts = []
+        for key in sorted(doc.keys()):
+            value = doc[key] if key in doc._roots and doc._roots[key] is not None else None
+            if isinstance(value, pycrdt.Text):
+                parts.append(str(value))
+        return "\n".join(parts)
+
+    async def _final_checkpoint(self, cp: Checkpointer) -> None:
+        try:
+            if cp.dirty:
+                await asyncio.wait_for(cp.checkpoint(), 30.0)
+        except (CheckpointError, TimeoutError) as exc:
+            log.warning("final checkpoint on close failed (the local cache has every edit): %s",
+                        exc)
+        finally:
+            await cp.close()
