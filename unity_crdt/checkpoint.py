@@ -1,4 +1,4 @@
-"""Encrypted checkpoints of whole doc states: the sink contract, a file sink, and the policy.
+"""Encrypted checkpoints of whole doc states: the policy (seal, write, restore, search, loops).
 
 Theory of operation. Each device writes one *object* per (group, doc, device), so concurrent
 checkpoints never overwrite each other (stores like Weaviate have no compare-and-swap); restore
@@ -14,224 +14,63 @@ What a store sees in clear: the tenant (a keyed hash of the group), the object i
 of doc name + device), the doc key (keyed hash of the doc name), a device tag (keyed hash of
 the device id), the generation, counts and sizes, and - only for docs the app marks searchable -
 their plain-text projection. Doc names never leave the sealed header.
+
+The records and the sink contract are in `checkpoint_format` (sans-IO), the file sink in
+`checkpoint_dir`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import json
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, TypeVar
 
+from .checkpoint_dir import DirectorySink
+from .checkpoint_format import (
+    CheckpointSink,
+    DocHit,
+    Manifest,
+    SearchHit,
+    SinkRecord,
+    check_tenant,
+    chunk_id,
+    decode_header,
+    encode_header,
+    record_aad,
+    snippet_of,
+)
 from .errors import CheckpointError, SecurityError
 from .secure import GroupKeys, open_blob, seal_blob
 
+# Moved names stay importable from here (`from unity_crdt.checkpoint import Manifest`).
+__all__ = [
+    "CHUNK_SIZE",
+    "PUT_BUDGET",
+    "CheckpointReport",
+    "CheckpointSink",
+    "Checkpointer",
+    "DirectorySink",
+    "DocHit",
+    "DocStatus",
+    "Manifest",
+    "SearchHit",
+    "SinkRecord",
+    "check_tenant",
+    "chunk_id",
+    "snippet_of",
+]
+
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 CHUNK_SIZE = 4 * 1024 * 1024
 # Upper bound of sealed bytes handed to one `put`; keeps each store request well under
 # Weaviate's ~100 MiB gRPC cap even after base64.
 PUT_BUDGET = 48 * 1024 * 1024
-_AAD = b"unity-crdt/v1/checkpoint"
-_CHUNK_NS = uuid.UUID("5b0f4bb4-6c55-4c36-9d0e-3f3c6a1b2d90")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The clear, indexable part of one stored checkpoint object."""
-
-    object_id: str  # uuid text, from keys.object_key(doc, device)
-    doc_key: str  # hex keyed hash of the doc name (restore filters on it)
-    device: str  # hex keyed tag of the writing device
-    generation: str  # random hex naming this write's chunks
-    parts: int
-    nbytes: int  # total sealed chunk bytes (lets sinks batch fetches)
-    header: bytes  # sealed JSON: doc name, device id, size, sha256, time
-
-
-@dataclass(frozen=True)
-class SinkRecord:
-    """What a sink stores for one object: the manifest, its sealed chunks, optional text."""
-
-    manifest: Manifest
-    chunks: tuple[bytes, ...]
-    text: str | None = None
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One keyword-search result as the store returns it (keys, not names)."""
-
-    doc_key: str
-    device: str
-    score: float
-    snippet: str
-
-
-@dataclass(frozen=True)
-class DocHit:
-    """One keyword-search result mapped back to a doc name."""
-
-    doc: str
-    score: float
-    snippet: str
-
-
-def chunk_id(object_id: str, generation: str, index: int) -> str:
-    """The deterministic id of chunk `index` of one write (not secret: derived from ids)."""
-    return str(uuid.uuid5(_CHUNK_NS, f"{object_id}/{generation}/{index}"))
-
-
-def snippet_of(text: str, query: str, width: int = 160) -> str:
-    """A short excerpt of `text` around the first word of `query` it contains."""
-    low = text.lower()
-    pos = min((p for w in query.lower().split() if (p := low.find(w)) >= 0), default=0)
-    start = max(0, pos - width // 4)
-    return text[start : start + width]
-
-
-class CheckpointSink(Protocol):
-    """Storage adapter contract. Every method raises only CheckpointError on failure."""
-
-    async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
-        """Store records: all chunks first, then the manifests, then drop stale chunks."""
-        ...
-
-    async def manifests(self, tenant: str, doc_keys: Sequence[str] | None = None) -> list[Manifest]:
-        """Every manifest of the tenant, or only those of the given doc keys."""
-        ...
-
-    async def chunks(self, tenant: str, manifests: Sequence[Manifest]) -> dict[str, list[bytes]]:
-        """object_id -> its chunks in index order (missing chunks are simply absent)."""
-        ...
-
-    async def search(self, tenant: str, query: str, limit: int) -> list[SearchHit]:
-        """Keyword search over the plain-text projections of searchable docs."""
-        ...
-
-    async def close(self) -> None:
-        """Release connections."""
-        ...
-
-
-_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def check_tenant(tenant: str) -> str:
-    """Return `tenant` if it is a safe store name (also a safe directory name)."""
-    if not _TENANT.match(tenant):
-        raise CheckpointError("tenant must be 1-64 characters of [A-Za-z0-9_-]")
-    return tenant
-
-
-class DirectorySink:
-    """CheckpointSink on plain files (atomic renames): unit tests and offline use."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.root = Path(path)
-
-    def _write(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def _put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
-        base = self.root / check_tenant(tenant)
-        for rec in records:
-            m = rec.manifest
-            for i, blob in enumerate(rec.chunks):
-                self._write(base / "chunks" / m.object_id / f"{m.generation}.{i}", blob)
-        for rec in records:
-            m = rec.manifest
-            doc = {
-                "object_id": m.object_id, "doc_key": m.doc_key, "device": m.device,
-                "generation": m.generation, "parts": m.parts, "nbytes": m.nbytes,
-                "header": base64.b64encode(m.header).decode("ascii"), "text": rec.text,
-            }  # fmt: skip
-            self._write(base / "manifests" / f"{m.object_id}.json", json.dumps(doc).encode())
-        for rec in records:
-            m = rec.manifest
-            for old in (base / "chunks" / m.object_id).iterdir():
-                if not old.name.startswith(m.generation + "."):
-                    old.unlink(missing_ok=True)
-
-    def _load(self, tenant: str) -> list[tuple[Manifest, str | None]]:
-        out = []
-        folder = self.root / check_tenant(tenant) / "manifests"
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                d = json.loads(path.read_bytes())
-                m = Manifest(
-                    str(d["object_id"]), str(d["doc_key"]), str(d["device"]),
-                    str(d["generation"]), int(d["parts"]), int(d["nbytes"]),
-                    base64.b64decode(d["header"]),
-                )  # fmt: skip
-            except (ValueError, KeyError, TypeError):
-                log.warning("checkpoint: manifest file %s is unreadable; skipped", path.name)
-                continue
-            out.append((m, d.get("text")))
-        return out
-
-    def _chunks(self, tenant: str, manifests: Sequence[Manifest]) -> dict[str, list[bytes]]:
-        base = self.root / check_tenant(tenant) / "chunks"
-        out: dict[str, list[bytes]] = {}
-        for m in manifests:
-            parts = []
-            for i in range(m.parts):
-                path = base / m.object_id / f"{m.generation}.{i}"
-                if not path.exists():
-                    break
-                parts.append(path.read_bytes())
-            out[m.object_id] = parts
-        return out
-
-    async def _run(self, fn: Callable[[], _T]) -> _T:
-        try:
-            return await asyncio.to_thread(fn)
-        except OSError as exc:
-            raise CheckpointError(f"checkpoint directory failed: {exc.strerror or exc}") from exc
-
-    async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
-        """Store records (chunks, then manifests by atomic rename, then stale chunks removed)."""
-        await self._run(lambda: self._put(tenant, records))
-
-    async def manifests(self, tenant: str, doc_keys: Sequence[str] | None = None) -> list[Manifest]:
-        """Every manifest of the tenant, or only those of the given doc keys."""
-        rows = await self._run(lambda: self._load(tenant))
-        keys = None if doc_keys is None else set(doc_keys)
-        return [m for m, _ in rows if keys is None or m.doc_key in keys]
-
-    async def chunks(self, tenant: str, manifests: Sequence[Manifest]) -> dict[str, list[bytes]]:
-        """object_id -> its chunks in index order."""
-        return await self._run(lambda: self._chunks(tenant, manifests))
-
-    async def search(self, tenant: str, query: str, limit: int) -> list[SearchHit]:
-        """A naive word-count search (the Weaviate sink uses BM25)."""
-        words = [w for w in query.lower().split() if w]
-        hits = []
-        for m, text in await self._run(lambda: self._load(tenant)):
-            if text and words:
-                score = float(sum(text.lower().count(w) for w in words))
-                if score:
-                    hits.append(SearchHit(m.doc_key, m.device, score, snippet_of(text, query)))
-        return sorted(hits, key=lambda h: -h.score)[:limit]
-
-    async def close(self) -> None:
-        """Nothing to release."""
 
 
 @dataclass
@@ -312,8 +151,7 @@ class Checkpointer:
         return str(uuid.UUID(bytes=key[:16], version=4))
 
     def _aad(self, kind: bytes, doc_key: str, device: str, gen: str, index: int, n: int) -> bytes:
-        fields = (self.tenant, doc_key, device, gen, str(index), str(n))
-        return b"\x00".join([_AAD, kind, *(f.encode() for f in fields)])
+        return record_aad(self.tenant, kind, doc_key, device, gen, index, n)
 
     # ---- sealing ---------------------------------------------------------------------------
     def seal(self, doc: str, state: bytes, text: str | None = None) -> SinkRecord:
@@ -328,10 +166,7 @@ class Checkpointer:
             seal_blob(key, p, self._aad(b"C", doc_key, device, generation, i, n))
             for i, p in enumerate(pieces)
         )
-        digest = hashlib.sha256(state).hexdigest()
-        header = json.dumps(
-            {"v": 1, "doc": doc, "device": self.device_id, "size": len(state), "sha256": digest}
-        ).encode()
+        header = encode_header(doc, self.device_id, state)
         sealed = seal_blob(key, header, self._aad(b"H", doc_key, device, generation, -1, n))
         manifest = Manifest(
             self.object_id(doc), doc_key, device, generation, n, sum(map(len, chunks)), sealed
@@ -342,18 +177,14 @@ class Checkpointer:
         """Open and check a manifest's sealed header -> (doc, device id, size, sha256)."""
         aad = self._aad(b"H", m.doc_key, m.device, m.generation, -1, m.parts)
         raw = open_blob(self._keys.checkpoint_key, m.header, aad)
-        try:
-            h = json.loads(raw)
-            doc, device, size, digest = str(h["doc"]), str(h["device"]), int(h["size"]), h["sha256"]
-        except (ValueError, KeyError, TypeError):
-            raise SecurityError("header is not valid checkpoint JSON") from None
+        doc, device, size, digest = decode_header(raw)
         if (
             self.doc_key(doc) != m.doc_key
             or self.device_tag(device) != m.device
             or self.object_id(doc, device) != m.object_id
         ):
             raise SecurityError("header does not belong to this object (swapped)")
-        return doc, device, size, str(digest)
+        return doc, device, size, digest
 
     def open(self, m: Manifest, chunks: Sequence[bytes]) -> tuple[str, bytes]:
         """Verify and decrypt one object -> (doc name, state); SecurityError if tampered."""
