@@ -19,7 +19,8 @@ HERE = Path(__file__).parent
 
 
 def _names() -> list[str]:
-    return sorted(m.name[6:] for m in pkgutil.iter_modules([str(HERE)]) if m.name.startswith("bench_"))
+    mods = pkgutil.iter_modules([str(HERE)])
+    return sorted(m.name[6:] for m in mods if m.name.startswith("bench_"))
 
 
 def main(argv: list[str]) -> None:

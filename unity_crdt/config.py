@@ -42,6 +42,7 @@ class NodeConfig:
     max_handshakes_per_ip: int = 8
     reconnect_max: float = 30.0
     send_queue_bytes: int = 8 * 2**20
+    presence_timeout: float = 30.0
     yjs_endpoint: bool = False
     yjs_host: str = "127.0.0.1"
     yjs_port: int = 0
@@ -64,7 +65,7 @@ class NodeConfig:
             check_doc_id(doc)
         for knob in ("checkpoint_interval", "anti_entropy_interval", "ping_interval",
                      "idle_timeout", "handshake_timeout", "reconnect_max",
-                     "mdns_requery_interval"):
+                     "mdns_requery_interval", "presence_timeout"):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"{knob} must be > 0")
         if self.pull_interval is not None and self.pull_interval <= 0:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import transport
+from .codec import Awareness
 from .config import NodeConfig
 from .errors import ErrorCode, UnityCrdtError
 from .peer import Link
@@ -91,6 +92,13 @@ class Mesh:
         for dev, link in self.links.items():
             if dev != exclude and link.session is not None:
                 link.send(link.session.local_update(doc, update))
+
+    def broadcast_awareness(self, doc: str, update: bytes, exclude: str | None) -> None:
+        """Hand presence news to every linked peer except the one it came from."""
+        msg = [Awareness(doc, update)]
+        for dev, link in self.links.items():
+            if dev != exclude and link.session is not None:
+                link.send(msg)
 
     def add_address(self, url: str, *, persistent: bool = True) -> None:
         """Keep a link to this address: dial now, and redial whenever it drops.

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pycrdt
 
 from . import transport
+from .codec import Awareness
 from .config import NodeConfig
 from .errors import CheckpointError, ProtocolError, UnityCrdtError
 from .ids import PeerAddress, check_doc_id
 from .mesh import Mesh, PeerInfo
 from .peer import Link
+from .presence import Presence
 from .protocol import SeenFilter, SyncSession
 from .replica import RemoteOrigin, Replica
 from .secure import DeviceIdentity, GroupKeys, PeerHello, derive_group_keys
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 # Merged checkpoint states travel like a peer's updates: relayed to every link, never undone.
 CHECKPOINT_ORIGIN = RemoteOrigin("checkpoint")
+FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
 
 
 class Node:
@@ -45,6 +48,7 @@ class Node:
         self._store: Store = store or SqliteStore(config.cache_path)
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
+        self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[asyncio.Future[None]] = set()
         self._keys: GroupKeys | None = None
@@ -118,6 +122,16 @@ class Node:
             raise UnityCrdtError("the y-websocket endpoint is off (set yjs_endpoint=True)")
         return self._endpoint
 
+    def set_presence(self, doc: str, state: Any) -> None:
+        """Publish this node's presence in `doc` (any JSON value; None clears it)."""
+        client_id = self._replica.doc(check_doc_id(doc)).client_id
+        update = self._presence.set_local(doc, client_id, state, self._now())
+        self._spread_presence(doc, update, source=None)
+
+    def presence(self, doc: str) -> dict[int, Any]:
+        """Live presence states in `doc` across the mesh and front ends: client id -> state."""
+        return self._presence.states(doc)
+
     async def wait_for_peers(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least `count` peers are linked (handy in scripts and tests)."""
         if self._mesh is None:
@@ -162,12 +176,16 @@ class Node:
         self._server = await transport.serve(cfg.host, cfg.port, self._mesh.accept)
         for url in cfg.peers:
             self._mesh.add_address(PeerAddress.parse(url).url)
+        self.spawn(self._presence_loop(), "presence")
         if cfg.mdns:
             await self._start_discovery()
         if cfg.yjs_endpoint:
             from .ywebsocket import YWebsocketEndpoint
 
-            self._endpoint = YWebsocketEndpoint(self._replica, cfg.yjs_token)
+            self._endpoint = YWebsocketEndpoint(
+                self._replica, cfg.yjs_token,
+                on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
+            )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
         if cfg.weaviate_url is not None:
             await self._start_checkpoints()
@@ -209,14 +227,42 @@ class Node:
 
     # -- wiring -----------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
     def _make_session(self, link: Link) -> SyncSession:
         assert link.remote is not None
         cfg = self.config
-        return SyncSession(
-            self._replica, peer=link.remote.device_id, now=asyncio.get_running_loop().time(),
+        peer = link.remote.device_id
+        session = SyncSession(
+            self._replica, peer=peer, now=self._now(),
             seen=self._seen, anti_entropy_interval=cfg.anti_entropy_interval,
             ping_interval=cfg.ping_interval, idle_timeout=cfg.idle_timeout,
+            on_awareness=lambda doc, update: self._spread_presence(doc, update, source=peer),
         )
+        # After the HELLO the link queues next: tell the newcomer who is here.
+        snapshot = [Awareness(doc, snap) for doc, snap in self._presence.snapshot(self._now())]
+        if snapshot:
+            asyncio.get_running_loop().call_soon(link.send, snapshot)
+        return session
+
+    def _spread_presence(self, doc: str, update: bytes, source: str | None) -> None:
+        """Merge presence from a peer, a front end or this node; relay only what is new."""
+        fresh = self._presence.apply(doc, update, self._now()) if source is not None else update
+        if fresh is None:
+            return
+        if self._mesh is not None:
+            self._mesh.broadcast_awareness(doc, fresh, exclude=source)
+        if self._endpoint is not None and source != FRONTEND:
+            self._endpoint.apply_peer_awareness(doc, fresh)
+
+    async def _presence_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._presence.timeout / 6)
+            now = self._now()
+            self._presence.expire(now)
+            for doc, update in self._presence.renew(now):
+                self._spread_presence(doc, update, source=None)
 
     def _on_update(self, doc: str, update: bytes, origin: object | None) -> None:
         """Route one committed transaction: cache it, and gossip it to every other peer.

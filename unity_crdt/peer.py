@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import codec
@@ -85,7 +85,7 @@ class Link:
             return f"{self.channel.remote}"
         return f"{self.remote.name!r} ({self.remote.device_id[:8]}, {self.channel.remote})"
 
-    def send(self, messages: list[codec.Message]) -> None:
+    def send(self, messages: Sequence[codec.Message]) -> None:
         """Queue messages for this peer without blocking.
 
         When the queue is over its byte budget, live updates are dropped rather than buffered

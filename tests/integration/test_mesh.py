@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pycrdt
 import pytest
+from meshkit import NodeFactory, eventually, node_config
 
 from unity_crdt import Node
-
-from meshkit import NodeFactory, eventually, node_config
 
 
 def text(node: Node, doc: str = "notes") -> str:
@@ -123,3 +122,24 @@ async def test_eight_nodes_random_edits_converge(make_node: NodeFactory) -> None
     for n in nodes:
         await n.flush()
     assert len(markers) > 300
+
+
+async def test_presence_crosses_the_mesh_and_expires(make_node: NodeFactory) -> None:
+    a = await make_node("a", presence_timeout=1.5)
+    b = await make_node("b", peers=(a.url,), presence_timeout=1.5)
+    c = await make_node("c", peers=(b.url,), presence_timeout=1.5)  # c never links to a
+    await b.wait_for_peers(2)
+    a.set_presence("notes", {"user": "alice", "cursor": 3})
+    a_id = a.doc("notes").client_id
+    await eventually(lambda: c.presence("notes").get(a_id) == {"user": "alice", "cursor": 3},
+                     2.0, "a's presence at c, two hops away")
+    c.set_presence("notes", {"user": "carol"})
+    c_id = c.doc("notes").client_id
+    await eventually(lambda: c_id in a.presence("notes"), 2.0, "c's presence at a")
+    # Renewals keep a live state alive past the timeout...
+    await asyncio.sleep(2.0)
+    assert a_id in c.presence("notes")
+    # ...and a state that is no longer renewed fades everywhere.
+    await a.close()
+    await eventually(lambda: a_id not in c.presence("notes"), 4.0, "a's presence expired at c")
+    assert c.presence("notes")[c_id] == {"user": "carol"}

@@ -101,7 +101,8 @@ async def test_connection_flood_is_bounded(make_node: NodeFactory) -> None:
     async with aiohttp.ClientSession(connector=conn) as http:
         async def attempt() -> None:
             try:
-                ws = await http.ws_connect(a.url + "/unity-crdt/v1", timeout=aiohttp.ClientWSTimeout(ws_close=1))
+                ws = await http.ws_connect(a.url + "/unity-crdt/v1",
+                                           timeout=aiohttp.ClientWSTimeout(ws_close=1))
                 await ws.send_bytes(os.urandom(48))
                 await asyncio.wait_for(ws.receive(), 3.0)
                 await ws.close()

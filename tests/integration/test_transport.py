@@ -115,7 +115,7 @@ class SilentServer:
 
 async def wait_for_count(server: Server, count: int) -> None:
     async with asyncio.timeout(2):
-        while server.connection_count != count:  # noqa: ASYNC110 (a counter, no event to wait on)
+        while server.connection_count != count:
             await asyncio.sleep(0.01)
 
 
