@@ -16,7 +16,7 @@ setup: $(STAMP)
 	$(BIN)/python scripts/weaviate.py install
 	bash scripts/system-deps.sh
 
-demo: setup
+demo: $(STAMP)
 	$(BIN)/python demos/lan_merge.py
 
 lint: $(STAMP)
