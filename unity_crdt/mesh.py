@@ -53,11 +53,13 @@ class Mesh:
         hello: PeerHello,
         make_session: Callable[[Link], SyncSession],
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+        on_joined: Callable[[Link], None] | None = None,
     ) -> None:
         self._cfg = config
         self._keys, self._identity, self._hello = keys, identity, hello
         self._make_session = make_session
         self._spawn = spawn
+        self._on_joined = on_joined
         self.links: dict[str, Link] = {}
         self._handshaking: Counter[str] = Counter()
         self._in_handshake: dict[Link, str] = {}
@@ -182,6 +184,8 @@ class Mesh:
         self._link_gone.setdefault(dev, asyncio.Event()).clear()
         log.info("peer joined: %s", link.label)
         self._notify()
+        if self._on_joined is not None:
+            self._on_joined(link)
         return self._make_session(link)
 
     def _initiator_of(self, link: Link) -> str:

@@ -25,6 +25,7 @@ from .presence import Presence
 from .protocol import SeenFilter, SyncSession
 from .replica import RemoteOrigin, Replica
 from .secure import DeviceIdentity, GroupKeys, PeerHello, derive_group_keys
+from .status import DocStatus, NodeStatus, PeerStatus
 from .store import SqliteStore, Store, load_or_create_secret_file
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 # Merged checkpoint states travel like a peer's updates: relayed to every link, never undone.
 CHECKPOINT_ORIGIN = RemoteOrigin("checkpoint")
+REFRESH_MIN_INTERVAL = 5.0
 FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
 
 
@@ -58,6 +60,8 @@ class Node:
         self._checkpointer: Checkpointer | None = None
         self._endpoint: YWebsocketEndpoint | None = None
         self._discovery: Discovery | None = None
+        self._last_refresh = float("-inf")
+        self._started_at = 0.0
         self._started = False
         self._closed = False
 
@@ -122,6 +126,42 @@ class Node:
             raise UnityCrdtError("the y-websocket endpoint is off (set yjs_endpoint=True)")
         return self._endpoint
 
+    def status(self) -> NodeStatus:
+        """A snapshot of this node: links, docs, checkpoint state (see unity_crdt.status)."""
+        now = self._now()
+        links = list(self._mesh.links.values()) if self._mesh else []
+        peers = []
+        for link in links:
+            if link.remote is None or link.session is None:
+                continue
+            st, session = link.stats, link.session
+            peers.append(PeerStatus(
+                name=link.remote.name, device_id=link.remote.device_id,
+                url=link.dial_url or f"ws://{link.channel.remote}",
+                connected_for=now - st.connected_at, last_seen_ago=now - st.last_seen,
+                bytes_in=st.bytes_in, bytes_out=st.bytes_out, messages_in=st.messages_in,
+                messages_out=st.messages_out, dropped=st.dropped, rtt=session.stats.rtt,
+                synced_docs=tuple(sorted(session.synced_docs)), pending=link.queued_bytes,
+            ))  # fmt: skip
+        cp = self._checkpointer
+        docs = []
+        for name in self._replica.names():
+            cst = cp.status.get(name) if cp else None
+            docs.append(DocStatus(
+                name=name, state_bytes=len(self._replica.doc(name).get_update()),
+                peers_synced=sum(1 for lk in links if lk.session and lk.session.is_synced(name)),
+                last_checkpoint=cst.last_ok if cst else None,
+                checkpoint_error=cst.last_error if cst else None,
+                dirty=bool(cp and name in cp.dirty),
+            ))  # fmt: skip
+        return NodeStatus(
+            name=self.config.name, device_id=self.device_id, url=self.url,
+            uptime=now - self._started_at, peers=tuple(peers), docs=tuple(docs),
+            checkpoints=cp is not None, checkpoint_error=cp.last_error if cp else None,
+            pending_writes=len(self._pending),
+            yjs_url=self._endpoint.base_url if self._endpoint else None,
+        )
+
     def set_presence(self, doc: str, state: Any) -> None:
         """Publish this node's presence in `doc` (any JSON value; None clears it)."""
         client_id = self._replica.doc(check_doc_id(doc)).client_id
@@ -153,6 +193,7 @@ class Node:
         if self._started:
             raise UnityCrdtError("node already started")
         self._started = True
+        self._started_at = self._now()
         cfg = self.config
         cfg.cache_path.mkdir(parents=True, exist_ok=True)
         self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
@@ -171,7 +212,7 @@ class Node:
         )
         self._mesh = Mesh(
             config=cfg, keys=self._keys, identity=self._identity, hello=hello,
-            make_session=self._make_session, spawn=self.spawn,
+            make_session=self._make_session, spawn=self.spawn, on_joined=self._on_joined,
         )
         self._server = await transport.serve(cfg.host, cfg.port, self._mesh.accept)
         for url in cfg.peers:
@@ -291,6 +332,14 @@ class Node:
                           f.exception())
 
         fut.add_done_callback(done)
+
+    def _on_joined(self, link: Link) -> None:
+        # A link coming back often means a network came back: peers that appeared meanwhile
+        # are not re-announced by mDNS on their own, so ask again (at most every few seconds).
+        now = self._now()
+        if self._discovery is not None and now - self._last_refresh > REFRESH_MIN_INTERVAL:
+            self._last_refresh = now
+            self.spawn(self._discovery.refresh(), "mdns refresh")
 
     # -- discovery --------------------------------------------------------------------------
 

@@ -85,6 +85,11 @@ class Link:
             return f"{self.channel.remote}"
         return f"{self.remote.name!r} ({self.remote.device_id[:8]}, {self.channel.remote})"
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the send queue (a lag indicator)."""
+        return self._queued
+
     def send(self, messages: Sequence[codec.Message]) -> None:
         """Queue messages for this peer without blocking.
 

@@ -1,0 +1,61 @@
+"""Status snapshots of a node, its links and its docs: plain values, JSON-ready (stdlib only).
+
+"Synced" here means acknowledged: the peer last advertised exactly our current digest of
+that doc, not merely that a handshake happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """One live link."""
+
+    name: str
+    device_id: str
+    url: str
+    connected_for: float
+    last_seen_ago: float
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    dropped: int
+    rtt: float | None
+    synced_docs: tuple[str, ...]
+    pending: int
+
+
+@dataclass(frozen=True)
+class DocStatus:
+    """One document."""
+
+    name: str
+    state_bytes: int
+    peers_synced: int
+    last_checkpoint: float | None  # wall-clock seconds since the epoch
+    checkpoint_error: str | None
+    dirty: bool
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """Everything a status view shows, taken at one moment."""
+
+    name: str
+    device_id: str
+    url: str
+    uptime: float
+    peers: tuple[PeerStatus, ...]
+    docs: tuple[DocStatus, ...]
+    checkpoints: bool
+    checkpoint_error: str | None
+    pending_writes: int
+    yjs_url: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return asdict(self)
