@@ -23,7 +23,7 @@ from .mesh import Mesh, PeerInfo
 from .peer import Link
 from .presence import Presence
 from .protocol import SeenFilter, SyncSession
-from .replica import RemoteOrigin, Replica
+from .replica import RemoteOrigin, Replica, merge_small
 from .secure import DeviceIdentity, GroupKeys, PeerHello, derive_group_keys
 from .status import DocStatus, NodeStatus, PeerStatus
 from .store import SqliteStore, Store, load_or_create_secret_file
@@ -53,6 +53,7 @@ class Node:
         self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[asyncio.Future[None]] = set()
+        self._outbox: dict[tuple[str, str | None], list[bytes]] = {}
         self._keys: GroupKeys | None = None
         self._identity: DeviceIdentity | None = None
         self._server: transport.Server | None = None
@@ -97,7 +98,7 @@ class Node:
 
     async def flush(self) -> None:
         """Wait until every edit made so far is durable in the local cache."""
-        await asyncio.sleep(0)  # let observers of the current turn enqueue their appends
+        self._flush_outbox()
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
@@ -309,15 +310,25 @@ class Node:
         """Route one committed transaction: cache it, and gossip it to every other peer.
 
         Called from the replica's observer, so it must not touch the doc: it only queues.
+        Updates are coalesced per (doc, source) until the end of this loop turn, so a burst
+        of keystrokes or a received batch costs one cache write and one frame per peer.
         """
-        self._persist(doc, update)
         source = origin.peer if isinstance(origin, RemoteOrigin) else None
-        if self._mesh is not None:
-            self._mesh.broadcast(doc, update, exclude=source)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+        self._outbox.setdefault((doc, source), []).append(update)
         if self._checkpointer is not None:
             self._checkpointer.mark_dirty(doc)
         if self._endpoint is not None:
             self._endpoint.publish(doc, update, origin)
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for (doc, source), updates in outbox.items():
+            merged = merge_small(updates)
+            self._persist(doc, merged)
+            if self._mesh is not None:
+                self._mesh.broadcast(doc, merged, exclude=source)
 
     def _persist(self, doc: str, update: bytes) -> None:
         fut = asyncio.ensure_future(self._store.append(doc, update))
