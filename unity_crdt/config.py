@@ -49,8 +49,9 @@ class NodeConfig:
     yjs_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not 0 < len(self.name.encode()) <= 64:
-            raise ConfigError("name must be 1-64 UTF-8 bytes")
+        if (not isinstance(self.name, str) or not 0 < len(self.name.encode()) <= 64
+                or not self.name.isprintable()):
+            raise ConfigError("name must be 1-64 UTF-8 bytes of printable characters")
         if not self.group_secret:
             raise ConfigError("group_secret is required (generate one with `unity-crdt keygen`)")
         if not 0 <= self.port < 65536 or not 0 <= self.yjs_port < 65536:

@@ -17,7 +17,7 @@ import pycrdt
 from . import transport
 from .codec import Awareness
 from .config import NodeConfig
-from .errors import CheckpointError, ProtocolError, UnityCrdtError
+from .errors import CheckpointError, ProtocolError, StoreError, UnityCrdtError
 from .ids import PeerAddress, check_doc_id
 from .mesh import Mesh, PeerInfo
 from .peer import Link
@@ -190,11 +190,22 @@ class Node:
         await self.close()
 
     async def start(self) -> None:
-        """Open the cache, load every doc, listen, and start linking to peers."""
+        """Open the cache, load every doc, listen, and start linking to peers.
+
+        If any step fails, whatever was already opened is closed again before the error
+        propagates, so a failed start leaves no socket, task or cache lock behind.
+        """
         if self._started:
             raise UnityCrdtError("node already started")
         self._started = True
         self._started_at = self._now()
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         cfg = self.config
         cfg.cache_path.mkdir(parents=True, exist_ok=True)
         self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
@@ -205,8 +216,15 @@ class Node:
         )
         self._identity = DeviceIdentity.from_private_bytes(key)
         await self._store.open()
+        if self._store.recovered_from is not None:
+            log.error("the local cache was damaged and moved to %s; this node starts empty and "
+                      "re-syncs from its peers and checkpoints", self._store.recovered_from)
         for name in await self._store.docs():
-            self._replica.load(name, await self._store.load(name))
+            try:
+                self._replica.load(name, await self._store.load(name))
+            except StoreError as exc:  # one unreadable doc must not keep the others offline
+                log.error("could not load one doc from the local cache; it will re-sync from "
+                          "peers: %s", exc)
         hello = PeerHello(
             name=cfg.name, device_id=self._identity.device_id, version=PROTOCOL_VERSION,
             max_frame=2**20,
@@ -238,6 +256,8 @@ class Node:
         if self._closed or not self._started:
             return
         self._closed = True
+        if self._identity is None:  # start failed before the cache was opened
+            return
         if self._discovery is not None:
             await self._discovery.close()
         if self._endpoint is not None:
