@@ -226,20 +226,22 @@ class Mesh:
                 channel = await transport.dial(url, timeout=self._cfg.handshake_timeout)
             except UnityCrdtError as exc:
                 log.debug("dial %s failed: %s", url, exc)
-                failures += 1
-                if not persistent and failures >= DISCOVERED_MAX_FAILURES:
-                    log.info("forgetting discovered address %s after %d failed dials", url,
-                             failures)
-                    return
+                linked = False
             else:
-                failures = 0
                 link = self._new_link(channel, initiator=True, dial_url=url)
                 try:
                     await link.run()
                 finally:
                     self._forget(link)
+                # A refused handshake counts as a failure too: a replayed or spoofed
+                # announcement must not be dialled forever.
+                linked = link.session is not None
                 if self._loop.time() - started > HEALTHY_AFTER:
                     backoff = MIN_BACKOFF
+            failures = 0 if linked else failures + 1
+            if not persistent and failures >= DISCOVERED_MAX_FAILURES:
+                log.info("forgetting discovered address %s after %d failed attempts", url, failures)
+                return
             # Full jitter spreads reconnect storms when many peers lose the same network.
             wake = self._wake[url]
             wake.clear()

@@ -143,3 +143,27 @@ async def test_presence_crosses_the_mesh_and_expires(make_node: NodeFactory) -> 
     await a.close()
     await eventually(lambda: a_id not in c.presence("notes"), 4.0, "a's presence expired at c")
     assert c.presence("notes")[c_id] == {"user": "carol"}
+
+
+async def test_crossing_dials_keep_exactly_one_link(tmp_path: Path) -> None:
+    # Both nodes dial each other at the same moment: each end must settle on the same link.
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    a_cfg = node_config(tmp_path, "a", port=ports[0], peers=(f"ws://127.0.0.1:{ports[1]}",))
+    b_cfg = node_config(tmp_path, "b", port=ports[1], peers=(f"ws://127.0.0.1:{ports[0]}",))
+    async with Node(a_cfg) as a, Node(b_cfg) as b:
+        await a.wait_for_peers(1)
+        await b.wait_for_peers(1)
+        await asyncio.sleep(1.5)  # any duplicate would have been resolved (or flapped) by now
+        assert len(a.peers) == 1 and len(b.peers) == 1
+        got: list[bytes] = []
+        b.doc("d").observe(lambda e: got.append(bytes(e.update)))
+        a.doc("d").get("t", type=pycrdt.Text).insert(0, "once")
+        await eventually(lambda: text(b, "d") == "once", 2.0)
+        await asyncio.sleep(0.3)
+        assert len(got) == 1, "an update was delivered twice"

@@ -136,3 +136,24 @@ async def test_weaviate_down_then_back_loses_nothing(
     fresh = await make_node("fresh")
     await fresh.restore()
     assert "before the outage" in text(fresh) and "during the outage" in text(fresh)
+
+
+async def test_weaviate_down_at_start_the_node_still_syncs(
+    make_node: NodeMaker, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    a = await make_node("a", weaviate_url=f"http://127.0.0.1:{dead}", weaviate_grpc_port=dead,
+                        restore_on_start=True)
+    b = await make_node("b", peers=(a.url,))
+    await b.wait_for_peers(1)
+    a.doc("notes").get("t", type=pycrdt.Text).insert(0, "offline from weaviate")
+    await until(lambda: text(b) == "offline from weaviate", 2.0, "peer sync")
+    with pytest.raises(Exception, match=r"(?i)unreachable|connect"):
+        await a.checkpoint()
+    status = a.status()
+    assert status.checkpoints and status.docs[0].dirty
+    assert "restore on start failed" in caplog.text
