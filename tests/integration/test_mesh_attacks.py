@@ -212,3 +212,60 @@ def _one_update(s: str) -> bytes:
     d = pycrdt.Doc()
     d.get("t", type=pycrdt.Text).insert(0, s)
     return d.get_update()
+
+
+@pytest.mark.slow
+async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None:
+    """10 honest peers edit for a minute while a member keeps sending junk to one of them:
+    memory stays flat and the honest peers converge with every edit."""
+    import random
+
+    rng = random.Random(10)
+    nodes = [await make_node("h0")]
+    for i in range(1, 10):
+        nodes.append(await make_node(f"h{i}", peers=(rng.choice(nodes).url,)))
+    target = nodes[0]
+    proc = psutil.Process(os.getpid())
+    junk_links = 0
+
+    async def junk_sender(stop: asyncio.Event) -> None:
+        nonlocal junk_links
+        attacks = [attack_garbage, attack_allocation_bomb_update, attack_bomb_state_vector,
+                   attack_tampered_frame, attack_update_before_hello]
+        while not stop.is_set():
+            m = await Attacker.connect(target.url)
+            junk_links += 1
+            try:
+                await rng.choice(attacks)(m)
+                await m.closed_by_node(2.0)
+            finally:
+                await m.channel.close()
+
+    stop = asyncio.Event()
+    sender = asyncio.ensure_future(junk_sender(stop))
+    markers: set[str] = set()
+    loop = asyncio.get_running_loop()
+    rss_samples = []
+    end = loop.time() + 60.0
+    i = 0
+    while loop.time() < end:
+        node = rng.choice(nodes)
+        marker = f"{node.config.name}:{i}"
+        i += 1
+        node.doc("soak").get("m", type=pycrdt.Map)[marker] = i
+        markers.add(marker)
+        if i % 200 == 0:
+            rss_samples.append(proc.memory_info().rss)
+        await asyncio.sleep(0.01)
+    stop.set()
+    await sender
+
+    def converged() -> bool:
+        return all(set(n.doc("soak").get("m", type=pycrdt.Map).keys()) == markers
+                   for n in nodes)
+
+    await eventually(converged, 20.0, "10 honest peers converged")
+    assert junk_links > 20
+    # Flat memory: the second half of the run grows by less than a few MB.
+    half = len(rss_samples) // 2
+    assert max(rss_samples[half:]) - rss_samples[half] < 20 * 2**20, rss_samples
