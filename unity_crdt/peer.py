@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Batches amortise sealing and websocket overhead; 256 KiB keeps one frame well under 1 MiB.
 BATCH_BYTES = 256 * 1024
 TICK_SECONDS = 0.5
+# Websocket close code (private-use range) and reason telling a dialler its handshake failed.
+CLOSE_HANDSHAKE_REFUSED = 4001
+HANDSHAKE_REFUSED = "handshake refused"
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Link:
         self._wake = asyncio.Event()
         self._secure: SecureSession | None = None
         self._closing: tuple[ErrorCode, str] | None = None
+        self._ws_close: tuple[int, str] = (1000, "")
 
     @property
     def label(self) -> str:
@@ -134,10 +138,20 @@ class Link:
                 tg.create_task(self._ticker())
         except* ChannelClosed as group:
             self.close_reason = self.close_reason or f"connection closed ({group.exceptions[0]})"
-            log.info("link %s closed: %s", self.label, self.close_reason)
+            if HANDSHAKE_REFUSED in self.close_reason and self.remote is None:
+                log.warning("link %s: the peer refused our handshake (%s); is it in our sync "
+                            "group, with the same group secret?", self.label,
+                            self.close_reason)
+            else:
+                log.info("link %s closed: %s", self.label, self.close_reason)
         except* HandshakeError as group:
-            self.close_reason = f"handshake failed: {group.exceptions[0]}"
+            hs_exc = group.exceptions[0]
+            assert isinstance(hs_exc, HandshakeError)
+            self.close_reason = f"handshake failed: {hs_exc}"
             log.warning("link %s: %s", self.label, self.close_reason)
+            # Tell the dialler why in the websocket close: only the error class, no details.
+            self._ws_close = (CLOSE_HANDSHAKE_REFUSED,
+                              f"{HANDSHAKE_REFUSED} ({hs_exc.code.name})")
         except* ProtocolError as group:
             exc = group.exceptions[0]
             assert isinstance(exc, ProtocolError)
@@ -148,7 +162,7 @@ class Link:
             self.close_reason = f"internal error: {group.exceptions[0]!r}"
             log.error("link %s failed", self.label, exc_info=group.exceptions[0])
         finally:
-            await self.channel.close()
+            await self.channel.close(*self._ws_close)
 
     async def _handshake(self) -> None:
         hs = Handshake(

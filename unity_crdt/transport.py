@@ -169,7 +169,8 @@ class _WsChannel:
                 self._code = msg.data.code  # aiohttp already sent this close code
             reason = f"error: {msg.data}"
         elif msg.type is aiohttp.WSMsgType.CLOSE:
-            reason = f"closed by peer (code {msg.data})"
+            extra = f": {msg.extra}" if msg.extra else ""
+            reason = f"closed by peer (code {msg.data}{extra})"
         else:
             reason = f"closed (code {self.close_code})"
         await self.close()
@@ -380,7 +381,7 @@ async def dial(
     url: str,
     *,
     limits: TransportLimits = TransportLimits(),
-    timeout: float = 5.0,  # noqa: ASYNC109 (the dial deadline is part of the API)
+    timeout: float = 5.0,
     path: str = DEFAULT_PATH,
 ) -> Channel:
     """Open a websocket to `url` (ws://host:port; `path` is appended when the URL has none)."""

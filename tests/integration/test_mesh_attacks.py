@@ -45,6 +45,8 @@ async def test_wrong_group_secret_learns_nothing(make_node: NodeFactory,
         assert "notes" not in eve.docs
         assert proxy.connections >= 1
         assert "different sync group" in caplog.text
+        # The dialling side is told why, without learning anything else.
+        assert "refused our handshake" in caplog.text and "same group secret" in caplog.text
         assert HONEST_TEXT.encode() not in proxy.captured
     finally:
         await proxy.close()
