@@ -31,6 +31,10 @@ update a replica already has changes nothing and is not reported. A `SeenFilter`
 sessions of a node also skips UPDATE payloads the node has already seen (same bytes arriving
 over two paths), saving the decode.
 
+Acknowledgement. Once live updates on a link have been quiet for `ack_delay`, a side whose
+inventory moved since its last HELLO sends a fresh one, so the peer can acknowledge (or repair)
+what the burst carried within about a second, without waiting for anti-entropy.
+
 Anti-entropy. Updates can be lost (a link drops with frames in flight, a peer restarts
 before persisting). `tick` sends a fresh HELLO every `anti_entropy_interval`, so any
 difference is found by digest and repaired by the same pull, on every link, forever.
@@ -141,6 +145,7 @@ class SyncSession:
         anti_entropy_interval: float = 30.0,
         ping_interval: float = 10.0,
         idle_timeout: float = 30.0,
+        ack_delay: float = 0.5,
         allow: Callable[[str], bool] | None = None,
         on_awareness: Callable[[str, bytes], None] | None = None,
     ) -> None:
@@ -151,6 +156,7 @@ class SyncSession:
         self.anti_entropy_interval = anti_entropy_interval
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
+        self.ack_delay = ack_delay
         self.stats = SessionStats()
         self._allow = allow if allow is not None else _allow_all
         self._on_awareness = on_awareness
@@ -163,6 +169,8 @@ class SyncSession:
         self._peer_digests: dict[str, bytes] = {}
         self._awaiting: set[str] = set()
         self._sent_inventory: dict[str, bytes] | None = None
+        self._changed = False  # live updates flowed since the last tick
+        self._quiet_since: float | None = None
         self.closed = False
         self.close_code: ErrorCode | None = None
 
@@ -207,6 +215,7 @@ class SyncSession:
             return []
         self.seen.add(update)
         self.stats.updates_sent += 1
+        self._changed = True
         return [Update(doc, update)]
 
     def tick(self, now: float) -> list[Message]:
@@ -217,7 +226,7 @@ class SyncSession:
         if silent >= self.idle_timeout:
             raise ProtocolError(f"nothing heard from peer for {silent:.1f} s", ErrorCode.TIMEOUT)
         out: list[Message] = []
-        if now - self._last_hello >= self.anti_entropy_interval:
+        if now - self._last_hello >= self.anti_entropy_interval or self._ack_due(now):
             self._last_hello = now
             out.append(self._hello())
         if silent >= self.ping_interval and now - self._last_ping >= self.ping_interval:
@@ -226,6 +235,22 @@ class SyncSession:
             self._ping_sent = (self._ping_nonce, now)
             out.append(Ping(self._ping_nonce))
         return out
+
+    def _ack_due(self, now: float) -> bool:
+        """Whether live traffic has been quiet for `ack_delay` and our inventory moved.
+
+        A HELLO then lets the peer acknowledge (or repair) what the live updates carried,
+        so "synced" follows a burst of edits within about a second instead of waiting for
+        the next anti-entropy round; during a burst nothing extra is sent.
+        """
+        if self._changed:
+            self._changed = False
+            self._quiet_since = now
+            return False
+        if self._quiet_since is None or now - self._quiet_since < self.ack_delay:
+            return False
+        self._quiet_since = None
+        return self._peer_ready and self._inventory() != self._sent_inventory
 
     def close(self, code: ErrorCode = ErrorCode.NORMAL, reason: str = "") -> list[Message]:
         """End the session politely: our BYE."""
@@ -320,6 +345,7 @@ class SyncSession:
         if self._apply(msg.doc, msg.update):
             self.seen.add(msg.update)
             self._peer_digests[msg.doc] = _UNKNOWN
+            self._changed = True
 
     def _apply(self, doc: str, update: bytes) -> bool:
         if not self._allow(doc):

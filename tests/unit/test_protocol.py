@@ -467,3 +467,44 @@ def test_batch_is_processed_in_order() -> None:
     out = s.receive(codec.decode(data), 0.0)
     assert Pong(3) in out
     assert str(b.text("d")) == "x"
+
+
+def test_quiet_link_acknowledges_live_updates_within_the_ack_delay() -> None:
+    """After a burst of live updates, both sides report the doc synced about one ack_delay
+    after the link went quiet, long before the next anti-entropy round."""
+    from unity_crdt import codec as _codec
+
+    got: dict[str, list[tuple[str, bytes]]] = {"a": [], "b": []}
+    ra = Replica(lambda d, u, o: got["a"].append((d, u)))
+    rb = Replica(lambda d, u, o: got["b"].append((d, u)))
+    sa = SyncSession(ra, peer="b", now=0.0, anti_entropy_interval=1000.0, ack_delay=0.5)
+    sb = SyncSession(rb, peer="a", now=0.0, anti_entropy_interval=1000.0, ack_delay=0.5)
+
+    def pump(out: list[_codec.Message], to: SyncSession, back: SyncSession, now: float) -> None:
+        while out:
+            replies = []
+            for m in out:
+                replies += to.receive(_codec.decode(_codec.encode(m)), now)
+            out, to, back = replies, back, to
+
+    pump(sa.start(), sb, sa, 0.0)
+    pump(sb.start(), sa, sb, 0.0)
+    ra.doc("d").get("t", type=Text).insert(0, "live edit")
+    (doc, update), = got["a"]
+    pump(sa.local_update(doc, update), sb, sa, 0.1)
+    assert str(rb.doc("d").get("t", type=Text)) == "live edit"
+    assert not sa.is_synced("d")
+    now = 0.1
+    while now < 3.0 and not (sa.is_synced("d") and sb.is_synced("d")):
+        now += 0.25
+        pump(sa.tick(now), sb, sa, now)
+        pump(sb.tick(now), sa, sb, now)
+    assert sa.is_synced("d") and sb.is_synced("d")
+    assert now <= 1.5
+    # Quiet and acknowledged: no further HELLOs until anti-entropy.
+    hellos = sa.stats.hellos_sent + sb.stats.hellos_sent
+    for _ in range(8):
+        now += 0.25
+        pump(sa.tick(now), sb, sa, now)
+        pump(sb.tick(now), sa, sb, now)
+    assert sa.stats.hellos_sent + sb.stats.hellos_sent == hellos
