@@ -83,7 +83,10 @@ def derive_group_keys(secret: str | bytes) -> GroupKeys:
     """Run the slow KDF once over the group secret, then derive every purpose key by label."""
     raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     if len(raw) < MIN_SECRET_BYTES:
-        raise ConfigError(f"group secret must be at least {MIN_SECRET_BYTES} bytes")
+        raise ConfigError(
+            f"group secret must be at least {MIN_SECRET_BYTES} bytes "
+            "(make a strong one with `unity-crdt keygen`)"
+        )
     master = Scrypt(salt=_SCRYPT_SALT, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(raw)
     return GroupKeys(
         noise_psk=_hkdf(master, LABEL_NOISE_PSK),

@@ -15,9 +15,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import warnings
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+# authlib (a weaviate-client dependency) forces its own deprecation warnings to "always" when
+# imported, so a warning about its httpx shim would reach every user on every start. Import it
+# first, then silence exactly that category; nothing of ours uses authlib.
+from authlib.deprecate import AuthlibDeprecationWarning
+
+warnings.filterwarnings("ignore", category=AuthlibDeprecationWarning)
 
 import weaviate
 from weaviate.classes.config import Configure, DataType, Property, Tokenization
