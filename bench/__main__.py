@@ -36,6 +36,9 @@ def main(argv: list[str]) -> None:
         rows = asyncio.run(result) if inspect.isawaitable(result) else result
         (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
         print(f"--- {name}: {time.perf_counter() - started:.1f} s", flush=True)
+    from .report import write
+
+    write()  # docs/bench-results.md and docs/img/bench-ratios.svg from the latest results
 
 
 if __name__ == "__main__":
