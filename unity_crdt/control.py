@@ -1,24 +1,25 @@
-"""The local control API of a running node: aiohttp over a UNIX socket, and its client.
+"""The local control API of a running node: an aiohttp server on a UNIX socket.
 
 `unity-crdt run` starts a `ControlServer` in the node's event loop, listening on
 `<cache_dir>/control.sock` (mode 0600: only the owner can talk to it, which is the whole
 authentication; on Linux each connection's peer uid is checked too). The other commands are
-`ControlClient` calls, because the running node holds the cache lock and is the only process
-that may touch its docs. Edits run on the node's loop, so they are cached and gossiped like
-any edit.
+`ControlClient` calls (unity_crdt.control_client), because the running node holds the cache
+lock and is the only process that may touch its docs. Edits run on the node's loop, so they
+are cached and gossiped like any edit.
 
     GET  /status                      NodeStatus.to_dict()
     GET  /docs                        {"docs": [names]}
     GET  /docs/{name}?text=R&map=R..  {"doc", "roots": {root: value}, "untyped": [roots]}
-    POST /docs/{name}                 one edit (see apply_edit); answers the new projection
+    POST /docs/{name}                 one edit (docview.apply_edit); answers the new projection
     GET  /docs/{name}/watch?...       JSON lines: the projection now, then after each change
     POST /checkpoint, POST /restore   {"ok": true}, {"docs": [names]}
     GET  /search?q=&limit=            {"hits": [{"doc", "score", "snippet"}]}
     GET  /metrics                     Prometheus text (also on an optional loopback TCP port)
 
-Doc roots received from peers are untyped until someone names their type, and a client
-cannot guess it: the projection shows typed roots and lists the others under "untyped";
-`text=R`, `map=R`, `array=R` type a root (Text -> str, Map -> dict, Array -> list).
+The projection and the edits are unity_crdt.docview (sans-IO): `text=R`, `map=R`, `array=R`
+type a root, since roots received from peers are untyped until someone names their type.
+This module re-exports the client, the docview helpers and the control errors, so
+`from unity_crdt.control import ControlClient` keeps working.
 """
 
 from __future__ import annotations
@@ -32,26 +33,17 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
-import aiohttp
-import pycrdt
 from aiohttp import web
 
 from . import metrics
-from .errors import UnityCrdtError
+from .control_client import SOCKET_NAME, ControlClient, addressable, socket_path
+from .docview import KINDS, _Conflict, apply_edit, project
+from .errors import ControlError, NodeAlreadyRunning, NoNodeRunning, UnityCrdtError
 from .ids import check_doc_id
 
 if TYPE_CHECKING:
@@ -62,36 +54,8 @@ __all__ = [
     "NodeAlreadyRunning", "apply_edit", "project", "socket_path",
 ]  # fmt: skip
 
-SOCKET_NAME = "control.sock"
-KINDS: dict[str, type[Any]] = {"text": pycrdt.Text, "map": pycrdt.Map, "array": pycrdt.Array}
 HEARTBEAT = 10.0  # an idle watch stream writes a blank line this often to notice a gone client
 MAX_BODY = 16 * 2**20
-_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; keep a margin
-Types = Sequence[tuple[str, str]]  # (kind, root) pairs
-
-
-class ControlError(UnityCrdtError):
-    """The control API refused a request or could not be reached."""
-
-
-class NoNodeRunning(ControlError):
-    """Nobody listens on the control socket of this cache dir."""
-
-
-class NodeAlreadyRunning(ControlError):
-    """A live node already serves this cache dir's control socket."""
-
-
-class _Conflict(UnityCrdtError):
-    """A request contradicts the doc (e.g. a Map root edited as Text): HTTP 409."""
-
-
-def socket_path(cache_dir: str | Path) -> Path:
-    """Where the control socket of the node using `cache_dir` lives."""
-    return Path(cache_dir) / SOCKET_NAME
-
-
-# -- doc projection and edits (run on the node's loop) ------------------------------------
 
 
 def _json_default(value: object) -> object:
@@ -103,90 +67,7 @@ def _json_default(value: object) -> object:
 _dumps = partial(json.dumps, default=_json_default, ensure_ascii=False)
 
 
-def _plain(value: object) -> Any:
-    if isinstance(value, pycrdt.Text):
-        return str(value)
-    if isinstance(value, pycrdt.Map | pycrdt.Array):
-        return value.to_py()
-    return str(value)  # XML types: their string form
-
-
-def _typed_root(doc: pycrdt.Doc[Any], root: str, kind: str) -> Any:
-    """Root `root` as `kind`, refusing to re-type a root this node already knows otherwise."""
-    cls = KINDS.get(kind)
-    if cls is None:
-        raise ControlError(f"unknown root type {kind!r}: use one of {', '.join(KINDS)}")
-    if not isinstance(root, str) or not root:
-        raise ControlError("a root name must be a non-empty string")
-    known = dict(doc.items()).get(root)
-    if known is not None and not isinstance(known, cls):
-        raise _Conflict(f"root {root!r} is a {type(known).__name__} on this node, not a {kind}")
-    return doc.get(root, type=cls)
-
-
-def project(doc: pycrdt.Doc[Any], types: Types = ()) -> dict[str, Any]:
-    """Typed roots as plain values, after typing the (kind, root) pairs; untyped roots listed."""
-    for kind, root in types:
-        _typed_root(doc, root, kind)
-    roots: dict[str, Any] = {}
-    untyped: list[str] = []
-    for key, value in sorted(doc.items()):
-        if value is None:
-            untyped.append(key)
-        else:
-            roots[key] = _plain(value)
-    return {"roots": roots, "untyped": untyped}
-
-
-def apply_edit(doc: pycrdt.Doc[Any], edit: Mapping[str, Any]) -> None:
-    """Apply one edit in one transaction.
-
-    {"kind": "text", "root": R, "value": str, "append": bool}   replace (or append to) a Text
-    {"kind": "map", "root": R, "key": K, "value": JSON}         set one key of a Map
-    {"kind": "map", "root": R, "key": K, "delete": true}        delete one key of a Map
-    {"kind": "array", "root": R, "value": JSON}                 append one item to an Array
-    """
-    kind, root = edit.get("kind"), edit.get("root")
-    if not isinstance(kind, str) or not isinstance(root, str):
-        raise ControlError("an edit needs a 'kind' and a 'root'")
-    target = _typed_root(doc, root, kind)
-    with doc.transaction():
-        if kind == "text":
-            value = edit.get("value")
-            if not isinstance(value, str):
-                raise ControlError("a text edit needs a string 'value'")
-            if not edit.get("append"):
-                target.clear()
-            target += value
-        elif kind == "map":
-            key = edit.get("key")
-            if not isinstance(key, str) or not key:
-                raise ControlError("a map edit needs a non-empty string 'key'")
-            if edit.get("delete"):
-                if key in target:
-                    del target[key]
-            else:
-                target[key] = edit.get("value")
-        else:
-            target.append(edit.get("value"))
-
-
-# -- the server ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _addressable(path: Path) -> Iterator[str]:
-    """A socket address for `path`, even when it is too long for sockaddr_un (Linux /proc)."""
-    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-        yield str(path)
-        return
-    if not Path("/proc/self/fd").is_dir():
-        raise ControlError(f"the cache dir path is too long for a control socket: {path.parent}")
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
+# -- the socket file ----------------------------------------------------------------------
 
 
 def _peer_pid(sock: socket.socket) -> int | None:
@@ -206,7 +87,7 @@ def _clear_stale(path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(2.0)
         try:
-            with _addressable(path) as addr:
+            with addressable(path) as addr:
                 probe.connect(addr)
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)
@@ -226,7 +107,7 @@ def _bind_private(path: Path) -> socket.socket:
     private = Path(tempfile.mkdtemp(prefix=".control-", dir=path.parent))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with _addressable(private / "s") as addr:
+        with addressable(private / "s") as addr:
             sock.bind(addr)
         os.chmod(private / "s", 0o600)
         os.replace(private / "s", path)
@@ -236,6 +117,9 @@ def _bind_private(path: Path) -> socket.socket:
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return sock
+
+
+# -- the server ---------------------------------------------------------------------------
 
 
 @web.middleware
@@ -424,125 +308,3 @@ class ControlServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         body = metrics.render(self.node.status(), doc_labels=self._doc_labels)
         return web.Response(body=body.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
-
-
-# -- the client ---------------------------------------------------------------------------
-
-
-class ControlClient:
-    """Talks to the node running on `cache_dir` (an async context manager)."""
-
-    def __init__(self, cache_dir: str | Path, *, timeout: float | None = 30.0) -> None:
-        self.cache_dir = Path(cache_dir)
-        self.path = socket_path(cache_dir)
-        self._timeout = timeout
-        self._stack = contextlib.ExitStack()
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> ControlClient:
-        addr = self._stack.enter_context(_addressable(self.path))
-        self._session = aiohttp.ClientSession(
-            base_url="http://unity-crdt", connector=aiohttp.UnixConnector(path=addr),
-            timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=5.0),
-        )  # fmt: skip
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        self._stack.close()
-
-    def _no_node(self) -> NoNodeRunning:
-        d = self.cache_dir
-        return NoNodeRunning(f"no node is running on {d}; start one with "
-                             f"`unity-crdt run --cache-dir {d} ...`")  # fmt: skip
-
-    @contextlib.asynccontextmanager
-    async def _request(
-        self, method: str, path: str, *, patient: bool = False, **kw: Any
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        if self._session is None:
-            raise ControlError("use `async with ControlClient(...)`")
-        if patient:  # long work (restore, checkpoint) or a stream: no overall deadline
-            kw["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=5.0)
-        try:
-            async with self._session.request(method, path, **kw) as resp:
-                if resp.status >= 400:
-                    try:
-                        message = (await resp.json(content_type=None))["error"]
-                    except (ValueError, KeyError, TypeError):
-                        message = f"HTTP {resp.status}"
-                    raise ControlError(str(message))
-                yield resp
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, PermissionError):
-                raise ControlError(
-                    f"cannot reach the node on {self.cache_dir}: permission "
-                    "denied (its control socket belongs to another user)"
-                ) from None
-            raise self._no_node() from None
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise ControlError(f"the node on {self.cache_dir} stopped answering "
-                               f"({type(exc).__name__})") from None  # fmt: skip
-
-    async def _json(self, method: str, path: str, **kw: Any) -> Any:
-        async with self._request(method, path, **kw) as resp:
-            return await resp.json()
-
-    @staticmethod
-    def _doc_path(name: str) -> str:
-        return f"/docs/{quote(check_doc_id(name), safe='')}"
-
-    @staticmethod
-    def _query(types: Types) -> list[tuple[str, str]]:
-        return [(kind, root) for kind, root in types]
-
-    async def status(self) -> dict[str, Any]:
-        """The node's NodeStatus as a dict."""
-        result: dict[str, Any] = await self._json("GET", "/status")
-        return result
-
-    async def docs(self) -> list[str]:
-        """Names of the node's docs."""
-        return list((await self._json("GET", "/docs"))["docs"])
-
-    async def get_doc(self, name: str, types: Types = ()) -> dict[str, Any]:
-        """The projection of one doc: {"doc", "roots", "untyped"}."""
-        result: dict[str, Any] = await self._json(
-            "GET", self._doc_path(name), params=self._query(types)
-        )
-        return result
-
-    async def edit(self, name: str, edit: Mapping[str, Any]) -> dict[str, Any]:
-        """Apply one edit (see apply_edit) once it is durable; return the edited root's view."""
-        result: dict[str, Any] = await self._json("POST", self._doc_path(name), json=dict(edit))
-        return result
-
-    async def watch(self, name: str, types: Types = ()) -> AsyncGenerator[dict[str, Any], None]:
-        """The doc's projection now, then again after every change, until the node stops."""
-        async with self._request("GET", self._doc_path(name) + "/watch", patient=True,
-                                 params=self._query(types)) as resp:  # fmt: skip
-            try:
-                async for line in resp.content:
-                    if line.strip():
-                        yield json.loads(line)
-            except aiohttp.ClientPayloadError:
-                return  # the node shut down mid-stream
-
-    async def checkpoint(self) -> None:
-        """Checkpoint every changed doc now."""
-        await self._json("POST", "/checkpoint", patient=True)
-
-    async def restore(self) -> list[str]:
-        """Merge the group's checkpoints; the names of the docs touched."""
-        return list((await self._json("POST", "/restore", patient=True))["docs"])
-
-    async def search(self, query: str, limit: int = 10) -> list[dict[str, Any]]:
-        """Keyword search over checkpointed searchable docs."""
-        found = await self._json("GET", "/search", params={"q": query, "limit": str(limit)})
-        return list(found["hits"])
-
-    async def metrics(self) -> str:
-        """The Prometheus exposition."""
-        async with self._request("GET", "/metrics") as resp:
-            return await resp.text()

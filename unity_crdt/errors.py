@@ -90,3 +90,15 @@ class CorruptCacheError(StoreError):
 
 class CheckpointError(UnityCrdtError):
     """A checkpoint could not be written, read or verified."""
+
+
+class ControlError(UnityCrdtError):
+    """The control API refused a request or could not be reached."""
+
+
+class NoNodeRunning(ControlError):
+    """Nobody listens on the control socket of this cache dir."""
+
+
+class NodeAlreadyRunning(ControlError):
+    """A live node already serves this cache dir's control socket."""
