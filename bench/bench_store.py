@@ -5,6 +5,10 @@ anchor is `pycrdt.store.SQLiteYStore` 0.1.5 with its defaults: squashing OFF (no
 `squash_after_inactivity_of` / `squash_history_older_than`), a checkpoint every 100 writes,
 SQLite's default rollback journal. Load is also compared with bare pycrdt applying the
 compacted state (`Doc().apply_update(full_state)`). Disk caches are warm in every case.
+
+The cold load is broken down: `CacheDb.open()` alone (LOCK, SQLite open, the snapshot read
+with its CRC; what SqliteStore runs on the executor) and what is left over: the thread
+hand-offs (executor wake-up, event-loop wake-up) and the Python glue around them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 import pycrdt
 from pycrdt.store import SQLiteYStore
 
-from unity_crdt.store import SqliteStore
+from unity_crdt.cachedb import CacheDb
+from unity_crdt.store import COMPACT_MIN_BYTES, COMPACT_MIN_ROWS, PRELOAD_BYTES, SqliteStore
 
 # shared/ sits beside the checkout (in CI too).
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "automerge-paper.json.gz"
@@ -92,6 +97,12 @@ def _ystore(path: Path, name: str = DOC) -> SQLiteYStore:
     return store
 
 
+async def _initialized(ystore: object) -> None:
+    """Wait until a started SQLiteYStore has created its schema."""
+    assert isinstance(ystore, SQLiteYStore) and ystore.db_initialized is not None
+    await ystore.db_initialized.wait()
+
+
 async def bench_appends(updates: list[bytes], tmp: Path) -> list[dict[str, Any]]:
     """Durable appends/s, sequential and with 64 concurrent appenders.
 
@@ -108,7 +119,7 @@ async def bench_appends(updates: list[bytes], tmp: Path) -> list[dict[str, Any]]
             SqliteStore(tmp / f"ours-{conc}") as store,
             _ystore(tmp / f"theirs-{conc}.db") as ystore,
         ):
-            await ystore.db_initialized.wait()  # type: ignore[union-attr]
+            await _initialized(ystore)
             for r in range(ROUNDS):
                 a, b = n_ours // ROUNDS, n_theirs // ROUNDS
                 ours_s += await _appends(
@@ -182,6 +193,25 @@ async def _load_theirs(path: Path, full_log: bool) -> tuple[float, str]:
     return elapsed, text
 
 
+def _open_only(path: Path) -> tuple[float, str]:
+    """CacheDb.open() on the calling thread: the store's cold start without any thread."""
+    db = CacheDb(
+        path,
+        min_rows=COMPACT_MIN_ROWS,
+        min_bytes=COMPACT_MIN_BYTES,
+        preload_bytes=PRELOAD_BYTES,
+        on_recover=lambda docs: "",
+    )
+    started = time.perf_counter()
+    _, preloaded = db.open()
+    elapsed = time.perf_counter() - started
+    db.close()
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    for blob in preloaded[DOC]:
+        doc.apply_update(blob)
+    return elapsed, str(doc.get("text", type=pycrdt.Text))
+
+
 def _load_bare(full_state: bytes) -> tuple[float, str]:
     started = time.perf_counter()
     doc: pycrdt.Doc[Any] = pycrdt.Doc()
@@ -199,12 +229,13 @@ async def bench_load(
     await _fill_ours(ours_dir, updates)
     fill_s = time.perf_counter() - started
     async with _ystore(theirs_db) as ystore:  # let it create its own schema
-        await ystore.db_initialized.wait()  # type: ignore[union-attr]
+        await _initialized(ystore)
     _fill_theirs(theirs_db, updates, checkpoint)
 
     runs: list[tuple[str, int, Callable[[], Awaitable[tuple[float, str]]]]] = [
         ("bare", LOAD_REPEATS, lambda: asyncio.sleep(0, _load_bare(full_state))),
         ("ours", LOAD_REPEATS, lambda: _load_ours(ours_dir)),
+        ("open", LOAD_REPEATS, lambda: asyncio.sleep(0, _open_only(ours_dir))),
         ("ckpt", LOAD_REPEATS // 2, lambda: _load_theirs(theirs_db, False)),
         ("log", 3, lambda: _load_theirs(theirs_db, True)),  # seconds each
     ]
@@ -231,6 +262,7 @@ async def bench_load(
     bare, ours = _median_ms(results["bare"]), _median_ms(results["ours"])
     ckpt, log = _median_ms(results["ckpt"]), _median_ms(results["log"])
     tail = _median_ms(tail_s)
+    open_ms = _median_ms(results["open"])
     size = (ours_dir / "store.sqlite3").stat().st_size
     print(
         f"load: history {len(updates):,} updates, state {len(full_state):,} B, "
@@ -240,6 +272,8 @@ async def bench_load(
     lines = [
         ("bare pycrdt Doc().apply_update(state)", bare, ""),
         ("SqliteStore open+load+apply (snapshot)", ours, " (goal <= 1.5x)"),
+        ("  of which CacheDb.open(), no thread", open_ms, " (lock, SQLite open, read)"),
+        ("  of which thread hand-offs and glue", ours - bare - open_ms, ""),
         ("SqliteStore load+apply, 900-row tail, warm", tail, " (worst case after a crash)"),
         ("SQLiteYStore start+apply_updates (ckpt)", ckpt, ""),
         ("SQLiteYStore start+read() whole log", log, ""),
@@ -254,6 +288,8 @@ async def bench_load(
             "ratio_vs_bare": round(ours / bare, 2),
             "goal": "<= 1.5x",
         },
+        {"metric": "cold_load_ms_cachedb_open_only", "value": round(open_ms, 3)},
+        {"metric": "cold_load_ms_thread_handoffs", "value": round(ours - bare - open_ms, 3)},
         {"metric": "load_ms_sqlitestore_900_row_tail", "value": round(tail, 3)},
         {"metric": "cold_load_ms_sqliteystore_checkpoint", "value": round(ckpt, 3)},
         {"metric": "cold_load_ms_sqliteystore_full_log", "value": round(log, 3)},

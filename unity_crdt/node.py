@@ -47,7 +47,14 @@ class Node:
 
     def __init__(self, config: NodeConfig, *, store: Store | None = None) -> None:
         self.config = config
-        self._store: Store = store or SqliteStore(config.cache_path)
+        # If the cache is found damaged mid-run, the store re-writes every doc it held from
+        # the replica's full state, so nothing acknowledged is lost with the moved-aside file.
+        self._store: Store = store or SqliteStore(
+            config.cache_path,
+            snapshot_source=lambda name: (
+                self._replica.diff(name, b"\x00") if name in self._replica else None
+            ),
+        )
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
         self._presence = Presence(timeout=config.presence_timeout)

@@ -14,7 +14,7 @@ from typing import Any
 import pycrdt
 import pytest
 
-from unity_crdt.errors import CacheLockedError, ConfigError, StoreError
+from unity_crdt.errors import CacheLockedError, ConfigError, CorruptCacheError, StoreError
 from unity_crdt.store import (
     DB_NAME,
     LOCK_NAME,
@@ -335,3 +335,142 @@ def test_secret_file_checks_created_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected 32"):
         load_or_create_secret_file(tmp_path / "k", lambda: b"short")
     assert not list(tmp_path.iterdir())
+
+
+# -- cold start: preload, docs without a round trip, the kept WAL file, cancelled open --------
+
+
+async def test_preloaded_docs_match_the_file_and_writes_invalidate_them(tmp_path: Path) -> None:
+    a, b = Editor(), Editor()
+    async with SqliteStore(tmp_path) as store:
+        await store.append("a", a.set("k", "1"))
+        await store.append("b", b.set("k", "1"))
+    # A budget that holds "a" but not both: "b" then loads through the worker.
+    async with SqliteStore(tmp_path, preload_bytes=len(a.updates) + 40) as store:
+        assert await store.docs() == ["a", "b"]
+        await store.append("a", a.set("k2", "2"))  # after open: what open read is stale
+        assert rebuild(await store.load("a")) == {"k": "1", "k2": "2"}
+        assert rebuild(await store.load("b")) == {"k": "1"}
+        await store.append("c", Editor().set("x", "y"))
+        assert await store.docs() == ["a", "b", "c"]
+    for budget in (0, 10**6):  # nothing or everything preloaded: the same contents
+        async with SqliteStore(tmp_path, preload_bytes=budget) as store:
+            assert await store.docs() == ["a", "b", "c"]
+            assert rebuild(await store.load("a")) == {"k": "1", "k2": "2"}
+            assert rebuild(await store.load("a")) == {"k": "1", "k2": "2"}  # twice: from disk
+            assert rebuild(await store.load("c")) == {"x": "y"}
+
+
+async def test_an_empty_wal_file_is_kept_between_runs(tmp_path: Path) -> None:
+    ed = Editor()
+    async with SqliteStore(tmp_path) as store:
+        await store.append("doc", ed.set("k", "v"))
+    wal = tmp_path / f"{DB_NAME}-wal"
+    assert wal.exists() and wal.stat().st_size == 0
+    conn = sqlite3.connect(f"file:{tmp_path / DB_NAME}?mode=ro", uri=True)
+    assert conn.execute("SELECT COUNT(*) FROM log").fetchone() == (1,)  # other readers too
+    conn.close()
+    async with SqliteStore(tmp_path) as store:
+        assert rebuild(await store.load("doc")) == {"k": "v"}
+        await store.append("doc", ed.set("k2", "v2"))
+    async with SqliteStore(tmp_path) as store:
+        assert rebuild(await store.load("doc")) == {"k": "v", "k2": "v2"}
+
+
+async def test_cancelled_open_releases_the_cache(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path) as store:
+        # 4 MB to read at open: a cancel one loop turn after the start lands mid-open.
+        await store.append("doc", Editor().set("k", "x" * 4_000_000))
+    for delay in (0, 1, 2):
+        store = SqliteStore(tmp_path)
+        task = asyncio.create_task(store.open())
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(StoreError, match="not open"):
+            await store.load("doc")
+        async with SqliteStore(tmp_path) as other:  # the lock was released
+            assert await other.docs() == ["doc"]
+        async with store:  # and the cancelled store can open again
+            assert await store.docs() == ["doc"]
+
+
+# -- corruption met after open ----------------------------------------------------------------
+
+MARK = "MARK-7f3a9c-"
+
+
+async def _fill_big(path: Path, small: Editor, big: Editor) -> None:
+    async with SqliteStore(path) as store:
+        await store.append("a", small.set("k", "small"))
+        # ~60 KB, so its snapshot spans a chain of overflow pages: the marker, mid-way,
+        # sits on one of them (not on the table's own page, which open reads).
+        filler = "".join(f"{i:05d}" for i in range(6000))
+        await store.append("b", big.set("text", filler + MARK + filler))
+        await store.compact("b")
+
+
+def _zero_page_of(db: Path, needle: bytes) -> None:
+    raw = db.read_bytes()
+    at = raw.find(needle)
+    assert at > 0 and raw.find(needle, at + 1) == -1
+    with open(db, "r+b") as f:
+        f.seek(at - at % 4096)
+        f.write(b"\0" * 4096)
+
+
+@pytest.mark.parametrize("source", [True, False])
+@pytest.mark.parametrize("meet", ["load", "compact"])
+async def test_corruption_met_after_open_recovers_and_rewrites_from_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, source: bool, meet: str
+) -> None:
+    small, big = Editor(), Editor()
+    await _fill_big(tmp_path, small, big)
+    _zero_page_of(tmp_path / DB_NAME, MARK.encode())
+    memory = {"a": small.doc, "b": big.doc}  # what a node holds in its replica
+    asked: list[str] = []
+
+    def state_of(doc: str) -> bytes | None:
+        asked.append(doc)
+        return memory[doc].get_update() if doc in memory else None
+
+    caplog.set_level(logging.ERROR, logger="unity_crdt.store")
+    async with SqliteStore(
+        tmp_path, preload_bytes=0, snapshot_source=state_of if source else None
+    ) as store:
+        assert store.recovered_from is None  # open reads no snapshot: nothing noticed yet
+        assert rebuild(await store.load("a")) == {"k": "small"}
+        await store.append("b", big.set("late", "acknowledged"))  # goes into the bad file
+        if meet == "load":
+            with pytest.raises(CorruptCacheError, match="moved to"):
+                await store.load("b")
+        else:
+            await store.compact("b")  # retried on the fresh cache
+        moved = tmp_path / f"{DB_NAME}.corrupt-1"
+        assert store.recovered_from == moved and moved.exists()
+        await store.append("c", Editor().set("after", "recovery"))  # the fresh cache works
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert str(tmp_path / DB_NAME) in errors[0] and str(moved) in errors[0]
+    assert MARK not in errors[0]
+    async with SqliteStore(tmp_path) as store:
+        assert store.recovered_from is None
+        if source:
+            assert asked == ["a", "b"]
+            assert "re-written" in errors[0]
+            assert await store.docs() == ["a", "b", "c"]
+            assert rebuild(await store.load("a")) == {"k": "small"}
+            assert rebuild(await store.load("b")) == big.map.to_py()
+            assert rebuild(await store.load("b"))["late"] == "acknowledged"
+        else:
+            assert "only in memory" in errors[0]
+            assert await store.docs() == ["c"]
+
+
+async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).mkdir()  # a directory where the file should be
+    with pytest.raises(StoreError, match="cannot open local cache"):
+        await SqliteStore(tmp_path).open()
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # the lock was given back
