@@ -263,10 +263,11 @@ def test_guarded_pipeline_keeps_rss_bounded_and_unguarded_does_not(tmp_path: Pat
     deep = _run_rss(tmp_path, "guarded", "deep")
     assert deep.returncode == 0, deep.stderr
     assert json.loads(deep.stdout)["peak"] < 50 * mb
-    # Controls: the same bombs without the guard commit hundreds of MB, or kill the process.
+    # Controls: the same bombs without the guard commit far more (198-512 MB seen here: how
+    # much of the reservation gets touched varies with machine load), or kill the process.
     unguarded = _run_rss(tmp_path, "unguarded")
     assert unguarded.returncode == 0, unguarded.stderr
-    assert json.loads(unguarded.stdout)["peak"] > 200 * mb
+    assert json.loads(unguarded.stdout)["peak"] > 150 * mb
     crashed = _run_rss(tmp_path, "unguarded", "deep")
     assert crashed.returncode < 0  # killed by SIGSEGV: pycrdt recursed off the stack
 
