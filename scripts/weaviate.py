@@ -62,6 +62,15 @@ def binary_path() -> Path:
     return Path(found) if found else Path.home() / "go" / "bin" / BINARY
 
 
+# About how many modules a first `go install` of v1.39.0 downloads (WEAVIATE.md: ~276).
+MODULES = 276
+
+
+def _bar(done: int, width: int = 24) -> str:
+    filled = min(width, round(width * done / MODULES))
+    return "#" * filled + "." * (width - filled)
+
+
 def install(force: bool = False) -> Path:
     """Build weaviate-server with `go install` unless it is already there; print progress."""
     target = binary_path()
@@ -79,10 +88,19 @@ def install(force: bool = False) -> Path:
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
+    downloaded = 0
+
     def pump() -> None:
+        nonlocal downloaded
         assert proc.stdout is not None
         for line in proc.stdout:
-            print(f"  {line.rstrip()}", flush=True)
+            if line.startswith("go: downloading"):
+                downloaded += 1  # one line per module: a real progress count, not a guess
+                if downloaded % 20 == 0:
+                    print(f"weaviate: [{_bar(downloaded)}] {downloaded}/~{MODULES} modules "
+                          "downloaded", flush=True)
+            else:
+                print(f"  {line.rstrip()}", flush=True)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -90,7 +108,9 @@ def install(force: bool = False) -> Path:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(HEARTBEAT)
         if proc.returncode is None:
-            print(f"weaviate: still building ... {time.monotonic() - started:.0f} s", flush=True)
+            phase = "compiling" if downloaded >= MODULES * 0.9 else "downloading and compiling"
+            print(f"weaviate: {phase} ... {time.monotonic() - started:.0f} s "
+                  f"({downloaded} modules downloaded)", flush=True)
     reader.join(5)
     if proc.returncode != 0:
         raise SystemExit(f"weaviate: go install failed with exit code {proc.returncode}")
