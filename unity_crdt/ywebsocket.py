@@ -24,7 +24,6 @@ from .codec import check_state_vector, check_update, is_empty_update
 from .errors import ConfigError, DecodeError, LimitExceeded, ProtocolError
 from .ids import check_doc_id
 from .yprotocol import (
-    MSG_AUTH,
     MSG_AWARENESS,
     MSG_QUERY_AWARENESS,
     MSG_SYNC,
@@ -32,46 +31,19 @@ from .yprotocol import (
     SYNC_STEP2,
     SYNC_UPDATE,
     AwarenessTable,
-    YMessage,
     awareness_message,
     parse_message,
-    pycrdt_index_to_yjs,
-    read_varbytes,
-    read_varuint,
     sync_message,
-    varbytes,
-    varuint,
-    yjs_index_to_pycrdt,
 )
 
-# The wire format and presence table live in the sans-IO `yprotocol`; its public names are
-# re-exported so `from unity_crdt.ywebsocket import parse_message` keeps working.
 __all__ = [
     "CLOSE_BAD_MESSAGE",
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOO_LARGE",
-    "MSG_AUTH",
-    "MSG_AWARENESS",
-    "MSG_QUERY_AWARENESS",
-    "MSG_SYNC",
-    "SYNC_STEP1",
-    "SYNC_STEP2",
-    "SYNC_UPDATE",
-    "AwarenessTable",
     "ClientOrigin",
     "DocHost",
-    "YMessage",
     "YWebsocketEndpoint",
     "YWebsocketLimits",
-    "awareness_message",
-    "parse_message",
-    "pycrdt_index_to_yjs",
-    "read_varbytes",
-    "read_varuint",
-    "sync_message",
-    "varbytes",
-    "varuint",
-    "yjs_index_to_pycrdt",
 ]
 
 log = logging.getLogger(__name__)

@@ -12,14 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pycrdt
 import pytest
 
-from unity_crdt.ywebsocket import (
-    ClientOrigin,
-    YWebsocketLimits,
-    pycrdt_index_to_yjs,
-    varbytes,
-    varuint,
-    yjs_index_to_pycrdt,
-)
+from unity_crdt.yprotocol import pycrdt_index_to_yjs, varbytes, varuint, yjs_index_to_pycrdt
+from unity_crdt.ywebsocket import ClientOrigin, YWebsocketLimits
 
 if TYPE_CHECKING:  # conftest is not importable as a module; fixtures carry the objects
     from conftest import Hosted, JsDriver

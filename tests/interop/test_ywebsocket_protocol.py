@@ -14,15 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unity_crdt.errors import ConfigError, DecodeError, LimitExceeded
-from unity_crdt.ywebsocket import (
+from unity_crdt.yprotocol import (
     MSG_AWARENESS,
     MSG_SYNC,
     SYNC_STEP1,
     SYNC_STEP2,
     SYNC_UPDATE,
     AwarenessTable,
-    ClientOrigin,
-    YWebsocketLimits,
     awareness_message,
     parse_message,
     pycrdt_index_to_yjs,
@@ -33,6 +31,7 @@ from unity_crdt.ywebsocket import (
     varuint,
     yjs_index_to_pycrdt,
 )
+from unity_crdt.ywebsocket import ClientOrigin, YWebsocketLimits
 
 if TYPE_CHECKING:  # conftest is not importable as a module; fixtures carry the objects
     from conftest import Hosted
