@@ -29,11 +29,11 @@ from typing import Any
 import pycrdt
 from pycrdt.store import SQLiteYStore
 
-from unity_crdt.cachedb import CacheDb
-from unity_crdt.store import COMPACT_MIN_BYTES, COMPACT_MIN_ROWS, PRELOAD_BYTES, SqliteStore
+from unity_crdt.store._compaction import COMPACT_MIN_BYTES, COMPACT_MIN_ROWS
+from unity_crdt.store._engine import CacheDb
+from unity_crdt.store.sqlite import PRELOAD_BYTES, SqliteStore
 
-# shared/ sits beside the checkout (in CI too).
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "automerge-paper.json.gz"
+TRACE = Path(__file__).resolve().parents[1] / "tests" / "data" / "automerge-paper.json.gz"
 HISTORY = 100_000
 DOC = "bench/paper"
 CONCURRENCY = 64

@@ -1,5 +1,6 @@
 """unity_crdt: offline-first CRDT documents merged peer to peer, encrypted, checkpointed."""
 
+from .checkpoint.policy import Checkpointer
 from .config import NodeConfig
 from .errors import (
     CacheLockedError,
@@ -11,19 +12,26 @@ from .errors import (
     StoreError,
     UnityCrdtError,
 )
-from .mesh import PeerInfo
+from .ids import PeerAddress
 from .node import Node
+from .status import PeerInfo
+from .store.memory import MemoryStore
+from .threaded import ThreadedNode
 
 __all__ = [
     "CacheLockedError",
     "CheckpointError",
+    "Checkpointer",
     "ConfigError",
     "CorruptCacheError",
+    "MemoryStore",
     "Node",
     "NodeConfig",
+    "PeerAddress",
     "PeerInfo",
     "ProtocolError",
     "SecurityError",
     "StoreError",
+    "ThreadedNode",
     "UnityCrdtError",
 ]

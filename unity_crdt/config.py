@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .ids import PeerAddress, check_doc_id
+from .ids import PeerAddress, check_doc_id, check_scheme
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,15 @@ class NodeConfig:
     group_secret: str | bytes = field(repr=False)
     host: str = "127.0.0.1"
     port: int = 0
+    transport: str = "ws"  # the URL scheme this node listens with (net.channel transports)
     peers: tuple[str, ...] = ()
     mdns: bool = True
     # Loopback by default: never multicast on an interface the user did not choose.
     mdns_interfaces: tuple[str, ...] = ("127.0.0.1",)
     mdns_requery_interval: float = 30.0
+    # Where checkpoints go, by URL scheme: "weaviate://host:8080?grpc=50051", "dir:///path"
+    # (unity_crdt.checkpoint.sinks). `weaviate_url` ("http://host:8080") is an alias.
+    checkpoint_url: str | None = None
     weaviate_url: str | None = None
     weaviate_grpc_port: int = 50051
     weaviate_api_key: str | None = field(default=None, repr=False)
@@ -62,6 +66,12 @@ class NodeConfig:
         object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
         for url in self.peers:
             PeerAddress.parse(url)
+        check_scheme(self.transport)
+        if self.weaviate_url is not None:
+            if self.checkpoint_url is None:
+                object.__setattr__(self, "checkpoint_url", self.weaviate_url)
+            elif self.checkpoint_url != self.weaviate_url:
+                raise ConfigError("set checkpoint_url or its alias weaviate_url, not both")
         for doc in self.searchable:
             check_doc_id(doc)
         for knob in ("checkpoint_interval", "anti_entropy_interval", "ping_interval",

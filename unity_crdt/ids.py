@@ -34,9 +34,23 @@ def is_device_id(value: str) -> bool:
     return bool(_DEVICE_ID.match(value))
 
 
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]{0,31}$")
+
+
+def check_scheme(scheme: object) -> str:
+    """Return `scheme` if it is a valid lower-case URL scheme such as "ws"."""
+    if not isinstance(scheme, str) or not _SCHEME.match(scheme):
+        raise ConfigError(f"invalid URL scheme {scheme!r}")
+    return scheme
+
+
 @dataclass(frozen=True, slots=True)
 class PeerAddress:
-    """A websocket endpoint of a peer, such as ws://127.0.0.1:9001."""
+    """Where a peer listens, as a value: scheme (which transport), host and port.
+
+    `ws://127.0.0.1:9001` is the websocket transport; other schemes name transports registered
+    with `unity_crdt.net.channel.register_transport`.
+    """
 
     host: str
     port: int
@@ -44,13 +58,13 @@ class PeerAddress:
 
     @classmethod
     def parse(cls, url: str) -> PeerAddress:
-        """Parse and validate a ws:// or wss:// URL."""
+        """Parse and validate a scheme://host:port URL (any path is ignored)."""
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
             raise ConfigError(f"invalid peer URL {url!r}: {exc}") from exc
-        if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None:
+        if not _SCHEME.match(parts.scheme) or not parts.hostname or port is None:
             raise ConfigError(f"peer URL must look like ws://host:port, got {url!r}")
         if not 0 < port < 65536:
             raise ConfigError(f"peer URL port out of range: {url!r}")

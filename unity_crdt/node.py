@@ -1,41 +1,48 @@
 """Node: the composition root. It owns the replica, the local cache, every link and every task.
 
-Policy lives here and nowhere below: which links to keep (one per device pair), when to
-redial (jittered exponential backoff), how many handshakes to admit, where each committed
-update goes (local cache, every link but the one it came from, the checkpointer, front ends).
+The adapters are passed in or chosen by URL scheme: the store (default `SqliteStore` in
+`cache_dir`), the transports (`net.channel` registry: ws, wss, and any registered scheme), and
+the checkpoint sink (`checkpoint.sinks.open_sink(config.checkpoint_url)`). Policy lives here
+and in the mesh, never in an adapter: which links to keep, how many handshakes to admit,
+where each committed update goes (the `sync.router.Router` rule: the local cache, every link
+but the one it came from, the checkpointer, the front ends).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pycrdt
 
-from . import transport
-from .codec import Awareness
 from .config import NodeConfig
-from .errors import CheckpointError, ProtocolError, StoreError, UnityCrdtError
+from .crypto.frames import PeerHello
+from .crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
+from .errors import CheckpointError, ConfigError, ProtocolError, StoreError, UnityCrdtError
 from .ids import PeerAddress, check_doc_id
-from .mesh import Mesh, PeerInfo
-from .peer import Link
-from .presence import Presence
-from .protocol import SeenFilter, SyncSession
-from .replica import RemoteOrigin, Replica, merge_small
-from .secure import DeviceIdentity, GroupKeys, PeerHello, derive_group_keys
-from .status import DocStatus, NodeStatus, PeerStatus
-from .store import SqliteStore, Store, load_or_create_secret_file
+from .net._link import Link
+from .net._mesh import Mesh
+from .net.channel import Listener, Transport, resolve_transports
+from .status import DocStatus, NodeStatus, PeerInfo, PeerStatus
+from .store._files import load_or_create_secret_file
+from .store.base import Store
+from .store.sqlite import SqliteStore
+from .sync.codec import PROTOCOL_VERSION, Awareness
+from .sync.presence import Presence
+from .sync.replica import RemoteOrigin, Replica
+from .sync.router import Router
+from .sync.session import SeenFilter, SyncSession
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpointer, DocHit
-    from .discovery import Discovery
-    from .ywebsocket import YWebsocketEndpoint
+    from .checkpoint.format import CheckpointSink, DocHit
+    from .checkpoint.policy import Checkpointer
+    from .frontends.ywebsocket import YWebsocketEndpoint
+    from .net._mdns import Discovery
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 # Merged checkpoint states travel like a peer's updates: relayed to every link, never undone.
 CHECKPOINT_ORIGIN = RemoteOrigin("checkpoint")
 REFRESH_MIN_INTERVAL = 5.0
@@ -45,8 +52,17 @@ FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
 class Node:
     """One instance of the app: named CRDT docs, kept on disk and merged with every peer."""
 
-    def __init__(self, config: NodeConfig, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        store: Store | None = None,
+        sink: CheckpointSink | None = None,
+        transports: Mapping[str, Transport] | None = None,
+    ) -> None:
         self.config = config
+        self._transports = resolve_transports(transports)
+        self._sink = sink
         # If the cache is found damaged mid-run, the store re-writes every doc it held from
         # the replica's full state, so nothing acknowledged is lost with the moved-aside file.
         self._store: Store = store or SqliteStore(
@@ -57,13 +73,13 @@ class Node:
         )
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
+        self._router = Router()
         self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[asyncio.Future[None]] = set()
-        self._outbox: dict[tuple[str, str | None], list[bytes]] = {}
         self._keys: GroupKeys | None = None
         self._identity: DeviceIdentity | None = None
-        self._server: transport.Server | None = None
+        self._listener: Listener | None = None
         self._mesh: Mesh | None = None
         self._checkpointer: Checkpointer | None = None
         self._endpoint: YWebsocketEndpoint | None = None
@@ -86,10 +102,15 @@ class Node:
 
     @property
     def url(self) -> str:
-        """The websocket URL this node listens on."""
-        if self._server is None:
+        """The URL this node listens on, such as ws://127.0.0.1:9001."""
+        return self.address.url
+
+    @property
+    def address(self) -> PeerAddress:
+        """The address this node listens on, as its transport bound it."""
+        if self._listener is None:
             raise UnityCrdtError("node is not started")
-        return self._server.url
+        return self._listener.address
 
     @property
     def device_id(self) -> str:
@@ -105,7 +126,7 @@ class Node:
 
     async def flush(self) -> None:
         """Wait until every edit made so far is durable in the local cache."""
-        self._flush_outbox()
+        self._drain()
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
@@ -144,8 +165,7 @@ class Node:
                 continue
             st, session = link.stats, link.session
             peers.append(PeerStatus(
-                name=link.remote.name, device_id=link.remote.device_id,
-                url=link.dial_url or f"ws://{link.channel.remote}",
+                name=link.remote.name, device_id=link.remote.device_id, url=link.address.url,
                 connected_for=now - st.connected_at, last_seen_ago=now - st.last_seen,
                 bytes_in=st.bytes_in, bytes_out=st.bytes_out, messages_in=st.messages_in,
                 messages_out=st.messages_out, dropped=st.dropped, rtt=session.stats.rtt,
@@ -237,25 +257,35 @@ class Node:
             max_frame=2**20,
         )
         self._mesh = Mesh(
-            config=cfg, keys=self._keys, identity=self._identity, hello=hello,
-            make_session=self._make_session, spawn=self.spawn, on_joined=self._on_joined,
+            config=cfg, transports=self._transports, keys=self._keys, identity=self._identity,
+            hello=hello, make_session=self._make_session, spawn=self.spawn,
+            on_joined=self._on_joined,
         )
-        self._server = await transport.serve(cfg.host, cfg.port, self._mesh.accept)
+        listen = self._transports.get(cfg.transport)
+        if listen is None:
+            raise ConfigError(f"no transport for {cfg.transport}:// to listen with")
+        self._listener = await listen.listen(
+            PeerAddress(cfg.host, cfg.port, cfg.transport), self._mesh.accept
+        )
         for url in cfg.peers:
-            self._mesh.add_address(PeerAddress.parse(url).url)
+            self._mesh.add_address(PeerAddress.parse(url))
         self.spawn(self._presence_loop(), "presence")
         if cfg.mdns:
             await self._start_discovery()
         if cfg.yjs_endpoint:
-            from .ywebsocket import YWebsocketEndpoint
+            from .frontends.ywebsocket import YWebsocketEndpoint
 
             self._endpoint = YWebsocketEndpoint(
                 self._replica, cfg.yjs_token,
                 on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
-        if cfg.weaviate_url is not None:
-            await self._start_checkpoints()
+        if self._sink is None and cfg.checkpoint_url is not None:
+            from .checkpoint.sinks import open_sink
+
+            self._sink = open_sink(cfg.checkpoint_url, cfg)
+        if self._sink is not None:
+            await self._start_checkpoints(self._sink)
         log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
 
     async def close(self) -> None:
@@ -271,8 +301,8 @@ class Node:
             await self._endpoint.close()
         if self._mesh is not None:
             await self._mesh.close()
-        if self._server is not None:
-            await self._server.close()
+        if self._listener is not None:
+            await self._listener.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -321,7 +351,9 @@ class Node:
         if fresh is None:
             return
         if self._mesh is not None:
-            self._mesh.broadcast_awareness(doc, fresh, exclude=source)
+            mesh = self._mesh
+            for peer, msgs in Router.fan_out_presence(doc, fresh, source, mesh.sessions).items():
+                mesh.send(peer, msgs)
         if self._endpoint is not None and source != FRONTEND:
             self._endpoint.apply_peer_awareness(doc, fresh)
 
@@ -334,28 +366,26 @@ class Node:
                 self._spread_presence(doc, update, source=None)
 
     def _on_update(self, doc: str, update: bytes, origin: object | None) -> None:
-        """Route one committed transaction: cache it, and gossip it to every other peer.
+        """Take one committed transaction from the replica's observer.
 
-        Called from the replica's observer, so it must not touch the doc: it only queues.
-        Updates are coalesced per (doc, source) until the end of this loop turn, so a burst
-        of keystrokes or a received batch costs one cache write and one frame per peer.
+        The doc is borrowed here, so this only queues: the router coalesces updates per
+        (doc, source) until `_drain` runs at the end of this loop turn.
         """
-        source = origin.peer if isinstance(origin, RemoteOrigin) else None
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush_outbox)
-        self._outbox.setdefault((doc, source), []).append(update)
+        if self._router.add(doc, update, origin):
+            asyncio.get_running_loop().call_soon(self._drain)
         if self._checkpointer is not None:
             self._checkpointer.mark_dirty(doc)
         if self._endpoint is not None:
             self._endpoint.publish(doc, update, origin)
 
-    def _flush_outbox(self) -> None:
-        outbox, self._outbox = self._outbox, {}
-        for (doc, source), updates in outbox.items():
-            merged = merge_small(updates)
-            self._persist(doc, merged)
+    def _drain(self) -> None:
+        """Cache each merged update, and send it to every link but the one it came from."""
+        for routed in self._router.drain():
+            self._persist(routed.doc, routed.update)
             if self._mesh is not None:
-                self._mesh.broadcast(doc, merged, exclude=source)
+                mesh = self._mesh
+                for peer, msgs in Router.fan_out(routed, mesh.sessions).items():
+                    mesh.send(peer, msgs)
 
     def _persist(self, doc: str, update: bytes) -> None:
         fut = asyncio.ensure_future(self._store.append(doc, update))
@@ -382,17 +412,21 @@ class Node:
     # -- discovery --------------------------------------------------------------------------
 
     async def _start_discovery(self) -> None:
-        from .discovery import Discovery, Found
+        from .net._mdns import Discovery, Found
 
-        assert self._keys is not None and self._server is not None and self._mesh is not None
+        assert self._keys is not None and self._listener is not None and self._mesh is not None
         mesh = self._mesh
+        if self._listener.address.scheme != "ws":
+            log.warning("mDNS announces websocket peers only; this node listens with %s://",
+                        self._listener.address.scheme)
+            return
 
         def found(peer: Found) -> None:
             # mDNS is only a hint: the handshake decides whether it is one of us.
-            mesh.add_address(peer.url, persistent=False)
+            mesh.add_address(PeerAddress(peer.host, peer.port, "ws"), persistent=False)
 
         self._discovery = Discovery(
-            beacon=self._keys.beacon, port=self._server.port, on_found=found,
+            beacon=self._keys.beacon, port=self._listener.address.port, on_found=found,
             interfaces=self.config.mdns_interfaces,
             requery_interval=self.config.mdns_requery_interval,
         )
@@ -402,16 +436,16 @@ class Node:
 
     def _require_checkpointer(self) -> Checkpointer:
         if self._checkpointer is None:
-            raise UnityCrdtError("checkpoints are off: set NodeConfig.weaviate_url")
+            raise UnityCrdtError(
+                "checkpoints are off: set NodeConfig.checkpoint_url (or pass Node(sink=...))"
+            )
         return self._checkpointer
 
-    async def _start_checkpoints(self) -> None:
-        from .checkpoint import Checkpointer
-        from .weaviate_sink import WeaviateSink
+    async def _start_checkpoints(self, sink: CheckpointSink) -> None:
+        from .checkpoint.policy import Checkpointer
 
         cfg = self.config
-        assert cfg.weaviate_url is not None and self._keys is not None
-        sink = WeaviateSink(cfg.weaviate_url, cfg.weaviate_grpc_port, cfg.weaviate_api_key)
+        assert self._keys is not None
         cp = Checkpointer(
             self._keys, self.device_id, sink,
             get_state=lambda name: self._replica.doc(name).get_update(),

@@ -11,6 +11,15 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class PeerInfo:
+    """A connected peer as the application sees it."""
+
+    name: str
+    device_id: str
+    url: str
+
+
+@dataclass(frozen=True)
 class PeerStatus:
     """One live link."""
 

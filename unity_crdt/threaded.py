@@ -29,11 +29,10 @@ import pycrdt
 
 from .config import NodeConfig
 from .errors import UnityCrdtError
-from .mesh import PeerInfo
+from ._textedit import apply_edit, rebase_edit, text_diff, utf8_offset
 from .node import Node
-from .status import NodeStatus
-from .textedit import apply_edit, rebase_edit, text_diff, utf8_offset
-from .yjs import is_empty_update
+from .status import NodeStatus, PeerInfo
+from .sync.yjs import is_empty_update
 
 log = logging.getLogger(__name__)
 

@@ -19,18 +19,18 @@ from pycrdt import Doc, Text, merge_updates
 from ydocs import edit_session, uv, vs
 
 from unity_crdt.errors import ConfigError, DecodeError, ErrorCode
-from unity_crdt.yjs import (
+from unity_crdt.sync.lib0 import put_varuint
+from unity_crdt.sync.yjs import (
     DIGEST_SIZE,
     check_state_vector,
     check_update,
     doc_digest,
     is_empty_update,
-    put_varuint,
     read_delete_set,
     read_state_vector,
 )
 
-TRACE = Path("/work/shared/data/automerge-paper.json.gz")
+TRACE = Path(__file__).resolve().parents[1] / "data" / "automerge-paper.json.gz"
 _POOL = edit_session(7, steps=30)[1] + [b"\x00\x00"]
 
 
@@ -202,7 +202,7 @@ RSS_SCRIPT = textwrap.dedent(
     import json, resource, sys
     import psutil
     from pycrdt import Doc
-    from unity_crdt.yjs import check_state_vector, check_update
+    from unity_crdt.sync.yjs import check_state_vector, check_update
     from unity_crdt.errors import DecodeError
     sys.path.insert(0, sys.argv[2])
     from test_yjs import SV_BOMBS, UPDATE_BOMBS
@@ -328,10 +328,23 @@ def test_digest_is_canonical_over_encoding_order() -> None:
     # Same deletions, clients swapped, ranges split, overlapping, empty and out of order.
     ds_b = (
         b"\x00\x03"
-        + uv(3) + b"\x02" + uv(3) + uv(1) + uv(2) + uv(1)
-        + uv(9) + b"\x03" + uv(2) + uv(3) + uv(0) + uv(3) + uv(7) + uv(0)
-        + uv(4) + b"\x00"
-    )  # fmt: skip
+        + uv(3)
+        + b"\x02"
+        + uv(3)
+        + uv(1)
+        + uv(2)
+        + uv(1)
+        + uv(9)
+        + b"\x03"
+        + uv(2)
+        + uv(3)
+        + uv(0)
+        + uv(3)
+        + uv(7)
+        + uv(0)
+        + uv(4)
+        + b"\x00"
+    )
     assert read_delete_set(ds_a) == read_delete_set(ds_b) == {3: [(2, 2)], 9: [(0, 5)]}
     assert doc_digest(sv_a, ds_a) == doc_digest(sv_b, ds_b)
     assert doc_digest(sv_a, ds_a) != doc_digest(sv_a, b"\x00\x00")

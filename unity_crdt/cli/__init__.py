@@ -1,0 +1,116 @@
+"""`unity-crdt ...` / `python -m unity_crdt ...`: argument parsing and terminal output only.
+
+Each subcommand is a `Command` (name, help, how to add its arguments, what to run), listed in
+COMMANDS. `run` (`cli._run`) hosts a node and its control API (`frontends.control`);
+`status`, `doc`, `checkpoint`, `restore` and `search` (`cli._client`) are clients of
+that API, because the running node holds the cache lock. Handlers import what they need
+lazily, so `unity-crdt keygen` stays instant. Every error is one line on stderr saying what to
+do, with exit code 2. The group secret is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import UnityCrdtError
+from . import _client as cli_client
+from . import _run as cli_run
+from ._common import EXIT_USAGE, PROG, Parser, default_cache_dir
+from ._run import node_config
+
+__all__ = [
+    "COMMANDS", "Command", "build_parser", "default_cache_dir", "keygen", "main", "node_config",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, argument setup and handler (-> exit code)."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def keygen() -> str:
+    """A strong group secret: 32 random bytes, base64url without padding (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def _configure_keygen(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    print(keygen())
+    return 0
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    from . import _demo as demo
+
+    demo.add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from . import _demo as demo
+
+    return demo.run(netns=args.netns, keep=args.keep)
+
+
+COMMANDS: list[Command] = [
+    Command("run", "run a node that syncs its docs with peers until Ctrl-C",
+            cli_run.configure, cli_run.run),
+    Command("status", "show a running node's peers, docs and sync state",
+            cli_client.configure_status, cli_client.run_status),
+    Command("doc", "list, read, edit or watch the docs of a running node",
+            cli_client.configure_doc, cli_client.run_doc),
+    Command("checkpoint", "push every changed doc of a running node to Weaviate now",
+            cli_client.configure_checkpoint, cli_client.run_checkpoint),
+    Command("restore", "merge the group's Weaviate checkpoints into a running node",
+            cli_client.configure_restore, cli_client.run_restore),
+    Command("search", "keyword search over the checkpointed text of searchable docs",
+            cli_client.configure_search, cli_client.run_search),
+    Command("demo", "three nodes edit offline, meet by mDNS and merge (the LAN demo)",
+            _configure_demo, _run_demo),
+    Command("keygen", "print a new random group secret (share it with the group's devices)",
+            _configure_keygen, _run_keygen),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `unity-crdt` parser with one subparser per entry of COMMANDS."""
+    parser = Parser(
+        prog=PROG,
+        description="Offline-first CRDT documents that merge peer to peer on a LAN.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for cmd in COMMANDS:
+        cmd.configure(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse argv (default sys.argv[1:]), run the subcommand, return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    handler = next(c.run for c in COMMANDS if c.name == args.command)
+    try:
+        return handler(args)
+    except UnityCrdtError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

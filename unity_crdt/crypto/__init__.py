@@ -1,0 +1,1 @@
+"""The crypto rules, sans-IO: group keys and sealed blobs, the Noise handshake, sealed frames."""

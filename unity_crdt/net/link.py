@@ -1,0 +1,256 @@
+"""The async driver of one peer link: Channel <-> secure session <-> SyncSession.
+
+A `Link` runs the Noise handshake under a deadline, asks the node whether to keep the
+authenticated link (one link per device pair), then pumps three loops until the link ends:
+reading frames into the SyncSession, writing queued messages as batched sealed frames, and
+ticking the session's timers (anti-entropy, keepalive). Every failure ends this link only:
+`run()` never raises except for cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..crypto.frames import PeerHello, SecureSession
+from ..crypto.handshake import Handshake
+from ..crypto.keys import DeviceIdentity, GroupKeys
+from ..errors import ChannelClosed, ErrorCode, HandshakeError, ProtocolError
+from ..ids import PeerAddress
+from ..sync import codec
+from ..sync.session import SyncSession
+from .channel import Channel
+
+log = logging.getLogger(__name__)
+
+# Batches amortise sealing and websocket overhead; 256 KiB keeps one frame well under 1 MiB.
+BATCH_BYTES = 256 * 1024
+TICK_SECONDS = 0.5
+# Websocket close code (private-use range) and reason telling a dialler its handshake failed.
+CLOSE_HANDSHAKE_REFUSED = 4001
+HANDSHAKE_REFUSED = "handshake refused"
+
+
+@dataclass
+class LinkStats:
+    """Counters of one link, for status views and metrics."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    dropped: int = 0
+    connected_at: float = 0.0
+    last_seen: float = 0.0
+
+
+class Link:
+    """One authenticated, encrypted peer connection and its sync session."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        keys: GroupKeys,
+        identity: DeviceIdentity,
+        hello: PeerHello,
+        initiator: bool,
+        clock: Callable[[], float],
+        accept: Callable[[Link], SyncSession | None],
+        handshake_timeout: float = 5.0,
+        max_queue_bytes: int = 8 * 2**20,
+        dial_address: PeerAddress | None = None,
+    ) -> None:
+        self.channel = channel
+        self.initiator = initiator
+        self.dial_address = dial_address
+        self.stats = LinkStats()
+        self.remote: PeerHello | None = None
+        self.session: SyncSession | None = None
+        self.close_reason: str = ""
+        self._keys, self._identity, self._hello = keys, identity, hello
+        self._clock = clock
+        self._accept = accept
+        self._handshake_timeout = handshake_timeout
+        self._max_queue = max_queue_bytes
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._resync = False
+        self._wake = asyncio.Event()
+        self._secure: SecureSession | None = None
+        self._closing: tuple[ErrorCode, str] | None = None
+        self._ws_close: tuple[int, str] = (1000, "")
+
+    @property
+    def label(self) -> str:
+        """Who this link talks to, for log lines (never secrets)."""
+        if self.remote is None:
+            return f"{self.channel.remote}"
+        return f"{self.remote.name!r} ({self.remote.device_id[:8]}, {self.channel.remote})"
+
+    @property
+    def address(self) -> PeerAddress:
+        """The address we dialled, or else the one the transport reports for the peer."""
+        return self.dial_address or self.channel.remote
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the send queue (a lag indicator)."""
+        return self._queued
+
+    def send(self, messages: Sequence[codec.Message]) -> None:
+        """Queue messages for this peer without blocking.
+
+        When the queue is over its byte budget, live updates are dropped rather than buffered
+        without bound; the doc state still holds them, so one forced anti-entropy round (a
+        fresh inventory) repairs the gap once the queue drains.
+        """
+        for msg in messages:
+            data = codec.encode(msg)
+            if self._queued + len(data) > self._max_queue and isinstance(
+                msg, codec.Update | codec.SyncStep2 | codec.Awareness
+            ):
+                self.stats.dropped += 1
+                self._resync = True
+                continue
+            self._queue.append(data)
+            self._queued += len(data)
+        if self._queue:
+            self._wake.set()
+
+    def close_soon(self, code: ErrorCode, reason: str) -> None:
+        """Ask the link to end with a CLOSE frame after flushing what is queued."""
+        self._closing = (code, reason)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Handshake, then pump until the link ends. Logs the reason; never raises."""
+        try:
+            await self._handshake()
+            assert self.remote is not None
+            self.session = self._accept(self)
+            if self.session is None:
+                await self._send_close(ErrorCode.DUPLICATE_LINK, "duplicate link")
+                self.close_reason = "duplicate link"
+                return
+            now = self._clock()
+            self.stats.connected_at = self.stats.last_seen = now
+            self.send(self.session.start())
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._reader())
+                tg.create_task(self._writer())
+                tg.create_task(self._ticker())
+        except* ChannelClosed as group:
+            self.close_reason = self.close_reason or f"connection closed ({group.exceptions[0]})"
+            if HANDSHAKE_REFUSED in self.close_reason and self.remote is None:
+                log.warning("link %s: the peer refused our handshake (%s); is it in our sync "
+                            "group, with the same group secret?", self.label,
+                            self.close_reason)
+            else:
+                log.info("link %s closed: %s", self.label, self.close_reason)
+        except* HandshakeError as group:
+            hs_exc = group.exceptions[0]
+            assert isinstance(hs_exc, HandshakeError)
+            self.close_reason = f"handshake failed: {hs_exc}"
+            log.warning("link %s: %s", self.label, self.close_reason)
+            # Tell the dialler why in the websocket close: only the error class, no details.
+            self._ws_close = (CLOSE_HANDSHAKE_REFUSED,
+                              f"{HANDSHAKE_REFUSED} ({hs_exc.code.name})")
+        except* ProtocolError as group:
+            exc = group.exceptions[0]
+            assert isinstance(exc, ProtocolError)
+            self.close_reason = f"protocol error {exc.code.name}: {exc}"
+            log.warning("link %s closed: %s", self.label, self.close_reason)
+            await self._send_close(exc.code, str(exc))
+        except* Exception as group:  # a bug must end this link only, never the node
+            self.close_reason = f"internal error: {group.exceptions[0]!r}"
+            log.error("link %s failed", self.label, exc_info=group.exceptions[0])
+        finally:
+            await self.channel.close(*self._ws_close)
+
+    async def _handshake(self) -> None:
+        hs = Handshake(
+            self._keys, self._identity, self._hello, initiator=self.initiator,
+            now=self._clock(), deadline=self._handshake_timeout,
+        )
+        deadline = self._clock() + self._handshake_timeout
+        if self.initiator:
+            await self.channel.send(hs.initiate())
+        while not hs.complete:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise HandshakeError("no handshake within deadline", ErrorCode.TIMEOUT)
+            try:
+                data = await asyncio.wait_for(self.channel.recv(), remaining)
+            except TimeoutError:
+                raise HandshakeError("no handshake within deadline", ErrorCode.TIMEOUT) from None
+            reply = hs.receive(data, self._clock())
+            if reply is not None:
+                await self.channel.send(reply)
+        self.remote = hs.remote
+        self._secure = hs.session()
+
+    async def _reader(self) -> None:
+        secure, session = self._secure, self.session
+        assert secure is not None and session is not None
+        while True:
+            frame = await self.channel.recv()
+            self.stats.bytes_in += len(frame)
+            data = secure.open(frame)
+            if data is None:
+                if secure.closed_by_peer is not None:
+                    code, reason = secure.closed_by_peer
+                    self.close_reason = f"peer closed: {code.name} {reason}".strip()
+                    raise ChannelClosed(self.close_reason)
+                continue
+            now = self._clock()
+            self.stats.last_seen = now
+            msg = codec.decode(data)
+            self.stats.messages_in += 1
+            self.send(session.receive(msg, now))
+
+    async def _writer(self) -> None:
+        secure = self._secure
+        assert secure is not None and self.session is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                parts: list[bytes] = []
+                size = 0
+                while self._queue and (not parts or size + len(self._queue[0]) <= BATCH_BYTES):
+                    part = self._queue.popleft()
+                    parts.append(part)
+                    size += len(part)
+                self._queued -= size
+                payload = parts[0] if len(parts) == 1 else codec.encode_batch(parts)
+                if secure.needs_rekey(self._clock()):
+                    await self.channel.send(secure.rekey(self._clock()))
+                for frame in secure.seal(payload):
+                    await self.channel.send(frame)
+                    self.stats.bytes_out += len(frame)
+                self.stats.messages_out += len(parts)
+                if self._resync and not self._queue:
+                    self._resync = False
+                    self.send(self.session.start())
+            if self._closing is not None:
+                await self._send_close(*self._closing)
+                self.close_reason = self._closing[1]
+                raise ChannelClosed(self._closing[1])
+
+    async def _ticker(self) -> None:
+        session = self.session
+        assert session is not None
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.send(session.tick(self._clock()))
+
+    async def _send_close(self, code: ErrorCode, reason: str) -> None:
+        if self._secure is None or self.channel.closed:
+            return
+        with contextlib.suppress(ChannelClosed, TimeoutError, ProtocolError):
+            await asyncio.wait_for(self.channel.send(self._secure.close_frame(code, reason)), 1.0)

@@ -1,0 +1,253 @@
+"""The mesh policy: which links exist, which survive, who is redialled, and when.
+
+One link per device pair: when both sides dial, both keep the link whose initiator has the
+smaller device id, so the two ends always agree without talking. Dialers back off with full
+jitter up to `reconnect_max`, and pause while the device they reach is linked some other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from ..config import NodeConfig
+from ..crypto.frames import PeerHello
+from ..crypto.keys import DeviceIdentity, GroupKeys
+from ..errors import ConfigError, ErrorCode, UnityCrdtError
+from ..ids import PeerAddress
+from ..status import PeerInfo
+from ..sync.codec import Message
+from ..sync.session import SyncSession
+from ._link import Link
+from .channel import Channel, Transport
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF = 0.1
+# A link that lived this long counts as healthy: the next failure starts backing off afresh.
+HEALTHY_AFTER = 10.0
+DISCOVERED_MAX_FAILURES = 5
+
+
+class Mesh:
+    """Every link of one node: admission, deduplication and dialling."""
+
+    def __init__(
+        self,
+        *,
+        config: NodeConfig,
+        transports: Mapping[str, Transport],
+        keys: GroupKeys,
+        identity: DeviceIdentity,
+        hello: PeerHello,
+        make_session: Callable[[Link], SyncSession],
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+        on_joined: Callable[[Link], None] | None = None,
+    ) -> None:
+        self._cfg = config
+        self._transports = transports
+        self._keys, self._identity, self._hello = keys, identity, hello
+        self._make_session = make_session
+        self._spawn = spawn
+        self._on_joined = on_joined
+        self.links: dict[str, Link] = {}
+        self._handshaking: Counter[str] = Counter()
+        self._in_handshake: dict[Link, str] = {}
+        self._dialers: dict[PeerAddress, asyncio.Task[None]] = {}
+        self._url_device: dict[PeerAddress, str] = {}
+        self._link_gone: dict[str, asyncio.Event] = {}
+        self._wake: dict[PeerAddress, asyncio.Event] = {}
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+
+    def peer_infos(self) -> list[PeerInfo]:
+        """The authenticated peers, in link order."""
+        return [
+            PeerInfo(lk.remote.name, dev, lk.address.url)
+            for dev, lk in self.links.items()
+            if lk.remote is not None
+        ]
+
+    @property
+    def sessions(self) -> dict[str, SyncSession]:
+        """The sync session of every linked peer, by device id."""
+        return {dev: lk.session for dev, lk in self.links.items() if lk.session is not None}
+
+    def send(self, device_id: str, messages: list[Message]) -> None:
+        """Queue messages for one linked peer (dropped if it is no longer linked)."""
+        link = self.links.get(device_id)
+        if link is not None and link.session is not None:
+            link.send(messages)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds; it is re-checked whenever a peer joins or leaves."""
+        while not predicate():
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        # Swap in a fresh event so every current waiter wakes exactly once.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def add_address(self, address: PeerAddress, *, persistent: bool = True) -> None:
+        """Keep a link to this address: dial now, and redial whenever it drops.
+
+        A discovered (non-persistent) address is dropped after a few failed dials in a row;
+        mDNS reports it again if it comes back. Static peers are dialled forever.
+        """
+        if self._closing:
+            return
+        if address.scheme not in self._transports:
+            raise ConfigError(
+                f"no transport for {address.scheme}:// (have: {', '.join(sorted(self._transports))})"
+            )
+        if address in self._dialers:
+            self._wake[address].set()  # seen again: cut its backoff short
+            return
+        self._wake[address] = asyncio.Event()
+        self._dialers[address] = self._spawn(
+            self._dialer(address, persistent), f"dial {address}"
+        )
+
+    async def accept(self, channel: Channel) -> None:
+        """Transport handler for an inbound connection; admission limits apply before crypto."""
+        ip = channel.remote.host
+        total = sum(self._handshaking.values())
+        if (
+            self._closing
+            or total >= self._cfg.max_handshakes
+            or self._handshaking[ip] >= self._cfg.max_handshakes_per_ip
+        ):
+            log.warning("refusing a connection from %s: too many handshakes in progress", ip)
+            await channel.close(1013, "try again later")
+            return
+        self._handshaking[ip] += 1
+        link = self._new_link(channel, initiator=False, dial_address=None)
+        self._in_handshake[link] = ip
+        try:
+            await link.run()
+        finally:
+            self._release_slot(link)
+            self._forget(link)
+
+    async def close(self) -> None:
+        """Say goodbye on every link, give them a moment to flush, then stop dialling."""
+        self._closing = True
+        for link in list(self.links.values()):
+            link.close_soon(ErrorCode.SHUTDOWN, "node shutting down")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_until(lambda: not self.links), 2.0)
+        for task in self._dialers.values():
+            task.cancel()
+        await asyncio.gather(*self._dialers.values(), return_exceptions=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _new_link(
+        self, channel: Channel, *, initiator: bool, dial_address: PeerAddress | None
+    ) -> Link:
+        return Link(
+            channel, keys=self._keys, identity=self._identity, hello=self._hello,
+            initiator=initiator, clock=self._loop.time, accept=self._admit,
+            handshake_timeout=self._cfg.handshake_timeout,
+            max_queue_bytes=self._cfg.send_queue_bytes, dial_address=dial_address,
+        )
+
+    def _release_slot(self, link: Link) -> None:
+        ip = self._in_handshake.pop(link, None)
+        if ip is not None:
+            self._handshaking[ip] -= 1
+            if self._handshaking[ip] <= 0:
+                del self._handshaking[ip]
+
+    def _admit(self, link: Link) -> SyncSession | None:
+        assert link.remote is not None
+        dev = link.remote.device_id
+        if link.dial_address is not None:
+            self._url_device[link.dial_address] = dev
+        self._release_slot(link)  # the handshake is over: its admission slot is free again
+        if dev == self._identity.device_id:
+            log.info("address %s is this node itself; not dialling it again", link.dial_address)
+            return None
+        existing = self.links.get(dev)
+        if existing is not None and existing is not link:
+            if self._initiator_of(link) > self._initiator_of(existing):
+                return None
+            existing.close_soon(ErrorCode.DUPLICATE_LINK, "replaced by a newer link")
+        self.links[dev] = link
+        self._link_gone.setdefault(dev, asyncio.Event()).clear()
+        log.info("peer joined: %s", link.label)
+        self._notify()
+        if self._on_joined is not None:
+            self._on_joined(link)
+        return self._make_session(link)
+
+    def _initiator_of(self, link: Link) -> str:
+        """The device id that dialled this link: the smaller one's link wins (ties: newest)."""
+        assert link.remote is not None
+        return self._identity.device_id if link.initiator else link.remote.device_id
+
+    def _forget(self, link: Link) -> None:
+        if link.remote is None:
+            return
+        dev = link.remote.device_id
+        if self.links.get(dev) is link:
+            del self.links[dev]
+            self._link_gone.setdefault(dev, asyncio.Event()).set()
+            log.info("peer left: %s (%s)", link.label, link.close_reason or "closed")
+            self._notify()
+
+    async def _dialer(self, address: PeerAddress, persistent: bool) -> None:
+        try:
+            await self._dial_loop(address, persistent)
+        finally:
+            self._dialers.pop(address, None)
+            self._wake.pop(address, None)
+
+    async def _dial_loop(self, address: PeerAddress, persistent: bool) -> None:
+        backoff = MIN_BACKOFF
+        failures = 0
+        while not self._closing:
+            dev = self._url_device.get(address)
+            if dev == self._identity.device_id:
+                return
+            if dev is not None and dev in self.links:
+                # Linked some other way (it dialled us): wait for that link to go.
+                await self._link_gone.setdefault(dev, asyncio.Event()).wait()
+                continue
+            started = self._loop.time()
+            try:
+                transport = self._transports[address.scheme]
+                channel = await transport.dial(address, timeout=self._cfg.handshake_timeout)
+            except UnityCrdtError as exc:
+                log.debug("dial %s failed: %s", address, exc)
+                linked = False
+            else:
+                link = self._new_link(channel, initiator=True, dial_address=address)
+                try:
+                    await link.run()
+                finally:
+                    self._forget(link)
+                # A refused handshake counts as a failure too: a replayed or spoofed
+                # announcement must not be dialled forever.
+                linked = link.session is not None
+                if self._loop.time() - started > HEALTHY_AFTER:
+                    backoff = MIN_BACKOFF
+            failures = 0 if linked else failures + 1
+            if not persistent and failures >= DISCOVERED_MAX_FAILURES:
+                log.info(
+                    "forgetting discovered address %s after %d failed attempts", address, failures
+                )
+                return
+            # Full jitter spreads reconnect storms when many peers lose the same network.
+            wake = self._wake[address]
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), random.uniform(0, backoff))
+            backoff = min(backoff * 2, self._cfg.reconnect_max)

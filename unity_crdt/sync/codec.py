@@ -1,0 +1,335 @@
+"""Sans-IO wire codec: message types and strict, table-driven encode/decode.
+
+The byte grammar is in docs/protocol.md. Each message type has one row in `_CODECS` (its tag,
+its encoder, its decoder); adding a message type means adding a dataclass and a row. Every
+decoder checks a length or count against the bytes that remain before it allocates anything,
+so hostile input costs memory in proportion to its own size only. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, TypeAlias
+
+from ..errors import ConfigError, DecodeError, LimitExceeded
+from ..ids import check_doc_id
+from .lib0 import put_varbytes, put_varuint, read_varuint
+from .yjs import DIGEST_SIZE, check_state_vector, check_update
+
+PROTOCOL_VERSION = 1
+# Smallest encoded inventory entry: doc-id length byte, one doc-id byte, the digest.
+_MIN_INVENTORY_ENTRY = 2 + DIGEST_SIZE
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Decoder limits: sizes in bytes, counts in entries."""
+
+    max_message: int = 64 * 2**20
+    max_doc_id: int = 255
+    max_inventory: int = 100_000
+    max_batch: int = 10_000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class MsgType(IntEnum):
+    """First byte of every message (5 and 6, once BYE and ERROR, are retired)."""
+
+    HELLO = 1
+    DOC = 2
+    PING = 3
+    PONG = 4
+    BATCH = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Opening message: protocol version and the sender's inventory (doc id -> digest)."""
+
+    version: int
+    inventory: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStep1:
+    """y-protocols SyncStep1: the sender's state vector of one doc."""
+
+    doc: str
+    state_vector: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncStep2:
+    """y-protocols SyncStep2: the update the receiver is missing."""
+
+    doc: str
+    update: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """y-protocols Update: a live incremental update."""
+
+    doc: str
+    update: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Awareness:
+    """y-protocols awareness payload, passed through opaque."""
+
+    doc: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keepalive probe."""
+
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a Ping, echoing its nonce."""
+
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Several messages in one; never nested."""
+
+    messages: tuple[Message, ...]
+
+
+Message: TypeAlias = Hello | SyncStep1 | SyncStep2 | Update | Awareness | Ping | Pong | Batch
+
+
+class _Reader:
+    """Strict cursor over one message; every read checks the bytes that remain."""
+
+    __slots__ = ("data", "limits", "pos")
+
+    def __init__(self, data: bytes, limits: Limits) -> None:
+        self.data = data
+        self.limits = limits
+        self.pos = 0
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise DecodeError("message truncated")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varuint(self) -> int:
+        value, self.pos = read_varuint(self.data, self.pos, minimal=True)
+        return value
+
+    def take(self, size: int) -> bytes:
+        if size > self.remaining():
+            raise DecodeError("length field exceeds the message")
+        self.pos += size
+        return self.data[self.pos - size : self.pos]
+
+    def varbytes(self) -> bytes:
+        return self.take(self.varuint())
+
+    def doc_id(self) -> str:
+        size = self.varuint()
+        if size > self.limits.max_doc_id:
+            raise LimitExceeded(f"doc id of {size} bytes exceeds the limit")
+        try:
+            return check_doc_id(self.take(size).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DecodeError("doc id is not valid UTF-8") from None
+        except ConfigError as exc:
+            raise DecodeError(f"invalid doc id: {exc}") from None
+
+    def count(self, limit: int, min_entry: int, what: str) -> int:
+        n = self.varuint()
+        if n > limit:
+            raise LimitExceeded(f"{what} count {n} exceeds the limit of {limit}")
+        if n * min_entry > self.remaining():
+            raise DecodeError(f"{what} count {n} exceeds the message")
+        return n
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise DecodeError(f"{self.remaining()} trailing bytes after the message")
+
+
+# --------------------------------------------------------------------------- per type
+
+
+def _put_doc(out: bytearray, doc: str) -> None:
+    put_varbytes(out, check_doc_id(doc).encode("utf-8"))
+
+
+def _enc_hello(out: bytearray, msg: Hello) -> None:
+    put_varuint(out, msg.version)
+    put_varuint(out, len(msg.inventory))
+    for doc, digest in msg.inventory.items():
+        if len(digest) != DIGEST_SIZE:
+            raise ConfigError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
+        _put_doc(out, doc)
+        out += digest
+
+
+def _dec_hello(r: _Reader) -> Hello:
+    version = r.varuint()
+    n = r.count(r.limits.max_inventory, _MIN_INVENTORY_ENTRY, "inventory")
+    inventory: dict[str, bytes] = {}
+    for _ in range(n):
+        doc = r.doc_id()
+        if doc in inventory:
+            raise DecodeError("duplicate doc id in inventory")
+        inventory[doc] = r.take(DIGEST_SIZE)
+    return Hello(version, inventory)
+
+
+# After its doc id, a DOC message is exactly a y-websocket message: (kind, sync step) bytes.
+_DOC_KINDS: dict[type[Any], bytes] = {
+    SyncStep1: b"\x00\x00",
+    SyncStep2: b"\x00\x01",
+    Update: b"\x00\x02",
+    Awareness: b"\x01",
+}
+
+
+def _enc_doc(out: bytearray, msg: SyncStep1 | SyncStep2 | Update | Awareness) -> None:
+    _put_doc(out, msg.doc)
+    out += _DOC_KINDS[type(msg)]
+    if isinstance(msg, SyncStep1):
+        put_varbytes(out, msg.state_vector)
+    elif isinstance(msg, Awareness):
+        put_varbytes(out, msg.payload)
+    else:
+        put_varbytes(out, msg.update)
+
+
+def _dec_doc(r: _Reader) -> Message:
+    doc = r.doc_id()
+    kind = r.byte()
+    if kind == 0x01:
+        return Awareness(doc, r.varbytes())
+    if kind != 0x00:
+        raise DecodeError(f"unknown y-protocols message type {kind}")
+    step = r.byte()
+    payload = r.varbytes()
+    if step == 0x00:
+        check_state_vector(payload)
+        return SyncStep1(doc, payload)
+    if step in (0x01, 0x02):
+        check_update(payload)
+        return SyncStep2(doc, payload) if step == 0x01 else Update(doc, payload)
+    raise DecodeError(f"unknown sync message type {step}")
+
+
+def _enc_nonce(out: bytearray, msg: Ping | Pong) -> None:
+    put_varuint(out, msg.nonce)
+
+
+def _enc_batch(out: bytearray, msg: Batch) -> None:
+    put_varuint(out, len(msg.messages))
+    for inner in msg.messages:
+        if isinstance(inner, Batch):
+            raise ConfigError("a Batch cannot contain another Batch")
+        put_varbytes(out, encode(inner))
+
+
+def _dec_batch(r: _Reader) -> Batch:
+    # Each inner message is at least a length byte and a tag byte.
+    n = r.count(r.limits.max_batch, 2, "batch")
+    messages = []
+    for _ in range(n):
+        inner = _Reader(r.varbytes(), r.limits)
+        if inner.data[:1] == bytes((MsgType.BATCH,)):
+            raise DecodeError("nested batch")
+        messages.append(_decode_one(inner))
+        inner.end()
+    return Batch(tuple(messages))
+
+
+_Encoder = Callable[[bytearray, Any], None]
+_Decoder = Callable[[_Reader], Message]
+_ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
+    Hello: (MsgType.HELLO, _enc_hello),
+    SyncStep1: (MsgType.DOC, _enc_doc),
+    SyncStep2: (MsgType.DOC, _enc_doc),
+    Update: (MsgType.DOC, _enc_doc),
+    Awareness: (MsgType.DOC, _enc_doc),
+    Ping: (MsgType.PING, _enc_nonce),
+    Pong: (MsgType.PONG, _enc_nonce),
+    Batch: (MsgType.BATCH, _enc_batch),
+}
+_DECODERS: dict[int, _Decoder] = {
+    MsgType.HELLO: _dec_hello,
+    MsgType.DOC: _dec_doc,
+    MsgType.PING: lambda r: Ping(r.varuint()),
+    MsgType.PONG: lambda r: Pong(r.varuint()),
+    MsgType.BATCH: _dec_batch,
+}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message; raises ConfigError for values a peer could not decode."""
+    row = _ENCODERS.get(type(msg))
+    if row is None:
+        raise ConfigError(f"not a message: {type(msg).__name__}")
+    tag, enc = row
+    out = bytearray((tag,))
+    enc(out, msg)
+    return bytes(out)
+
+
+def encode_batch(encoded: list[bytes]) -> bytes:
+    """A BATCH of already-encoded (non-batch) messages, so queues encode each message once."""
+    out = bytearray((MsgType.BATCH,))
+    put_varuint(out, len(encoded))
+    for part in encoded:
+        if part[:1] == bytes((MsgType.BATCH,)):
+            raise ConfigError("a Batch cannot contain another Batch")
+        put_varbytes(out, part)
+    return bytes(out)
+
+
+def _decode_one(r: _Reader) -> Message:
+    tag = r.byte()
+    dec = _DECODERS.get(tag)
+    if dec is None:
+        raise DecodeError(f"unknown message tag {tag}")
+    return dec(r)
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse one message strictly; raises only DecodeError or LimitExceeded."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    if len(data) > limits.max_message:
+        raise LimitExceeded(f"message of {len(data)} bytes exceeds {limits.max_message}")
+    r = _Reader(data, limits)
+    msg = _decode_one(r)
+    r.end()
+    return msg
+
+
+def flatten(messages: list[Message]) -> list[Message]:
+    """Expand BATCH messages into their parts (for drivers and tests)."""
+    out: list[Message] = []
+    for msg in messages:
+        if isinstance(msg, Batch):
+            out.extend(msg.messages)
+        else:
+            out.append(msg)
+    return out
