@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check unity_crdt tests bench demos scripts
+	$(BIN)/ruff format --check unity_crdt tests bench demos scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -25,9 +25,9 @@ import weaviate
 from weaviate.classes.config import Configure, DataType, Property
 from weaviate.classes.data import DataObject
 
-from unity_crdt.checkpoint import Checkpointer
-from unity_crdt.secure import derive_group_keys, device_id_for
-from unity_crdt.weaviate_sink import WeaviateSink
+from unity_crdt.checkpoint.policy import Checkpointer
+from unity_crdt.checkpoint.weaviate import WeaviateSink
+from unity_crdt.crypto.keys import derive_group_keys, device_id_for
 
 DOCS = 100
 DOC_BYTES = 100_000

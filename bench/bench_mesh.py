@@ -37,7 +37,7 @@ from pycrdt.websocket import WebsocketServer
 from pycrdt.websocket.websocket_server import exception_logger
 
 from unity_crdt import Node, NodeConfig
-from unity_crdt.store import MemoryStore
+from unity_crdt.store.memory import MemoryStore
 
 SECRET = "bench group secret: not for production"
 LAT_SAMPLES = 500
@@ -57,8 +57,9 @@ TIMEOUT = 60.0
 class AiohttpChannel:
     """pycrdt's `Channel` protocol over an aiohttp websocket (server or client side)."""
 
-    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                 path: str) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, path: str
+    ) -> None:
         self._ws = ws
         self._path = path
         self._lock = asyncio.Lock()
@@ -133,15 +134,25 @@ async def provider(base: str, room: str) -> AsyncIterator[pycrdt.Doc[Any]]:
 
 
 @contextlib.asynccontextmanager
-async def nodes(tmp: Path, tag: str, dial: Callable[[int, list[Node]], tuple[str, ...]],
-                count: int, memory: bool = False) -> AsyncIterator[list[Node]]:
+async def nodes(
+    tmp: Path,
+    tag: str,
+    dial: Callable[[int, list[Node]], tuple[str, ...]],
+    count: int,
+    memory: bool = False,
+) -> AsyncIterator[list[Node]]:
     """Start `count` nodes in turn; node i dials `dial(i, started)`; wait until all linked.
     `memory`: in-memory caches instead of SQLite (a diagnostic: what durability costs)."""
     async with contextlib.AsyncExitStack() as stack:
         started: list[Node] = []
         for i in range(count):
-            cfg = NodeConfig(name=f"{tag}{i}", cache_dir=tmp / f"{tag}{i}", group_secret=SECRET,
-                             mdns=False, peers=dial(i, started))
+            cfg = NodeConfig(
+                name=f"{tag}{i}",
+                cache_dir=tmp / f"{tag}{i}",
+                group_secret=SECRET,
+                mdns=False,
+                peers=dial(i, started),
+            )
             store = MemoryStore() if memory else None
             started.append(await stack.enter_async_context(Node(cfg, store=store)))
         links = {id(n): 0 for n in started}
@@ -199,8 +210,11 @@ async def latency(writer: pycrdt.Doc[Any], receiver: pycrdt.Doc[Any], n: int) ->
     return out
 
 
-async def pump(writer: pycrdt.Doc[Any], receivers: list[pycrdt.Doc[Any]],
-               settle: Callable[[], Awaitable[None]] | None = None) -> tuple[float, float]:
+async def pump(
+    writer: pycrdt.Doc[Any],
+    receivers: list[pycrdt.Doc[Any]],
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[float, float]:
     """TP_UPDATES single-char transactions as fast as possible, until all arrived (and
     `settle()` returned, e.g. every cache flushed): (updates/s, process CPU s per update)."""
     text = writer.get("t", type=pycrdt.Text)
@@ -262,36 +276,53 @@ async def bench_latency(tmp: Path) -> list[dict[str, Any]]:
                 samples[name] += await latency(w, r, per_round)
     p = {k: (pct(v, 0.5), pct(v, 0.99)) for k, v in samples.items()}
     per_hop = (p["line"][0] - p["pair"][0]) / (LINE - 2)
-    labels = {"pair": "2 nodes (1 hop)", "relay": "relay A->server->B",
-              "line": f"line of {LINE} ({LINE - 1} hops)",
-              "line_mem": "same, in-memory caches"}
+    labels = {
+        "pair": "2 nodes (1 hop)",
+        "relay": "relay A->server->B",
+        "line": f"line of {LINE} ({LINE - 1} hops)",
+        "line_mem": "same, in-memory caches",
+    }
     print(f"latency, {LAT_SAMPLES} one-char inserts each (after {LAT_WARMUP} warm-up):")
     for k, (p50, p99) in p.items():
-        print(f"  {labels[k]:<24} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  "
-              f"p50 vs relay {p50 / p['relay'][0]:5.2f}x")
-    print(f"  added per relaying node (line p50 - pair p50) / {LINE - 2}: {per_hop:.3f} ms "
-          "(goal < 1 ms)")
+        print(
+            f"  {labels[k]:<24} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  "
+            f"p50 vs relay {p50 / p['relay'][0]:5.2f}x"
+        )
+    print(
+        f"  added per relaying node (line p50 - pair p50) / {LINE - 2}: {per_hop:.3f} ms "
+        "(goal < 1 ms)"
+    )
     rows: list[dict[str, Any]] = [
-        {"metric": f"latency_{k}_ms", "p50": round(v[0], 3), "p99": round(v[1], 3),
-         "p50_ratio_vs_relay": round(v[0] / p["relay"][0], 2)}
+        {
+            "metric": f"latency_{k}_ms",
+            "p50": round(v[0], 3),
+            "p99": round(v[1], 3),
+            "p50_ratio_vs_relay": round(v[0] / p["relay"][0], 2),
+        }
         for k, v in p.items()
     ]
     rows[0]["goal"] = "p50 <= relay p50"
-    rows.append({"metric": "latency_added_per_relay_hop_ms", "value": round(per_hop, 3),
-                 "goal": "< 1 ms"})
+    rows.append(
+        {"metric": "latency_added_per_relay_hop_ms", "value": round(per_hop, 3), "goal": "< 1 ms"}
+    )
     return rows
 
 
 async def bench_throughput(tmp: Path) -> list[dict[str, Any]]:
     """Sustained updates/s: writer node + 1 or 4 peers (durable) vs writer provider + relay."""
-    runs: dict[str, list[tuple[float, float]]] = {"ours4": [], "ours1": [], "relay1": [],
-                                                  "relay4": []}
+    runs: dict[str, list[tuple[float, float]]] = {
+        "ours4": [],
+        "ours1": [],
+        "relay1": [],
+        "relay4": [],
+    }
     rss: dict[str, float] = {"before": rss_mb()}
     async with (
         nodes(tmp, "star", lambda i, s: (s[0].url,) if i else (), TP_PEERS + 1) as star,
         nodes(tmp, "duo", lambda i, s: (s[0].url,) if i else (), 2) as duo,
         relay() as base,
     ):
+
         async def run_ours(group: list[Node], r: int) -> tuple[float, float]:
             async def flush_all() -> None:
                 await asyncio.gather(*(n.flush() for n in group))
@@ -304,15 +335,20 @@ async def bench_throughput(tmp: Path) -> list[dict[str, Any]]:
             room = f"tp{r}-{receivers}"
             async with contextlib.AsyncExitStack() as stack:
                 w = await stack.enter_async_context(provider(base, room))
-                docs = [await stack.enter_async_context(provider(base, room))
-                        for _ in range(receivers)]
+                docs = [
+                    await stack.enter_async_context(provider(base, room)) for _ in range(receivers)
+                ]
                 return await pump(w, docs)
 
         rss["setup"] = rss_mb()
         growth = {"ours": 0.0, "relay": 0.0}
         for r in range(TP_ROUNDS):
-            for k, run in (("ours4", run_ours(star, r)), ("relay4", run_relay(r, TP_PEERS)),
-                           ("ours1", run_ours(duo, r)), ("relay1", run_relay(r, 1))):
+            for k, run in (
+                ("ours4", run_ours(star, r)),
+                ("relay4", run_relay(r, TP_PEERS)),
+                ("ours1", run_ours(duo, r)),
+                ("relay1", run_relay(r, 1)),
+            ):
                 before = rss_mb()
                 runs[k].append(await run)
                 growth[k[:-1]] += rss_mb() - before
@@ -327,25 +363,41 @@ async def bench_throughput(tmp: Path) -> list[dict[str, Any]]:
         "ours1": "ours: writer -> 1 peer, durable",
         "relay1": "relay: writer -> server -> 1 provider",
     }
-    print(f"throughput, {TP_UPDATES} one-char transactions, a yield every {TP_YIELD_EVERY}, "
-          f"median of {TP_ROUNDS} rounds (CPU: all threads of this process per update):")
+    print(
+        f"throughput, {TP_UPDATES} one-char transactions, a yield every {TP_YIELD_EVERY}, "
+        f"median of {TP_ROUNDS} rounds (CPU: all threads of this process per update):"
+    )
     for k in ("ours4", "relay4", "ours1", "relay1"):
         vs = f"ours {rate[k] / rate['relay' + k[-1]]:4.2f}x" if k.startswith("ours") else ""
         print(f"  {labels[k]:<40} {rate[k]:8,.0f} updates/s  {cpu[k]:6.0f} us CPU  {vs}")
     print("  goal: ours >= 3x the relay's updates/s")
-    print(f"  process RSS: {rss['before']:.0f} MB before, {rss['setup']:.0f} MB with 7 nodes "
-          f"+ relay up, {rss['after']:.0f} MB after {TP_ROUNDS * 4} runs (grew during ours "
-          f"{growth['ours']:.0f} MB, during the relay's {growth['relay']:.0f} MB)")
+    print(
+        f"  process RSS: {rss['before']:.0f} MB before, {rss['setup']:.0f} MB with 7 nodes "
+        f"+ relay up, {rss['after']:.0f} MB after {TP_ROUNDS * 4} runs (grew during ours "
+        f"{growth['ours']:.0f} MB, during the relay's {growth['relay']:.0f} MB)"
+    )
     return [
-        {"metric": f"throughput_{k}_updates_per_s", "value": round(rate[k]),
-         "cpu_us_per_update": round(cpu[k]), "rounds": [round(x) for x, _ in runs[k]],
-         **({"ratio_vs_relay": round(rate[k] / rate["relay" + k[-1]], 2), "goal": ">= 3x"}
-            if k.startswith("ours") else {})}
+        {
+            "metric": f"throughput_{k}_updates_per_s",
+            "value": round(rate[k]),
+            "cpu_us_per_update": round(cpu[k]),
+            "rounds": [round(x) for x, _ in runs[k]],
+            **(
+                {"ratio_vs_relay": round(rate[k] / rate["relay" + k[-1]], 2), "goal": ">= 3x"}
+                if k.startswith("ours")
+                else {}
+            ),
+        }
         for k in ("ours4", "relay4", "ours1", "relay1")
     ] + [
-        {"metric": "rss_mb", "before": round(rss["before"], 1), "setup": round(rss["setup"], 1),
-         "after": round(rss["after"], 1), "growth_during_ours": round(growth["ours"], 1),
-         "growth_during_relay": round(growth["relay"], 1)},
+        {
+            "metric": "rss_mb",
+            "before": round(rss["before"], 1),
+            "setup": round(rss["setup"], 1),
+            "after": round(rss["after"], 1),
+            "growth_during_ours": round(growth["ours"], 1),
+            "growth_during_relay": round(growth["relay"], 1),
+        },
     ]
 
 

@@ -69,9 +69,12 @@ def table(benches: dict[str, list[dict[str, Any]]]) -> str:
 
 def svg(benches: dict[str, list[dict[str, Any]]]) -> str:
     """A horizontal bar chart of every ratio, on a log scale with 1x marked."""
-    bars = [(f"{b}: {row['metric']} ({_direction(row)} is better)", r[1])
-            for b, rows in benches.items() for row in rows
-            if "goal" in row and (r := _ratio(row)) is not None and r[1] > 0]
+    bars = [
+        (f"{b}: {row['metric']} ({_direction(row)} is better)", r[1])
+        for b, rows in benches.items()
+        for row in rows
+        if "goal" in row and (r := _ratio(row)) is not None and r[1] > 0
+    ]
     width, label_w, bar_h, pad = 900, 500, 22, 30
     height = pad * 2 + bar_h * len(bars)
     lo, hi = math.log10(0.1), math.log10(max([100.0] + [v for _, v in bars]))
@@ -79,18 +82,24 @@ def svg(benches: dict[str, list[dict[str, Any]]]) -> str:
     def x(v: float) -> float:
         return label_w + (math.log10(max(v, 0.1)) - lo) / (hi - lo) * (width - label_w - 60)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<text x="{label_w}" y="18">ratio vs anchor, same run (log scale)</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<text x="{label_w}" y="18">ratio vs anchor, same run (log scale)</text>',
+    ]
     for i, (name, value) in enumerate(bars):
         y = pad + i * bar_h
         out.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{escape(name)}</text>')
-        out.append(f'<rect x="{x(0.1)}" y="{y + 3}" width="{x(value) - x(0.1):.1f}" '
-                   f'height="{bar_h - 6}" fill="#4a7bd0"/>')
+        out.append(
+            f'<rect x="{x(0.1)}" y="{y + 3}" width="{x(value) - x(0.1):.1f}" '
+            f'height="{bar_h - 6}" fill="#4a7bd0"/>'
+        )
         out.append(f'<text x="{x(value) + 4:.1f}" y="{y + 15}">{value:g}x</text>')
     one = x(1.0)
-    out.append(f'<line x1="{one:.1f}" y1="{pad - 4}" x2="{one:.1f}" y2="{height - pad + 4}" '
-               'stroke="#c33" stroke-dasharray="4 3"/>')
+    out.append(
+        f'<line x1="{one:.1f}" y1="{pad - 4}" x2="{one:.1f}" y2="{height - pad + 4}" '
+        'stroke="#c33" stroke-dasharray="4 3"/>'
+    )
     out.append(f'<text x="{one + 3:.1f}" y="{height - 8}" fill="#c33">1x</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

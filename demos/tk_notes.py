@@ -194,9 +194,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """The node's configuration for these arguments."""
     cache = args.cache_dir or Path.home() / ".unity-crdt-notes" / args.name
     return NodeConfig(
-        name=args.name, cache_dir=cache, group_secret=args.secret, port=args.port,
-        peers=tuple(args.peer), mdns=not args.no_mdns,
-    )  # fmt: skip
+        name=args.name,
+        cache_dir=cache,
+        group_secret=args.secret,
+        port=args.port,
+        peers=tuple(args.peer),
+        mdns=not args.no_mdns,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             window.root.after(int(args.exit_after * 1000), window.root.destroy)
         window.root.mainloop()
         if args.exit_after is not None:
-            state = {"name": args.name, "text": node.get_text(args.doc, "body"),
-                     "shown": window.model.shown, "peers": [p.name for p in node.peers()],
-                     "others": window.model.others()}  # fmt: skip
+            state = {
+                "name": args.name,
+                "text": node.get_text(args.doc, "body"),
+                "shown": window.model.shown,
+                "peers": [p.name for p in node.peers()],
+                "others": window.model.others(),
+            }
             print(json.dumps(state, ensure_ascii=False), flush=True)
     return 0
 

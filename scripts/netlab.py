@@ -1,6 +1,6 @@
 """A LAN of network namespaces on one machine, for tests that need real multicast and faults.
 
-Layout (see /work/shared/design/NETWORK-TESTS.md): one "switch" namespace holding bridges
+Layout: one "switch" namespace holding bridges
 `br0` (and `br1` once split), and N host namespaces, each with `eth0` = 10.77.0.<i>/24 wired to
 port `p<i>` of a bridge. Hosts have no default route and the switch is isolated, so nothing
 leaves the machine. Every name carries a per-run prefix, so parallel runs never collide.
@@ -11,45 +11,28 @@ leaves the machine. Every name carries a per-run prefix, so parallel runs never 
         lan.link_down(2); lan.split([3]); lan.loss(1, 10.0); lan.heal()
 
 Needs root and iproute2 (`ip`, `tc`); scripts/system-deps.sh installs the latter. The demo
-(`unity-crdt demo --netns`) and the LAN test tier (tests/lan) both build on this module.
+(`unity-crdt demo --netns`, from a source checkout) and the LAN test tier (tests/lan) both
+build on this module; it is a development kit, not part of the installed package.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
 
-__all__ = [
-    "PACKAGE_ROOT",
-    "REPO",
-    "Host",
-    "JsonProc",
-    "Lan",
-    "Proc",
-    "spawn_local",
-    "sweep_stale",
-    "unavailable_reason",
-    "venv_python",
-]
+from unity_crdt.cli._procs import JsonProc, program_env
 
-# The directory holding the unity_crdt package: put on PYTHONPATH of every spawned program so
-# `python -m unity_crdt...` works with or without an installed package.
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-# The source checkout when running from one (programs start there), else the current directory.
-REPO = PACKAGE_ROOT if (PACKAGE_ROOT / "pyproject.toml").exists() else Path.cwd()
+__all__ = ["REPO", "Host", "Lan", "Proc", "sweep_stale", "unavailable_reason", "venv_python"]
+
+REPO = Path(__file__).resolve().parents[1]  # the source checkout this kit lives in
 _KIT = "uclan"  # marks namespaces made by this kit (see sweep_stale)
 _SWITCH = "sw"
 
@@ -112,162 +95,6 @@ def sweep_stale() -> list[str]:
     return removed
 
 
-class JsonProc:
-    """A running command whose stdout JSON-object lines are collected as events."""
-
-    def __init__(
-        self,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        *,
-        label: str = "",
-        cwd: str | Path | None = None,
-    ) -> None:
-        self.argv = list(argv)
-        self.label = label or Path(self.argv[0]).name
-        self.events: list[dict[str, Any]] = []
-        self._stderr: deque[str] = deque(maxlen=200)
-        self._cond = threading.Condition()
-        self._popen = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env=dict(env),
-            cwd=str(cwd or REPO),
-        )
-        assert self._popen.stdout is not None and self._popen.stderr is not None
-        self._threads = [
-            threading.Thread(target=self._read_stdout, args=(self._popen.stdout,), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(self._popen.stderr,), daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    @property
-    def pid(self) -> int:
-        """Process id (for a Proc the command itself: `ip netns exec` execs it)."""
-        return self._popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit status, or None while running."""
-        return self._popen.poll()
-
-    def _read_stdout(self, stream: TextIO) -> None:
-        for line in stream:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                self._stderr.append("stdout: " + line.rstrip())
-                continue
-            if isinstance(event, dict):
-                with self._cond:
-                    self.events.append(event)
-                    self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def _read_stderr(self, stream: TextIO) -> None:
-        for line in stream:
-            self._stderr.append(line.rstrip())
-
-    def stderr_tail(self, lines: int = 30) -> str:
-        """The last lines of stderr (and non-JSON stdout), for failure messages."""
-        return "\n".join(list(self._stderr)[-lines:])
-
-    def send(self, line: str) -> None:
-        """Write one line to the command's stdin (a control channel for test programs)."""
-        assert self._popen.stdin is not None
-        try:
-            self._popen.stdin.write(line.rstrip("\n") + "\n")
-            self._popen.stdin.flush()
-        except (BrokenPipeError, ValueError) as exc:  # it exited or was stopped
-            raise RuntimeError(f"{self.label}: cannot send, the process has exited") from exc
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        """A copy of the events received so far."""
-        with self._cond:
-            return list(self.events)
-
-    def wait_until(
-        self, cond: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str = ""
-    ) -> list[dict[str, Any]]:
-        """Block until cond(events) holds; on timeout raise with the events and stderr."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not cond(self.events):
-                left = deadline - time.monotonic()
-                if left <= 0 or (
-                    self._popen.poll() is not None and not self._threads[0].is_alive()
-                ):
-                    raise AssertionError(
-                        f"{self.label}: {what or 'condition'} not met in {timeout:.1f}s "
-                        f"(exit={self._popen.poll()}); events={self.events[-10:]}\n"
-                        f"{self.stderr_tail()}"
-                    )
-                self._cond.wait(min(left, 0.2))
-            return list(self.events)
-
-    def wait_for(
-        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0
-    ) -> dict[str, Any]:
-        """Block until an event satisfying pred arrives, and return it."""
-        events = self.wait_until(lambda evs: any(pred(e) for e in evs), timeout)
-        return next(e for e in events if pred(e))
-
-    def wait(self, timeout: float) -> int | None:
-        """Wait up to timeout for the command to exit on its own; its status, or None."""
-        try:
-            return self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def terminate(self) -> None:
-        """Send SIGTERM without waiting (stop() waits)."""
-        if self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._popen.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float = 3.0) -> int:
-        """SIGTERM, then SIGKILL after timeout; returns the exit status."""
-        if self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._popen.send_signal(signal.SIGTERM)
-            try:
-                self._popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._popen.kill()
-                self._popen.wait(5)
-        for stream in (self._popen.stdin, self._popen.stdout, self._popen.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    stream.close()
-        for t in self._threads:
-            t.join(1.0)
-        return self._popen.returncode
-
-
-def _program_env(env: Mapping[str, str] | None) -> dict[str, str]:
-    """os.environ plus the package on PYTHONPATH, unbuffered output, then `env`."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    full_env["PYTHONUNBUFFERED"] = "1"
-    full_env.update(env or {})
-    return full_env
-
-
-def spawn_local(
-    argv: Sequence[str], env: Mapping[str, str] | None = None, *, label: str = ""
-) -> JsonProc:
-    """Start a command in the current (root) namespace, collecting its JSON events."""
-    return JsonProc(argv, _program_env(env), label=label)
-
-
 class Proc(JsonProc):
     """A command running inside a host of a Lan; each stdout JSON-object line is an event."""
 
@@ -328,8 +155,22 @@ class Lan:
         if bridge in self._bridges:
             return
         # No STP (ports forward at once) and no snooping (multicast floods every port).
-        _run(["ip", "-n", self.switch, "link", "add", bridge, "type", "bridge",
-              "stp_state", "0", "mcast_snooping", "0"])  # fmt: skip
+        _run(
+            [
+                "ip",
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                bridge,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "mcast_snooping",
+                "0",
+            ]
+        )
         _run(["ip", "-n", self.switch, "link", "set", bridge, "up"])
         self._bridges.add(bridge)
 
@@ -341,8 +182,23 @@ class Lan:
         host = Host(index, f"{self.prefix}h{index}", f"{self.subnet}.{index}", bridge)
         self._add_namespace(host.ns)
         port = f"p{index}"
-        _run(["ip", "link", "add", "eth0", "netns", host.ns, "type", "veth",
-              "peer", "name", port, "netns", self.switch])  # fmt: skip
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                host.ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                self.switch,
+            ]
+        )
         _run(["ip", "-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0"])
         _run(["ip", "-n", host.ns, "link", "set", "eth0", "up"])
         self._add_multicast_route(host)
@@ -405,19 +261,48 @@ class Lan:
         thr = min(int(pct / 100 * 2**32), 2**32 - 1)
         code = f"4,32 0 0 4294963256,53 0 1 {thr},6 0 0 0,6 0 0 2"
         for d in dirs:
-            _run(["ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "eth0", d,
-                  "bpf", "da", "bytecode", code])  # fmt: skip
+            _run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "filter",
+                    "add",
+                    "dev",
+                    "eth0",
+                    d,
+                    "bpf",
+                    "da",
+                    "bytecode",
+                    code,
+                ]
+            )
 
     def clear_loss(self, i: int) -> None:
         """Remove host i's loss filters."""
-        _run(["ip", "netns", "exec", self.hosts[i].ns, "tc", "qdisc", "del", "dev", "eth0",
-              "clsact"], check=False)  # fmt: skip
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.hosts[i].ns,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                "eth0",
+                "clsact",
+            ],
+            check=False,
+        )
 
     # -- programs -----------------------------------------------------------------------------
 
     def spawn(self, i: int, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
         """Start any command inside host i; collect its stdout JSON lines as events."""
-        proc = Proc(self.hosts[i], argv, _program_env(env))
+        proc = Proc(self.hosts[i], argv, program_env(env))
         self.hosts[i].procs.append(proc)
         return proc
 

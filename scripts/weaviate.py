@@ -6,8 +6,8 @@
     python scripts/weaviate.py run        # foreground server until Ctrl-C
 
 Tests and benchmarks import `WeaviateServer`, a context manager that picks free loopback ports,
-starts the server in a fresh data dir and stops it again. The environment follows
-/work/shared/design/WEAVIATE.md: telemetry off, bound to 127.0.0.1, no 6060 debug port.
+starts the server in a fresh data dir and stops it again. The environment is described in
+docs/operations.md: telemetry off, bound to 127.0.0.1, no 6060 debug port.
 """
 
 from __future__ import annotations
@@ -98,8 +98,11 @@ def install(force: bool = False) -> Path:
             if line.startswith("go: downloading"):
                 downloaded += 1  # one line per module: a real progress count, not a guess
                 if downloaded % 20 == 0:
-                    print(f"weaviate: [{_bar(downloaded)}] {downloaded}/~{MODULES} modules "
-                          "downloaded", flush=True)
+                    print(
+                        f"weaviate: [{_bar(downloaded)}] {downloaded}/~{MODULES} modules "
+                        "downloaded",
+                        flush=True,
+                    )
             else:
                 print(f"  {line.rstrip()}", flush=True)
 
@@ -110,8 +113,11 @@ def install(force: bool = False) -> Path:
             proc.wait(HEARTBEAT)
         if proc.returncode is None:
             phase = "compiling" if downloaded >= MODULES * 0.9 else "downloading and compiling"
-            print(f"weaviate: {phase} ... {time.monotonic() - started:.0f} s "
-                  f"({downloaded} modules downloaded)", flush=True)
+            print(
+                f"weaviate: {phase} ... {time.monotonic() - started:.0f} s "
+                f"({downloaded} modules downloaded)",
+                flush=True,
+            )
     reader.join(5)
     if proc.returncode != 0:
         raise SystemExit(f"weaviate: go install failed with exit code {proc.returncode}")
@@ -223,9 +229,16 @@ class WeaviateServer:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            str(self.binary), "--host", HOST, "--port", str(self.http_port), "--scheme", "http",
-            "--read-timeout=600s", "--write-timeout=600s",
-        ]  # fmt: skip
+            str(self.binary),
+            "--host",
+            HOST,
+            "--port",
+            str(self.http_port),
+            "--scheme",
+            "http",
+            "--read-timeout=600s",
+            "--write-timeout=600s",
+        ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,

@@ -53,8 +53,11 @@ class NodeConfig:
     yjs_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.name, str) or not 0 < len(self.name.encode()) <= 64
-                or not self.name.isprintable()):
+        if (
+            not isinstance(self.name, str)
+            or not 0 < len(self.name.encode()) <= 64
+            or not self.name.isprintable()
+        ):
             raise ConfigError("name must be 1-64 UTF-8 bytes of printable characters")
         if not self.group_secret:
             raise ConfigError("group_secret is required (generate one with `unity-crdt keygen`)")
@@ -74,9 +77,16 @@ class NodeConfig:
                 raise ConfigError("set checkpoint_url or its alias weaviate_url, not both")
         for doc in self.searchable:
             check_doc_id(doc)
-        for knob in ("checkpoint_interval", "anti_entropy_interval", "ping_interval",
-                     "idle_timeout", "handshake_timeout", "reconnect_max",
-                     "mdns_requery_interval", "presence_timeout"):
+        for knob in (
+            "checkpoint_interval",
+            "anti_entropy_interval",
+            "ping_interval",
+            "idle_timeout",
+            "handshake_timeout",
+            "reconnect_max",
+            "mdns_requery_interval",
+            "presence_timeout",
+        ):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"{knob} must be > 0")
         if self.pull_interval is not None and self.pull_interval <= 0:

@@ -22,12 +22,12 @@ from .crypto.frames import PeerHello
 from .crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
 from .errors import CheckpointError, ConfigError, ProtocolError, StoreError, UnityCrdtError
 from .ids import PeerAddress, check_doc_id
-from .net._link import Link
-from .net._mesh import Mesh
 from .net.channel import Listener, Transport, resolve_transports
+from .net.link import Link
+from .net.mesh import Mesh
 from .status import DocStatus, NodeStatus, PeerInfo, PeerStatus
-from .store._files import load_or_create_secret_file
 from .store.base import Store
+from .store.files import load_or_create_secret_file
 from .store.sqlite import SqliteStore
 from .sync.codec import PROTOCOL_VERSION, Awareness
 from .sync.presence import Presence
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .checkpoint.format import CheckpointSink, DocHit
     from .checkpoint.policy import Checkpointer
     from .frontends.ywebsocket import YWebsocketEndpoint
-    from .net._mdns import Discovery
+    from .net.mdns import Discovery
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ class Node:
     ) -> None:
         self.config = config
         self._transports = resolve_transports(transports)
+        for url in config.peers:
+            scheme = PeerAddress.parse(url).scheme
+            if scheme not in self._transports:
+                have = ", ".join(sorted(self._transports))
+                raise ConfigError(f"no transport for {scheme}:// in peer {url!r} (have: {have})")
         self._sink = sink
         # If the cache is found damaged mid-run, the store re-writes every doc it held from
         # the replica's full state, so nothing acknowledged is lost with the moved-aside file.
@@ -164,28 +169,48 @@ class Node:
             if link.remote is None or link.session is None:
                 continue
             st, session = link.stats, link.session
-            peers.append(PeerStatus(
-                name=link.remote.name, device_id=link.remote.device_id, url=link.address.url,
-                connected_for=now - st.connected_at, last_seen_ago=now - st.last_seen,
-                bytes_in=st.bytes_in, bytes_out=st.bytes_out, messages_in=st.messages_in,
-                messages_out=st.messages_out, dropped=st.dropped, rtt=session.stats.rtt,
-                synced_docs=tuple(sorted(session.synced_docs)), pending=link.queued_bytes,
-            ))  # fmt: skip
+            peers.append(
+                PeerStatus(
+                    name=link.remote.name,
+                    device_id=link.remote.device_id,
+                    url=link.address.url,
+                    connected_for=now - st.connected_at,
+                    last_seen_ago=now - st.last_seen,
+                    bytes_in=st.bytes_in,
+                    bytes_out=st.bytes_out,
+                    messages_in=st.messages_in,
+                    messages_out=st.messages_out,
+                    dropped=st.dropped,
+                    rtt=session.stats.rtt,
+                    synced_docs=tuple(sorted(session.synced_docs)),
+                    pending=link.queued_bytes,
+                )
+            )
         cp = self._checkpointer
         docs = []
         for name in self._replica.names():
             cst = cp.status.get(name) if cp else None
-            docs.append(DocStatus(
-                name=name, state_bytes=len(self._replica.doc(name).get_update()),
-                peers_synced=sum(1 for lk in links if lk.session and lk.session.is_synced(name)),
-                last_checkpoint=cst.last_ok if cst else None,
-                checkpoint_error=cst.last_error if cst else None,
-                dirty=bool(cp and name in cp.dirty),
-            ))  # fmt: skip
+            docs.append(
+                DocStatus(
+                    name=name,
+                    state_bytes=len(self._replica.doc(name).get_update()),
+                    peers_synced=sum(
+                        1 for lk in links if lk.session and lk.session.is_synced(name)
+                    ),
+                    last_checkpoint=cst.last_ok if cst else None,
+                    checkpoint_error=cst.last_error if cst else None,
+                    dirty=bool(cp and name in cp.dirty),
+                )
+            )
         return NodeStatus(
-            name=self.config.name, device_id=self.device_id, url=self.url,
-            uptime=now - self._started_at, peers=tuple(peers), docs=tuple(docs),
-            checkpoints=cp is not None, checkpoint_error=cp.last_error if cp else None,
+            name=self.config.name,
+            device_id=self.device_id,
+            url=self.url,
+            uptime=now - self._started_at,
+            peers=tuple(peers),
+            docs=tuple(docs),
+            checkpoints=cp is not None,
+            checkpoint_error=cp.last_error if cp else None,
             pending_writes=len(self._pending),
             yjs_url=self._endpoint.base_url if self._endpoint else None,
         )
@@ -244,21 +269,33 @@ class Node:
         self._identity = DeviceIdentity.from_private_bytes(key)
         await self._store.open()
         if self._store.recovered_from is not None:
-            log.error("the local cache was damaged and moved to %s; this node starts empty and "
-                      "re-syncs from its peers and checkpoints", self._store.recovered_from)
+            log.error(
+                "the local cache was damaged and moved to %s; this node starts empty and "
+                "re-syncs from its peers and checkpoints",
+                self._store.recovered_from,
+            )
         for name in await self._store.docs():
             try:
                 self._replica.load(name, await self._store.load(name))
             except StoreError as exc:  # one unreadable doc must not keep the others offline
-                log.error("could not load one doc from the local cache; it will re-sync from "
-                          "peers: %s", exc)
+                log.error(
+                    "could not load one doc from the local cache; it will re-sync from peers: %s",
+                    exc,
+                )
         hello = PeerHello(
-            name=cfg.name, device_id=self._identity.device_id, version=PROTOCOL_VERSION,
+            name=cfg.name,
+            device_id=self._identity.device_id,
+            version=PROTOCOL_VERSION,
             max_frame=2**20,
         )
         self._mesh = Mesh(
-            config=cfg, transports=self._transports, keys=self._keys, identity=self._identity,
-            hello=hello, make_session=self._make_session, spawn=self.spawn,
+            config=cfg,
+            transports=self._transports,
+            keys=self._keys,
+            identity=self._identity,
+            hello=hello,
+            make_session=self._make_session,
+            spawn=self.spawn,
             on_joined=self._on_joined,
         )
         listen = self._transports.get(cfg.transport)
@@ -276,7 +313,8 @@ class Node:
             from .frontends.ywebsocket import YWebsocketEndpoint
 
             self._endpoint = YWebsocketEndpoint(
-                self._replica, cfg.yjs_token,
+                self._replica,
+                cfg.yjs_token,
                 on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
@@ -334,9 +372,13 @@ class Node:
         cfg = self.config
         peer = link.remote.device_id
         session = SyncSession(
-            self._replica, peer=peer, now=self._now(),
-            seen=self._seen, anti_entropy_interval=cfg.anti_entropy_interval,
-            ping_interval=cfg.ping_interval, idle_timeout=cfg.idle_timeout,
+            self._replica,
+            peer=peer,
+            now=self._now(),
+            seen=self._seen,
+            anti_entropy_interval=cfg.anti_entropy_interval,
+            ping_interval=cfg.ping_interval,
+            idle_timeout=cfg.idle_timeout,
             on_awareness=lambda doc, update: self._spread_presence(doc, update, source=peer),
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
@@ -396,8 +438,9 @@ class Node:
             if not f.cancelled() and f.exception() is not None:
                 # The doc in memory still holds the update and peers re-sync it; the cache
                 # failure must be loud, not fatal.
-                log.error("could not persist an update of a doc to the local cache: %s",
-                          f.exception())
+                log.error(
+                    "could not persist an update of a doc to the local cache: %s", f.exception()
+                )
 
         fut.add_done_callback(done)
 
@@ -412,13 +455,15 @@ class Node:
     # -- discovery --------------------------------------------------------------------------
 
     async def _start_discovery(self) -> None:
-        from .net._mdns import Discovery, Found
+        from .net.mdns import Discovery, Found
 
         assert self._keys is not None and self._listener is not None and self._mesh is not None
         mesh = self._mesh
         if self._listener.address.scheme != "ws":
-            log.warning("mDNS announces websocket peers only; this node listens with %s://",
-                        self._listener.address.scheme)
+            log.warning(
+                "mDNS announces websocket peers only; this node listens with %s://",
+                self._listener.address.scheme,
+            )
             return
 
         def found(peer: Found) -> None:
@@ -426,7 +471,9 @@ class Node:
             mesh.add_address(PeerAddress(peer.host, peer.port, "ws"), persistent=False)
 
         self._discovery = Discovery(
-            beacon=self._keys.beacon, port=self._listener.address.port, on_found=found,
+            beacon=self._keys.beacon,
+            port=self._listener.address.port,
+            on_found=found,
             interfaces=self.config.mdns_interfaces,
             requery_interval=self.config.mdns_requery_interval,
         )
@@ -447,7 +494,9 @@ class Node:
         cfg = self.config
         assert self._keys is not None
         cp = Checkpointer(
-            self._keys, self.device_id, sink,
+            self._keys,
+            self.device_id,
+            sink,
             get_state=lambda name: self._replica.doc(name).get_update(),
             text_of=self._text_of,
         )
@@ -490,7 +539,8 @@ class Node:
             if cp.dirty:
                 await asyncio.wait_for(cp.checkpoint(), 30.0)
         except (CheckpointError, TimeoutError) as exc:
-            log.warning("final checkpoint on close failed (the local cache has every edit): %s",
-                        exc)
+            log.warning(
+                "final checkpoint on close failed (the local cache has every edit): %s", exc
+            )
         finally:
             await cp.close()

@@ -22,17 +22,22 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pycrdt
 
+from ._textedit import apply_edit, rebase_edit, text_diff, utf8_offset
 from .config import NodeConfig
 from .errors import UnityCrdtError
-from ._textedit import apply_edit, rebase_edit, text_diff, utf8_offset
 from .node import Node
 from .status import NodeStatus, PeerInfo
 from .sync.yjs import is_empty_update
+
+if TYPE_CHECKING:
+    from .checkpoint.format import CheckpointSink
+    from .net.channel import Transport
+    from .store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +51,21 @@ DEFAULT_TIMEOUT = 30.0
 class ThreadedNode:
     """A Node running on a background thread, driven from another (GUI) thread."""
 
-    def __init__(self, config: NodeConfig, *, dispatch: Dispatch | None = None) -> None:
-        """Prepare (not start) a node; `dispatch(fn)` must run `fn` soon on the GUI thread."""
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        dispatch: Dispatch | None = None,
+        store: Store | None = None,
+        sink: CheckpointSink | None = None,
+        transports: Mapping[str, Transport] | None = None,
+    ) -> None:
+        """Prepare (not start) a node; `dispatch(fn)` must run `fn` soon on the GUI thread.
+
+        `store`, `sink` and `transports` are handed to `Node` unchanged.
+        """
         self.config = config
-        self._node = Node(config)
+        self._node = Node(config, store=store, sink=sink, transports=transports)
         self._dispatch = dispatch
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None

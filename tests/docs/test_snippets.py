@@ -103,9 +103,13 @@ def test_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
     env.pop("DISPLAY", None)  # snippets must not need a screen
     try:
         proc = subprocess.run(
-            [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-            text=True, timeout=TIMEOUT,
-        )  # fmt: skip
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{snippet.id}: still running after {TIMEOUT} s")
     assert proc.returncode == 0, (
@@ -117,10 +121,22 @@ def test_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
 def test_mkdocs_builds_strict(tmp_path: Path) -> None:
     # No --quiet: mkdocs 1.6 then drops warnings before --strict counts them, and passes.
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict",
-         "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     assert "WARNING" not in proc.stderr, proc.stderr
     for page in ("concepts", "desktop", "troubleshooting"):

@@ -28,13 +28,17 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str 
 def node_config(tmp: Path, name: str, **kw: Any) -> NodeConfig:
     """A config for a test node: loopback, no mDNS unless asked, fast timers."""
     values: dict[str, Any] = dict(
-        name=name, cache_dir=tmp / name, group_secret=SECRET, mdns=False,
-        anti_entropy_interval=2.0, ping_interval=1.0, idle_timeout=5.0, reconnect_max=1.0,
+        name=name,
+        cache_dir=tmp / name,
+        group_secret=SECRET,
+        mdns=False,
+        anti_entropy_interval=2.0,
+        ping_interval=1.0,
+        idle_timeout=5.0,
+        reconnect_max=1.0,
     )
     values.update(kw)
     return NodeConfig(**values)
-
-
 
 
 class Attacker:
@@ -46,8 +50,10 @@ class Attacker:
     @classmethod
     async def connect(cls, url: str, secret: str = SECRET, name: str = "mallory") -> Attacker:
         """Dial `url` and complete a genuine handshake, recording every message sent."""
-        from unity_crdt import transport
-        from unity_crdt.secure import DeviceIdentity, Handshake, PeerHello, derive_group_keys
+        from unity_crdt.crypto.frames import PeerHello
+        from unity_crdt.crypto.handshake import Handshake
+        from unity_crdt.crypto.keys import DeviceIdentity, derive_group_keys
+        from unity_crdt.net import websocket as transport
 
         me = DeviceIdentity.generate()
         hello = PeerHello(name=name, device_id=me.device_id, version=1, max_frame=2**20)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pycrdt
 
-from unity_crdt.store import SqliteStore
+from unity_crdt.store.sqlite import SqliteStore
 
 DOC = "crash/ünïcode ✓"
 CONCURRENCY = 8

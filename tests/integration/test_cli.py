@@ -22,20 +22,14 @@ import pycrdt
 import pytest
 
 from unity_crdt import Node, NodeConfig
-from unity_crdt.cli import build_parser, node_config
+from unity_crdt.cli import build_parser
 from unity_crdt.cli import main as cli_main
-from unity_crdt.control import (
-    ControlClient,
-    ControlError,
-    ControlServer,
-    NodeAlreadyRunning,
-    NoNodeRunning,
-    _Conflict,
-    apply_edit,
-    project,
-    socket_path,
-)
-from unity_crdt.metrics import escape_label, render
+from unity_crdt.cli._run import node_config
+from unity_crdt.errors import ControlError, NodeAlreadyRunning, NoNodeRunning
+from unity_crdt.frontends._docview import Conflict, apply_edit, project
+from unity_crdt.frontends._metrics import escape_label, render
+from unity_crdt.frontends.control import ControlServer
+from unity_crdt.frontends.control_client import ControlClient, socket_path
 from unity_crdt.status import DocStatus, NodeStatus, PeerStatus
 
 SCRIPT = str(Path(sys.executable).with_name("unity-crdt"))
@@ -47,8 +41,9 @@ TIMEOUT = 15.0
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """One CLI command as a user runs it; the group secret is in the environment."""
     env = dict(os.environ, UNITY_CRDT_SECRET=SECRET)
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=30,
-                          env=env, input=stdin)  # fmt: skip
+    return subprocess.run(
+        [SCRIPT, *args], capture_output=True, text=True, timeout=30, env=env, input=stdin
+    )
 
 
 class RunningNode:
@@ -57,9 +52,12 @@ class RunningNode:
     def __init__(self, *args: str) -> None:
         env = dict(os.environ, UNITY_CRDT_SECRET=SECRET, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [SCRIPT, "run", "--status-interval", "0.3", *args], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [SCRIPT, "run", "--status-interval", "0.3", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self.err: list[str] = []
         self._cond = threading.Condition()
@@ -127,8 +125,10 @@ def pair(short_tmp: Path) -> Iterator[tuple[RunningNode, RunningNode]]:
         configs[name] = short_tmp / f"{name}.toml"
         # "Synced" is acknowledged state: after a live edit, the peer's next HELLO (every
         # anti_entropy_interval) acknowledges it, so a short interval keeps the test fast.
-        text = (f'[node]\nname = "{name}"\ncache_dir = "{short_tmp / name}"\nmdns = false\n'
-                "anti_entropy_interval = 0.5\n")  # fmt: skip
+        text = (
+            f'[node]\nname = "{name}"\ncache_dir = "{short_tmp / name}"\nmdns = false\n'
+            "anti_entropy_interval = 0.5\n"
+        )
         if name == "bob":  # a peer in the file that --peer must replace
             text += 'peers = ["ws://127.0.0.1:9"]\n'
         configs[name].write_text(text)
@@ -224,15 +224,25 @@ async def test_metrics_endpoint_serves_the_expected_series(
     alice, _bob = pair
     url = alice.wait_for(r"metrics\s+(http://127\.0\.0\.1:\d+/metrics)").group(1)
     alice.wait_for("peer joined: bob")
-    await asyncio.to_thread(cli, "doc", "set", "metrics-doc", "--text", "t", "x",
-                            "--cache-dir", str(short_tmp / "alice"))  # fmt: skip
+    await asyncio.to_thread(
+        cli,
+        "doc",
+        "set",
+        "metrics-doc",
+        "--text",
+        "t",
+        "x",
+        "--cache-dir",
+        str(short_tmp / "alice"),
+    )
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         body = await resp.text()
     assert re.search(r"^unity_crdt_peers 1$", body, re.M)
-    m = re.search(r'^unity_crdt_peer_bytes_in_total\{peer="bob",device="[a-z2-7]{26}"\} (\d+)$',
-                  body, re.M)  # fmt: skip
+    m = re.search(
+        r'^unity_crdt_peer_bytes_in_total\{peer="bob",device="[a-z2-7]{26}"\} (\d+)$', body, re.M
+    )
     assert m and int(m.group(1)) > 0
     assert re.search(r'^unity_crdt_doc_state_bytes\{doc="metrics-doc"\} [1-9]\d*$', body, re.M)
     assert "# TYPE unity_crdt_peer_bytes_out_total counter" in body
@@ -290,8 +300,10 @@ def test_run_flags_override_the_config_file(
 ) -> None:
     monkeypatch.delenv("UNITY_CRDT_SECRET", raising=False)
     path = tmp_path / "node.toml"
-    path.write_text(f'name = "file"\ncache_dir = "{tmp_path}"\nport = 7001\n'
-                    'group_secret = "from-the-file-secret"\n')  # fmt: skip
+    path.write_text(
+        f'name = "file"\ncache_dir = "{tmp_path}"\nport = 7001\n'
+        'group_secret = "from-the-file-secret"\n'
+    )
     args = build_parser().parse_args(
         ["run", "--config", str(path), "--port", "7002", "--no-mdns", "--peer", "ws://h:1"]
     )
@@ -333,15 +345,40 @@ def test_run_without_a_secret_says_where_to_put_one(
 
 def _status(peer_name: str, doc_name: str) -> NodeStatus:
     peer = PeerStatus(
-        name=peer_name, device_id="d" * 26, url="ws://x", connected_for=2.5, last_seen_ago=0.25,
-        bytes_in=10, bytes_out=20, messages_in=1, messages_out=2, dropped=0, rtt=None,
-        synced_docs=(doc_name,), pending=3,
-    )  # fmt: skip
-    doc = DocStatus(name=doc_name, state_bytes=99, peers_synced=1, last_checkpoint=1700000000.5,
-                    checkpoint_error=None, dirty=True)  # fmt: skip
-    return NodeStatus(name="n", device_id="e" * 26, url="ws://y", uptime=7.0, peers=(peer,),
-                      docs=(doc,), checkpoints=True, checkpoint_error=None, pending_writes=0,
-                      yjs_url=None)  # fmt: skip
+        name=peer_name,
+        device_id="d" * 26,
+        url="ws://x",
+        connected_for=2.5,
+        last_seen_ago=0.25,
+        bytes_in=10,
+        bytes_out=20,
+        messages_in=1,
+        messages_out=2,
+        dropped=0,
+        rtt=None,
+        synced_docs=(doc_name,),
+        pending=3,
+    )
+    doc = DocStatus(
+        name=doc_name,
+        state_bytes=99,
+        peers_synced=1,
+        last_checkpoint=1700000000.5,
+        checkpoint_error=None,
+        dirty=True,
+    )
+    return NodeStatus(
+        name="n",
+        device_id="e" * 26,
+        url="ws://y",
+        uptime=7.0,
+        peers=(peer,),
+        docs=(doc,),
+        checkpoints=True,
+        checkpoint_error=None,
+        pending_writes=0,
+        yjs_url=None,
+    )
 
 
 def test_metrics_render_escapes_label_values() -> None:
@@ -350,8 +387,10 @@ def test_metrics_render_escapes_label_values() -> None:
     assert text.endswith("\n")
     assert 'unity_crdt_peer_bytes_in_total{peer="bo\\"b\\\\",device="' + "d" * 26 + '"} 10' in text
     assert 'unity_crdt_doc_state_bytes{doc="my \\"doc\\"\\nline2"} 99' in text
-    assert 'unity_crdt_doc_last_checkpoint_timestamp_seconds{doc="my \\"doc\\"\\nline2"} ' \
-           "1700000000.5" in text  # fmt: skip
+    assert (
+        'unity_crdt_doc_last_checkpoint_timestamp_seconds{doc="my \\"doc\\"\\nline2"} '
+        "1700000000.5" in text
+    )
     assert "unity_crdt_peer_rtt_seconds{" not in text  # unknown rtt: no sample, not 0
     sample = re.compile(r'^[a-z_]+(\{([a-z]+="([^"\\\n]|\\.)*",?)+\})? [-+0-9.eNaIf]+$')
     for line in text.splitlines():
@@ -374,8 +413,10 @@ def test_projection_types_only_what_it_is_told_and_refuses_retyping() -> None:
     doc.apply_update(src.get_update())
     assert project(doc) == {"roots": {}, "untyped": ["body", "claims"]}
     assert project(doc, [("map", "claims")]) == {
-        "roots": {"claims": {"tent": "alice"}}, "untyped": ["body"]}  # fmt: skip
-    with pytest.raises(_Conflict, match="root 'claims' is a Map on this node, not a text"):
+        "roots": {"claims": {"tent": "alice"}},
+        "untyped": ["body"],
+    }
+    with pytest.raises(Conflict, match="root 'claims' is a Map on this node, not a text"):
         apply_edit(doc, {"kind": "text", "root": "claims", "value": "x"})
     apply_edit(doc, {"kind": "text", "root": "body", "value": "!", "append": True})
     apply_edit(doc, {"kind": "map", "root": "claims", "key": "tent", "delete": True})
@@ -400,8 +441,9 @@ async def test_control_api_answers_errors_as_one_line_and_survives_long_paths(
         try:
             assert socket_path(deep).stat().st_mode & 0o777 == 0o600
             async with ControlClient(deep) as client:
-                view = await client.edit("d", {"kind": "map", "root": "m", "key": "k",
-                                               "value": {"x": [1]}})  # fmt: skip
+                view = await client.edit(
+                    "d", {"kind": "map", "root": "m", "key": "k", "value": {"x": [1]}}
+                )
                 assert view["roots"] == {"m": {"k": {"x": [1.0]}}}
                 assert await client.docs() == ["d"]
                 with pytest.raises(ControlError, match="root 'm' is a Map on this node"):

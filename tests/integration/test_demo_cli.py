@@ -24,9 +24,12 @@ LINES = ("alice: bring the tent", "bob: bring the stove", "carol: bring the map"
 def run_demo(*args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     """Run demos/lan_merge.py like `make demo` does; return the result and its cache root."""
     res = subprocess.run(
-        [sys.executable, "demos/lan_merge.py", *args], cwd=REPO, capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "demos/lan_merge.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(r"caches  : (\S+)/<node>", res.stdout)
     assert m, f"no cache dir in the output:\n{res.stdout}\n{res.stderr}"
     return res, Path(m.group(1))
@@ -102,8 +105,13 @@ def test_keygen_prints_fresh_43_char_base64url_secrets() -> None:
 
 
 def test_python_dash_m_runs_the_same_cli() -> None:
-    res = subprocess.run([sys.executable, "-m", "unity_crdt", "keygen"], capture_output=True,
-                         text=True, timeout=30, check=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "unity_crdt", "keygen"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", res.stdout)
 
 

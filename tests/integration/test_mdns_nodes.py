@@ -11,8 +11,8 @@ from meshkit import SECRET, NodeFactory, eventually
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
-from unity_crdt.discovery import SERVICE_TYPE
-from unity_crdt.secure import derive_group_keys
+from unity_crdt.crypto.keys import derive_group_keys
+from unity_crdt.net.mdns import SERVICE_TYPE
 
 
 async def test_three_nodes_discover_each_other_and_converge(make_node: NodeFactory) -> None:
@@ -56,18 +56,29 @@ async def test_replayed_announcement_to_a_wrong_address_is_backed_off(
     try:
         await aiozc.zeroconf.async_wait_for_start()
         label = secrets.token_hex(8)
-        info = ServiceInfo(SERVICE_TYPE, f"{label}.{SERVICE_TYPE}", port=port,
-                           properties={"v": "1", "g": beacon}, server=f"{label}.local.",
-                           parsed_addresses=["127.0.0.1"])
+        info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{label}.{SERVICE_TYPE}",
+            port=port,
+            properties={"v": "1", "g": beacon},
+            server=f"{label}.local.",
+            parsed_addresses=["127.0.0.1"],
+        )
         aiozc.zeroconf.async_send(aiozc.zeroconf.generate_service_broadcast(info, None))
-        await eventually(lambda: "different sync group" in caplog.text, 5.0,
-                         "a handshake attempt against the replayed address")
+        await eventually(
+            lambda: "different sync group" in caplog.text,
+            5.0,
+            "a handshake attempt against the replayed address",
+        )
         b = await make_node("b", mdns=True)
         await a.wait_for_peers(1, timeout=10)
         assert [p.name for p in a.peers] == ["b"] and stranger.peers == []
         b.doc("d").get("t", type=pycrdt.Text).insert(0, "honest")
         await eventually(lambda: str(a.doc("d").get("t", type=pycrdt.Text)) == "honest", 3.0)
-        await eventually(lambda: f"forgetting discovered address ws://127.0.0.1:{port}"
-                         in caplog.text, 10.0, "the bad address dropped")
+        await eventually(
+            lambda: f"forgetting discovered address ws://127.0.0.1:{port}" in caplog.text,
+            10.0,
+            "the bad address dropped",
+        )
     finally:
         await aiozc.async_close()

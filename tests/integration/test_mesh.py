@@ -55,8 +55,9 @@ async def test_restart_keeps_edits_and_resyncs(tmp_path: Path, make_node: NodeFa
         assert "two" in text(b2) and "one" in text(b2)
         edit(b2, "four ")
         await b2.wait_for_peers(1)
-        await eventually(lambda: text(a) == text(b2) and "three" in text(b2)
-                         and "four" in text(a), 3.0)
+        await eventually(
+            lambda: text(a) == text(b2) and "three" in text(b2) and "four" in text(a), 3.0
+        )
 
 
 async def test_line_of_five_relays_inserts_and_deletes(make_node: NodeFactory) -> None:
@@ -82,8 +83,13 @@ async def test_line_of_five_relays_inserts_and_deletes(make_node: NodeFactory) -
     assert "<right>" not in text(first)
     async with Node(mid_cfg) as mid:
         await mid.wait_for_peers(2, timeout=10)
-        await eventually(lambda: text(first) == text(last) and "<right>" in text(first)
-                         and "<left>" in text(last), 10.0, "convergence after the middle returns")
+        await eventually(
+            lambda: (
+                text(first) == text(last) and "<right>" in text(first) and "<left>" in text(last)
+            ),
+            10.0,
+            "convergence after the middle returns",
+        )
         assert text(mid) == text(first)
 
 
@@ -112,9 +118,14 @@ async def test_eight_nodes_random_edits_converge(make_node: NodeFactory) -> None
         await asyncio.sleep(rng.uniform(0.0, 0.02))
 
     def converged() -> bool:
-        states = {(str(n.doc("d1").get("t", type=pycrdt.Text)),
-                   str(n.doc("d2").get("t", type=pycrdt.Text)),
-                   frozenset(n.doc("log").get("m", type=pycrdt.Map).keys())) for n in nodes}
+        states = {
+            (
+                str(n.doc("d1").get("t", type=pycrdt.Text)),
+                str(n.doc("d2").get("t", type=pycrdt.Text)),
+                frozenset(n.doc("log").get("m", type=pycrdt.Map).keys()),
+            )
+            for n in nodes
+        }
         return len(states) == 1
 
     await eventually(converged, 15.0, "8 nodes identical")
@@ -131,8 +142,11 @@ async def test_presence_crosses_the_mesh_and_expires(make_node: NodeFactory) -> 
     await b.wait_for_peers(2)
     a.set_presence("notes", {"user": "alice", "cursor": 3})
     a_id = a.doc("notes").client_id
-    await eventually(lambda: c.presence("notes").get(a_id) == {"user": "alice", "cursor": 3},
-                     2.0, "a's presence at c, two hops away")
+    await eventually(
+        lambda: c.presence("notes").get(a_id) == {"user": "alice", "cursor": 3},
+        2.0,
+        "a's presence at c, two hops away",
+    )
     c.set_presence("notes", {"user": "carol"})
     c_id = c.doc("notes").client_id
     await eventually(lambda: c_id in a.presence("notes"), 2.0, "c's presence at a")

@@ -15,7 +15,8 @@ import pytest
 from meshkit import SECRET, Attacker, NodeFactory, eventually
 from tcp_proxy import RecordingProxy
 
-from unity_crdt import Node, codec
+from unity_crdt import Node
+from unity_crdt.sync import codec
 
 HONEST_TEXT = "the honest content"
 
@@ -28,12 +29,14 @@ async def still_syncs(a: Node, b: Node, tag: str) -> None:
     """A fresh edit on each side reaches the other."""
     a.doc("notes").get("t", type=pycrdt.Text).insert(0, f"[a:{tag}]")
     b.doc("notes").get("t", type=pycrdt.Text).insert(0, f"[b:{tag}]")
-    await eventually(lambda: f"[a:{tag}]" in text(b) and f"[b:{tag}]" in text(a), 5.0,
-                     f"honest sync after {tag}")
+    await eventually(
+        lambda: f"[a:{tag}]" in text(b) and f"[b:{tag}]" in text(a), 5.0, f"honest sync after {tag}"
+    )
 
 
-async def test_wrong_group_secret_learns_nothing(make_node: NodeFactory,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_wrong_group_secret_learns_nothing(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     a = await make_node("alice")
     a.doc("notes").get("t", type=pycrdt.Text).insert(0, HONEST_TEXT)
@@ -61,12 +64,24 @@ async def test_wire_carries_no_text_names_or_secret(make_node: NodeFactory) -> N
         secret_doc, secret_text = "classified-plans-ünïcode", "TOP-SECRET-PAYLOAD-4242"
         a.doc(secret_doc).get("t", type=pycrdt.Text).insert(0, secret_text)
         b.doc("other").get("m", type=pycrdt.Map)["key-name-xyz"] = "value-xyz"
-        await eventually(lambda: secret_text in text(b, secret_doc)
-                         and "other" in a.docs, 3.0, "sync through the proxy")
+        await eventually(
+            lambda: secret_text in text(b, secret_doc) and "other" in a.docs,
+            3.0,
+            "sync through the proxy",
+        )
         wire = bytes(proxy.captured)
         assert len(wire) > 500
-        for needle in (secret_text, secret_doc, "key-name-xyz", "value-xyz", SECRET,
-                       "alice", "bob", a.device_id, b.device_id):
+        for needle in (
+            secret_text,
+            secret_doc,
+            "key-name-xyz",
+            "value-xyz",
+            SECRET,
+            "alice",
+            "bob",
+            a.device_id,
+            b.device_id,
+        ):
             assert needle.encode() not in wire, f"{needle!r} crossed the wire in clear"
     finally:
         await proxy.close()
@@ -92,8 +107,7 @@ async def test_slowloris_handshake_is_cut_and_slot_freed(make_node: NodeFactory)
 
 
 async def test_connection_flood_is_bounded(make_node: NodeFactory) -> None:
-    a = await make_node("alice", handshake_timeout=1.0, max_handshakes=32,
-                        max_handshakes_per_ip=8)
+    a = await make_node("alice", handshake_timeout=1.0, max_handshakes=32, max_handshakes_per_ip=8)
     b = await make_node("bob", peers=(a.url,))
     await b.wait_for_peers(1)
     proc = psutil.Process(os.getpid())
@@ -101,10 +115,12 @@ async def test_connection_flood_is_bounded(make_node: NodeFactory) -> None:
     # 500 attempts from another loopback address, so the honest peer's address is untouched.
     conn = aiohttp.TCPConnector(local_addr=("127.0.0.5", 0), limit=0)
     async with aiohttp.ClientSession(connector=conn) as http:
+
         async def attempt() -> None:
             try:
-                ws = await http.ws_connect(a.url + "/unity-crdt/v1",
-                                           timeout=aiohttp.ClientWSTimeout(ws_close=1))
+                ws = await http.ws_connect(
+                    a.url + "/unity-crdt/v1", timeout=aiohttp.ClientWSTimeout(ws_close=1)
+                )
                 await ws.send_bytes(os.urandom(48))
                 await asyncio.wait_for(ws.receive(), 3.0)
                 await ws.close()
@@ -152,8 +168,12 @@ async def attack_oversized_frame(m: Attacker) -> None:
 
 
 ATTACKS: list[Callable[[Attacker], Awaitable[None]]] = [
-    attack_garbage, attack_allocation_bomb_update, attack_bomb_state_vector,
-    attack_update_before_hello, attack_tampered_frame, attack_replayed_frame,
+    attack_garbage,
+    attack_allocation_bomb_update,
+    attack_bomb_state_vector,
+    attack_update_before_hello,
+    attack_tampered_frame,
+    attack_replayed_frame,
     attack_oversized_frame,
 ]
 
@@ -187,15 +207,16 @@ async def test_replayed_session_is_rejected(make_node: NodeFactory) -> None:
     a = await make_node("alice")
     m = await Attacker.connect(a.url)
     await m.send_message(codec.encode(codec.Hello(1, {})))
-    await m.send_message(codec.encode(codec.Update(
-        "replayed", _one_update("this must not appear twice"))))
+    await m.send_message(
+        codec.encode(codec.Update("replayed", _one_update("this must not appear twice")))
+    )
     await eventually(lambda: "replayed" in a.docs, 2.0)
     await m.channel.close()
     await eventually(lambda: a.peers == [], 2.0)
     a.doc("replayed").get("t", type=pycrdt.Text).insert(0, "x")
     state = a.doc("replayed").get_state()
 
-    from unity_crdt import transport
+    from unity_crdt.net import websocket as transport
 
     raw = await transport.dial(a.url)
     try:
@@ -232,8 +253,13 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
 
     async def junk_sender(stop: asyncio.Event) -> None:
         nonlocal junk_links
-        attacks = [attack_garbage, attack_allocation_bomb_update, attack_bomb_state_vector,
-                   attack_tampered_frame, attack_update_before_hello]
+        attacks = [
+            attack_garbage,
+            attack_allocation_bomb_update,
+            attack_bomb_state_vector,
+            attack_tampered_frame,
+            attack_update_before_hello,
+        ]
         while not stop.is_set():
             m = await Attacker.connect(target.url)
             junk_links += 1
@@ -263,8 +289,7 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
     await sender
 
     def converged() -> bool:
-        return all(set(n.doc("soak").get("m", type=pycrdt.Map).keys()) == markers
-                   for n in nodes)
+        return all(set(n.doc("soak").get("m", type=pycrdt.Map).keys()) == markers for n in nodes)
 
     await eventually(converged, 20.0, "10 honest peers converged")
     assert junk_links > 20

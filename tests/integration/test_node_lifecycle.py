@@ -37,21 +37,28 @@ async def test_damaged_cache_is_moved_aside_and_resynced_from_a_peer(
     b_cfg = node_config(tmp_path, "b", peers=(a.url,))
     async with Node(b_cfg) as b:
         b.doc("d").get("t", type=pycrdt.Text).insert(0, "written by b")
-        await eventually(lambda: "written by b" in str(a.doc("d").get("t", type=pycrdt.Text)),
-                         3.0)
+        await eventually(lambda: "written by b" in str(a.doc("d").get("t", type=pycrdt.Text)), 3.0)
     db = Path(b_cfg.cache_dir) / "store.sqlite3"
     db.write_bytes(b"this is not a database" * 100)
     async with Node(b_cfg) as b2:
         assert any(p.name.startswith("store.sqlite3.corrupt") for p in db.parent.iterdir())
         assert "damaged" in caplog.text
-        await eventually(lambda: str(b2.doc("d").get("t", type=pycrdt.Text)) == "written by b",
-                         5.0, "re-sync from the peer")
+        await eventually(
+            lambda: str(b2.doc("d").get("t", type=pycrdt.Text)) == "written by b",
+            5.0,
+            "re-sync from the peer",
+        )
 
 
 def test_config_rejects_unprintable_names_and_bad_peers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="printable"):
         NodeConfig(name="bad\nname", cache_dir=tmp_path, group_secret="x" * 16)
-    with pytest.raises(ConfigError, match="ws://"):
-        NodeConfig(name="ok", cache_dir=tmp_path, group_secret="x" * 16, peers=("http://x:1",))
+    with pytest.raises(ConfigError, match="ws://host:port"):
+        NodeConfig(name="ok", cache_dir=tmp_path, group_secret="x" * 16, peers=("x:1",))
+    # A well-formed URL of a scheme no transport speaks is refused when the node is built.
+    odd = NodeConfig(name="ok", cache_dir=tmp_path, group_secret="x" * 16, peers=("http://x:1",))
+    with pytest.raises(ConfigError, match=r"no transport for http://"):
+        Node(odd)
     assert "secret" not in repr(
-        NodeConfig(name="ok", cache_dir=tmp_path, group_secret="secret-value-123"))
+        NodeConfig(name="ok", cache_dir=tmp_path, group_secret="secret-value-123")
+    )

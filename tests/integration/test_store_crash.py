@@ -15,7 +15,7 @@ from typing import Any
 import pycrdt
 import pytest
 
-from unity_crdt.store import SqliteStore
+from unity_crdt.store.sqlite import SqliteStore
 
 WRITER = Path(__file__).parent / "store_writer.py"
 ROOT = Path(__file__).parents[2]

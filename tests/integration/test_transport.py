@@ -17,7 +17,9 @@ import pytest
 from aiohttp import web
 
 from unity_crdt.errors import ChannelClosed, LimitExceeded
-from unity_crdt.transport import DEFAULT_PATH, Channel, Server, TransportLimits, dial, serve
+from unity_crdt.ids import PeerAddress
+from unity_crdt.net.channel import Channel
+from unity_crdt.net.websocket import DEFAULT_PATH, Server, TransportLimits, dial, serve
 
 CAP = TransportLimits().max_message
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -126,7 +128,7 @@ async def test_echo_roundtrip_ipv4_and_ipv6(host: str) -> None:
         assert server.url == ws_url(host, server.port)
         channel = await dial(server.url)
         try:
-            assert channel.remote == (f"[{host}]" if ":" in host else host) + f":{server.port}"
+            assert channel.remote == PeerAddress(host, server.port, "ws")
             await channel.send(b"hello \x00\xff")
             assert await channel.recv() == b"hello \x00\xff"
             await channel.send(b"")
@@ -331,7 +333,7 @@ async def test_connection_limit_refuses_then_frees_the_slot(
         try:
             await wait_for_count(server, 2)
             with (
-                caplog.at_level(logging.WARNING, logger="unity_crdt.transport"),
+                caplog.at_level(logging.WARNING, logger="unity_crdt.net.websocket"),
                 pytest.raises(ChannelClosed, match="503"),
             ):
                 await dial(server.url)
@@ -363,7 +365,7 @@ async def test_handler_exception_is_logged_and_the_server_keeps_serving(
         await echo(channel)
 
     async with await serve("127.0.0.1", 0, handler) as server:
-        with caplog.at_level(logging.ERROR, logger="unity_crdt.transport"):
+        with caplog.at_level(logging.ERROR, logger="unity_crdt.net.websocket"):
             bad = await dial(server.url)
             await bad.send(b"trigger")
             with pytest.raises(ChannelClosed):

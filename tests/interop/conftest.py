@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from unity_crdt.replica import Replica
-from unity_crdt.ywebsocket import YWebsocketEndpoint, YWebsocketLimits
+from unity_crdt.frontends.ywebsocket import YWebsocketEndpoint, YWebsocketLimits
+from unity_crdt.sync.replica import Replica
 
 JS_DIR = Path(__file__).resolve().parents[2] / "demos" / "js"
 DRIVER = JS_DIR / "interop-driver.mjs"
@@ -105,8 +105,11 @@ async def make_js(js_ready: Path) -> AsyncIterator[MakeJs]:
 
     async def make() -> JsDriver:
         proc = await asyncio.create_subprocess_exec(
-            "node", str(DRIVER), cwd=js_ready,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            "node",
+            str(DRIVER),
+            cwd=js_ready,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         made.append(JsDriver(proc))
         return made[-1]
@@ -130,7 +133,9 @@ class Hosted:
         self.presence: list[tuple[str, bytes]] = []
         self.replica = Replica(on_update=self._on_update)
         self.endpoint = YWebsocketEndpoint(
-            self.replica, TOKEN, limits=limits,
+            self.replica,
+            TOKEN,
+            limits=limits,
             on_awareness=lambda doc, update: self.presence.append((doc, update)),
         )
 

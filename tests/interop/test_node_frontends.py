@@ -16,8 +16,8 @@ import pycrdt
 import pytest
 
 from unity_crdt.config import NodeConfig
+from unity_crdt.frontends.ywebsocket import YWebsocketEndpoint
 from unity_crdt.node import Node
-from unity_crdt.ywebsocket import YWebsocketEndpoint
 
 if TYPE_CHECKING:  # conftest is not importable as a module; fixtures carry the objects
     from conftest import JsDriver
@@ -49,8 +49,13 @@ async def make_node(tmp_path: Path) -> AsyncIterator[MakeNode]:
 
     async def make(name: str, **kw: Any) -> Node:
         config = NodeConfig(
-            name=name, cache_dir=tmp_path / name, group_secret=SECRET, mdns=False,
-            yjs_endpoint=True, yjs_token=TOKEN, **kw,
+            name=name,
+            cache_dir=tmp_path / name,
+            group_secret=SECRET,
+            mdns=False,
+            yjs_endpoint=True,
+            yjs_token=TOKEN,
+            **kw,
         )
         node = Node(config)
         await node.start()

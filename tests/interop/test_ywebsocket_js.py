@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import pycrdt
 import pytest
 
-from unity_crdt.yprotocol import pycrdt_index_to_yjs, varbytes, varuint, yjs_index_to_pycrdt
-from unity_crdt.ywebsocket import ClientOrigin, YWebsocketLimits
+from unity_crdt.frontends.ywebsocket import ClientOrigin, YWebsocketLimits
+from unity_crdt.sync.lib0 import varbytes, varuint
+from unity_crdt.sync.yprotocol import pycrdt_index_to_yjs, yjs_index_to_pycrdt
 
 if TYPE_CHECKING:  # conftest is not importable as a module; fixtures carry the objects
     from conftest import Hosted, JsDriver
@@ -189,8 +190,14 @@ async def test_the_example_script_edits_and_logs_remote_changes(
     ytext(hosted).insert(0, "from the node. ")
     env = {**os.environ, "UNITY_CRDT_YJS_TOKEN": hosted.endpoint.token}
     proc = await asyncio.create_subprocess_exec(
-        "node", "example.mjs", hosted.endpoint.base_url, ROOM, "from JS ✓", cwd=js_ready,
-        env=env, stdout=asyncio.subprocess.PIPE,
+        "node",
+        "example.mjs",
+        hosted.endpoint.base_url,
+        ROOM,
+        "from JS ✓",
+        cwd=js_ready,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     try:

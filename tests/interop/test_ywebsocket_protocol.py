@@ -14,7 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unity_crdt.errors import ConfigError, DecodeError, LimitExceeded
-from unity_crdt.yprotocol import (
+from unity_crdt.frontends.ywebsocket import ClientOrigin, YWebsocketLimits
+from unity_crdt.sync.lib0 import read_varbytes, read_varuint, varbytes, varuint
+from unity_crdt.sync.yprotocol import (
     MSG_AWARENESS,
     MSG_SYNC,
     SYNC_STEP1,
@@ -24,14 +26,9 @@ from unity_crdt.yprotocol import (
     awareness_message,
     parse_message,
     pycrdt_index_to_yjs,
-    read_varbytes,
-    read_varuint,
     sync_message,
-    varbytes,
-    varuint,
     yjs_index_to_pycrdt,
 )
-from unity_crdt.ywebsocket import ClientOrigin, YWebsocketLimits
 
 if TYPE_CHECKING:  # conftest is not importable as a module; fixtures carry the objects
     from conftest import Hosted
@@ -249,9 +246,7 @@ async def test_close_ends_every_client_promptly(make_hosted: Any, raw: Any) -> N
 # ---- awareness -----------------------------------------------------------------------------
 
 
-async def test_awareness_relay_snapshot_and_removal_on_disconnect(
-    hosted: Hosted, raw: Any
-) -> None:
+async def test_awareness_relay_snapshot_and_removal_on_disconnect(hosted: Hosted, raw: Any) -> None:
     a = await synced(raw, "notes")
     b = await synced(raw, "notes")
     await a.send_bytes(awareness_message(awareness_update((11, 3, {"user": "Zoë"}))))

@@ -43,8 +43,14 @@ from unity_crdt.node import Node
 
 SECRET_ENV = "UC_LAN_SECRET"
 POLL = 0.05
-_KNOBS = ("mdns_requery_interval", "ping_interval", "idle_timeout", "anti_entropy_interval",
-          "reconnect_max", "handshake_timeout")  # fmt: skip
+_KNOBS = (
+    "mdns_requery_interval",
+    "ping_interval",
+    "idle_timeout",
+    "anti_entropy_interval",
+    "reconnect_max",
+    "handshake_timeout",
+)
 _print_lock = threading.Lock()
 
 
@@ -69,8 +75,13 @@ class LogTap(logging.Handler):
             if "handshake failed" in msg:
                 self.handshake_failures += 1
             if record.levelno >= logging.INFO:
-                print_event(event="log", level=record.levelname, logger=record.name, msg=msg,
-                     t=time.monotonic())  # fmt: skip
+                print_event(
+                    event="log",
+                    level=record.levelname,
+                    logger=record.name,
+                    msg=msg,
+                    t=time.monotonic(),
+                )
         except Exception:  # a logging handler must not break the code that logs
             self.handleError(record)
 
@@ -106,8 +117,11 @@ def state_of(node: Node, name: str) -> dict[str, Any]:
     """The plain view of a doc plus its state vector, and a hash of all of it."""
     doc = node.doc(name)
     text, mapping = roots(doc)
-    view = {"text": str(text), "map": dict(sorted((mapping.to_py() or {}).items())),
-            "sv": decode_state_vector(doc.get_state())}  # fmt: skip
+    view = {
+        "text": str(text),
+        "map": dict(sorted((mapping.to_py() or {}).items())),
+        "sv": decode_state_vector(doc.get_state()),
+    }
     digest = hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
     return {**view, "doc": name, "hash": digest}
 
@@ -140,10 +154,16 @@ def make_config(cfg: dict[str, Any]) -> NodeConfig:
         raise SystemExit(f"node_agent needs the group secret in ${SECRET_ENV}")
     knobs: dict[str, Any] = {k: float(cfg[k]) for k in _KNOBS if k in cfg}
     return NodeConfig(
-        name=cfg["name"], cache_dir=cfg["cache"], group_secret=secret, host=cfg["ip"],
-        port=int(cfg.get("port", 9001)), peers=tuple(cfg.get("peers", ())),
-        mdns=bool(cfg.get("mdns", True)), mdns_interfaces=(cfg["ip"],), **knobs,
-    )  # fmt: skip
+        name=cfg["name"],
+        cache_dir=cfg["cache"],
+        group_secret=secret,
+        host=cfg["ip"],
+        port=int(cfg.get("port", 9001)),
+        peers=tuple(cfg.get("peers", ())),
+        mdns=bool(cfg.get("mdns", True)),
+        mdns_interfaces=(cfg["ip"],),
+        **knobs,
+    )
 
 
 async def main(cfg: dict[str, Any]) -> None:
@@ -160,8 +180,13 @@ async def main(cfg: dict[str, Any]) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     async with Node(make_config(cfg)) as node:
-        print_event(event="started", name=cfg["name"], url=node.url, device_id=node.device_id,
-             t=time.monotonic())  # fmt: skip
+        print_event(
+            event="started",
+            name=cfg["name"],
+            url=node.url,
+            device_id=node.device_id,
+            t=time.monotonic(),
+        )
 
         async def commands() -> None:
             # EOF (the test process is gone) stops the agent: no orphan outlives its parent.
@@ -173,9 +198,14 @@ async def main(cfg: dict[str, Any]) -> None:
                 try:
                     if op == "state":
                         peers = sorted(p.name for p in node.peers)
-                        print_event(event="state", id=rid, peers=peers, t=time.monotonic(),
-                             handshake_failures=tap.handshake_failures,
-                             **state_of(node, cmd["doc"]))  # fmt: skip
+                        print_event(
+                            event="state",
+                            id=rid,
+                            peers=peers,
+                            t=time.monotonic(),
+                            handshake_failures=tap.handshake_failures,
+                            **state_of(node, cmd["doc"]),
+                        )
                     else:
                         apply(node, cmd)
                         await node.flush()
@@ -189,8 +219,13 @@ async def main(cfg: dict[str, Any]) -> None:
         while not stop.is_set():
             peers = sorted(p.name for p in node.peers)
             if peers != last:
-                print_event(event="peers", peers=peers, joined=sorted(set(peers) - set(last)),
-                     left=sorted(set(last) - set(peers)), t=time.monotonic())  # fmt: skip
+                print_event(
+                    event="peers",
+                    peers=peers,
+                    joined=sorted(set(peers) - set(last)),
+                    left=sorted(set(last) - set(peers)),
+                    t=time.monotonic(),
+                )
                 last = peers
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL)

@@ -20,9 +20,12 @@ def namespaces() -> list[str]:
 
 def test_netns_demo_converges_over_multicast_and_removes_its_lan() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "demos/lan_merge.py", "--netns"], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "demos/lan_merge.py", "--netns"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     # Each node listened on its own host's eth0 address, so they met across the bridge.

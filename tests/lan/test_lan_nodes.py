@@ -24,9 +24,13 @@ AGENT = str(Path(__file__).with_name("node_agent.py"))
 PORT = 9001
 DOC = "notes"
 FAST = {
-    "mdns_requery_interval": 2.0, "ping_interval": 1.0, "idle_timeout": 4.0,
-    "anti_entropy_interval": 2.0, "reconnect_max": 2.0, "handshake_timeout": 3.0,
-}  # fmt: skip
+    "mdns_requery_interval": 2.0,
+    "ping_interval": 1.0,
+    "idle_timeout": 4.0,
+    "anti_entropy_interval": 2.0,
+    "reconnect_max": 2.0,
+    "handshake_timeout": 3.0,
+}
 # Worst case to notice a dead link: idle_timeout + one tick, plus slack for 2 busy cores.
 DROP_TIMEOUT = 10.0
 
@@ -86,14 +90,20 @@ class Agent:
 
 def failed_handshakes(agent: Agent) -> list[str]:
     """The library's "handshake failed" log lines of agent (they name the remote address)."""
-    return [e["msg"] for e in agent.proc.snapshot()
-            if e.get("event") == "log" and "handshake failed" in e["msg"]]  # fmt: skip
+    return [
+        e["msg"]
+        for e in agent.proc.snapshot()
+        if e.get("event") == "log" and "handshake failed" in e["msg"]
+    ]
 
 
 def left_reasons(agent: Agent, peer: str) -> list[str]:
     """The library's "peer left" log lines of agent about peer (they carry the close reason)."""
-    return [e["msg"] for e in agent.proc.snapshot()
-            if e.get("event") == "log" and e["msg"].startswith(f"peer left: {peer!r}")]  # fmt: skip
+    return [
+        e["msg"]
+        for e in agent.proc.snapshot()
+        if e.get("event") == "log" and e["msg"].startswith(f"peer left: {peer!r}")
+    ]
 
 
 def _ever(events: list[dict[str, Any]]) -> set[str]:
@@ -114,8 +124,14 @@ def start_agents(
     agents: dict[int, Agent] = {}
     for i in hosts:
         name = f"n{i}"
-        cfg = {"name": name, "cache": str(tmp / name), "ip": lan.hosts[i].ip, "port": PORT,
-               **FAST, **extra.get(name, {})}  # fmt: skip
+        cfg = {
+            "name": name,
+            "cache": str(tmp / name),
+            "ip": lan.hosts[i].ip,
+            "port": PORT,
+            **FAST,
+            **extra.get(name, {}),
+        }
         proc = lan.python(i, AGENT, json.dumps(cfg), env={"UC_LAN_SECRET": secret})
         agents[i] = Agent(i, name, proc)
     for agent in agents.values():
@@ -176,8 +192,10 @@ def test_four_hosts_discover_link_and_converge(
     t0 = time.monotonic()
     agents = start_agents(lan, tmp_path, range(1, 5), new_secret())
     took = wait_mesh(agents, [range(1, 5)], timeout=15.0)
-    print(f"\n4 nodes fully linked by mDNS {time.monotonic() - t0:.2f}s after launch "
-          f"({took:.2f}s after all were listening)")  # fmt: skip
+    print(
+        f"\n4 nodes fully linked by mDNS {time.monotonic() - t0:.2f}s after launch "
+        f"({took:.2f}s after all were listening)"
+    )
     for a in agents.values():
         # Every link is to another host's eth0 address, found by multicast alone (no peers=).
         assert a.peers() == {f"n{i}" for i in range(1, 5)} - {a.name}
@@ -188,9 +206,10 @@ def test_four_hosts_discover_link_and_converge(
     agents[2].set_key("shared", "from n2")
     agents[3].set_key("shared", "from n3")
     states, _ = wait_converged(
-        agents.values(), 10.0, holds([f"line from n{i}" for i in range(1, 5)],
-                                     {f"k{i}": i * 10 for i in range(1, 5)}),
-    )  # fmt: skip
+        agents.values(),
+        10.0,
+        holds([f"line from n{i}" for i in range(1, 5)], {f"k{i}": i * 10 for i in range(1, 5)}),
+    )
     print(f"10 edits on 4 nodes converged {time.monotonic() - t_edit:.2f}s after the first")
     assert states[0]["map"]["shared"] in ("from n2", "from n3")
     assert len(states[0]["sv"]) >= 4, "every node's edits are in every replica"
@@ -231,9 +250,10 @@ def test_unplugged_host_is_dropped_then_rejoins_and_merges(
     took = wait_mesh(agents, [range(1, 5)], timeout=15.0)
     print(f"n4 rediscovered and relinked {took:.2f}s after link up")
     states, _ = wait_converged(
-        agents.values(), 10.0,
+        agents.values(),
+        10.0,
         holds(["n4 while unplugged", "n1 while n4 is away"], {"n4": "offline", "n2": "online"}),
-    )  # fmt: skip
+    )
     assert "base" not in states[0]["text"], "the deletion made during the cut survives the merge"
     print(f"all edits converged {time.monotonic() - t_up:.2f}s after link up")
 
@@ -264,9 +284,10 @@ def test_split_brain_halves_edit_then_heal_and_converge(
     took = wait_mesh(agents, [range(1, 5)], timeout=15.0)
     print(f"halves relinked {took:.2f}s after heal")
     states, _ = wait_converged(
-        agents.values(), 10.0, holds([f"half {'A' if i < 3 else 'B'} n{i}" for i in range(1, 5)],
-                                     {}),
-    )  # fmt: skip
+        agents.values(),
+        10.0,
+        holds([f"half {'A' if i < 3 else 'B'} n{i}" for i in range(1, 5)], {}),
+    )
     assert states[0]["map"]["leader"] in ("n1", "n4"), "one winner, the same on every node"
     print(f"split brain converged {time.monotonic() - t_heal:.2f}s after heal")
 
@@ -301,9 +322,11 @@ def test_ten_percent_loss_everywhere_still_converges(
     )
     assert block in states[0]["text"], "a multi-segment update crossed the lossy links intact"
     retrans = {i: tcp_retransmits(lan, i) for i in lan.hosts}
-    print(f"12 inserts, 4 sets and a 33 KB insert converged under 10% loss per direction "
-          f"{time.monotonic() - t_edit:.2f}s after the first edit; TCP retransmissions "
-          f"per host: {retrans}")  # fmt: skip
+    print(
+        f"12 inserts, 4 sets and a 33 KB insert converged under 10% loss per direction "
+        f"{time.monotonic() - t_edit:.2f}s after the first edit; TCP retransmissions "
+        f"per host: {retrans}"
+    )
     assert sum(retrans.values()) > 0, "the loss filters really dropped link traffic"
 
 
@@ -322,8 +345,7 @@ def test_node_of_another_group_is_never_linked_and_learns_nothing(
     stranger_url = f"ws://{lan.hosts[5].ip}:{PORT}"
     # Beyond sharing the multicast LAN, make them try hard: the stranger dials every member,
     # and n1 dials the stranger. Only the handshake can keep them apart.
-    agents = start_agents(lan, tmp_path, range(1, 5), new_secret(),
-                          n1={"peers": [stranger_url]})  # fmt: skip
+    agents = start_agents(lan, tmp_path, range(1, 5), new_secret(), n1={"peers": [stranger_url]})
     stranger = start_agents(lan, tmp_path, [5], new_secret(), n5={"peers": group_urls})[5]
     wait_mesh(agents, [range(1, 5)], timeout=15.0)
     stranger.insert("stranger's private text\n")
@@ -346,8 +368,8 @@ def test_node_of_another_group_is_never_linked_and_learns_nothing(
 
     # The responder names who failed: only the stranger at members, only n1 at the stranger.
     for a in agents.values():
-        assert all(m.startswith("link 10.77.0.5:") for m in failed_handshakes(a)), a.name
-    assert all(m.startswith("link 10.77.0.1:") for m in failed_handshakes(stranger))
+        assert all(m.startswith("link ws://10.77.0.5:") for m in failed_handshakes(a)), a.name
+    assert all(m.startswith("link ws://10.77.0.1:") for m in failed_handshakes(stranger))
     time.sleep(FAST["mdns_requery_interval"])  # one more re-query and redial round
     mine = stranger.state()
     assert mine["text"] == "stranger's private text\n" and mine["map"] == {"owner": "stranger"}

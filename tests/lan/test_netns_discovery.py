@@ -22,7 +22,7 @@ PORT = 9000
 
 AGENT = r"""
 import asyncio, json, signal, sys, time
-from unity_crdt.discovery import Discovery
+from unity_crdt.net.mdns import Discovery
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
@@ -106,8 +106,10 @@ def test_hosts_discover_each_other_and_never_another_group(make_lan: Callable[..
     other = start_agent(lan, 5, stranger, requery=30.0)
     members = set(procs)
     took = wait_all(procs, lambda i: members - {i}, timeout=10.0)
-    print(f"4 hosts discovered each other {time.monotonic() - t0:.2f}s after the first start "
-          f"({took:.2f}s after the last was registered)")  # fmt: skip
+    print(
+        f"4 hosts discovered each other {time.monotonic() - t0:.2f}s after the first start "
+        f"({took:.2f}s after the last was registered)"
+    )
     time.sleep(1.0)  # the stranger's announcements have long arrived by now
     for i, proc in procs.items():
         assert found_hosts(proc.snapshot()) == members - {i}, "only same-group peers, never self"

@@ -1,12 +1,13 @@
 """Convergence under a hostile network: every replica ends identical and no accepted edit is lost.
 
-A hypothesis state machine drives 3-5 nodes (Replica + one SyncSession per link, the relay rule
-of `Node._on_update`, a per-node update log as the local cache) over simulated links that drop,
-duplicate and reorder frames, go down (partition) and come back (heal), in a full mesh or a line
-(A-B-C-...: the ends never talk). Nodes edit 1-3 docs holding a Text, a Map and an Array,
-including deletions, and restart from their logs. A session that raises ProtocolError loses its
-link, which is re-dialled, as the peer driver does. Every edit inserts a unique marker, so the
-final check knows exactly which content must be present and which must be gone.
+A hypothesis state machine drives 3-5 nodes (Replica + one SyncSession per link, the node's
+relay rule `sync.router.Router`, a per-node update log as the local cache) over simulated
+links that drop, duplicate and reorder frames, go down (partition) and come back (heal), in a
+full mesh or a line (A-B-C-...: the ends never talk). Nodes edit 1-3 docs holding a Text, a
+Map and an Array, including deletions, and restart from their logs. A session that raises
+ProtocolError loses its link, which is re-dialled, as the peer driver does. Every edit
+inserts a unique marker, so the final check knows exactly which content must be present and
+which must be gone.
 
 After heal + quiesce (deliver until nothing is in flight, then one anti-entropy tick and deliver
 again) every replica must hold the same state vector, digest and content, equal to the set of
@@ -26,11 +27,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from pycrdt import Array, Map, Text
 
-from unity_crdt import codec
-from unity_crdt.codec import Message, read_state_vector
 from unity_crdt.errors import ProtocolError
-from unity_crdt.protocol import SeenFilter, SyncSession
-from unity_crdt.replica import RemoteOrigin, Replica
+from unity_crdt.sync import codec
+from unity_crdt.sync.codec import Message
+from unity_crdt.sync.replica import Replica
+from unity_crdt.sync.router import Router
+from unity_crdt.sync.session import SeenFilter, SyncSession
+from unity_crdt.sync.yjs import read_state_vector
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +55,14 @@ class SimNode:
         self.replica = Replica(self._on_update, client_id_factory=lambda: next(ids))
         self.seen = SeenFilter(capacity=64)  # small, so eviction happens in the test
         self.sessions: dict[str, SyncSession] = {}
-        self.queued: list[tuple[str, bytes, object | None]] = []
+        self.router = Router()
         docs = sorted({doc for doc, _ in log})
         for doc in docs:  # a restart: replay the cache, which must not be reported again
             self.replica.load(doc, [u for d, u in log if d == doc])
 
     def _on_update(self, doc: str, update: bytes, origin: object | None) -> None:
         self.log.append((doc, update))  # the cache: every reported update, local or remote
-        self.queued.append((doc, update, origin))
+        self.router.add(doc, update, origin)
 
     def text(self, doc: str) -> Text:
         text: Text = self.replica.doc(doc).get("text", type=Text)
@@ -159,12 +162,10 @@ class Convergence(RuleBasedStateMachine):
             queue.extend(codec.encode(m) for m in msgs)
 
     def _relay(self, node: SimNode) -> None:
-        while node.queued:
-            doc, update, origin = node.queued.pop(0)
-            source = origin.peer if isinstance(origin, RemoteOrigin) else None
-            for peer, session in list(node.sessions.items()):
-                if peer != source:
-                    self._send(node.name, peer, session.local_update(doc, update))
+        """The node's own rule: `Router.drain` once per turn, then `fan_out` to the links."""
+        for routed in node.router.drain():
+            for peer, msgs in Router.fan_out(routed, node.sessions).items():
+                self._send(node.name, peer, msgs)
 
     def _deliver(self, key: tuple[str, str], index: int) -> None:
         src, dst = key
@@ -174,8 +175,7 @@ class Convergence(RuleBasedStateMachine):
         try:
             replies = node.sessions[src].receive(codec.decode(data), self.now)
         except ProtocolError:
-            node.queued.clear()  # nothing was applied; reports so far were relayed below
-            self._reset(self._link(src, dst))
+            self._reset(self._link(src, dst))  # what was applied before the error is relayed
             return
         finally:
             self._relay(node)

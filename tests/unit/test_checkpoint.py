@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 from pycrdt import Doc, Text
 
-from unity_crdt.checkpoint import (
-    Checkpointer,
-    DirectorySink,
-    Manifest,
-    SinkRecord,
-    chunk_id,
-)
-from unity_crdt.errors import CheckpointError, SecurityError
-from unity_crdt.secure import GroupKeys, derive_group_keys, device_id_for
+from unity_crdt.checkpoint.directory import DirectorySink
+from unity_crdt.checkpoint.format import Manifest, SinkRecord, chunk_id
+from unity_crdt.checkpoint.policy import Checkpointer
+from unity_crdt.checkpoint.sinks import open_sink
+from unity_crdt.crypto.keys import GroupKeys, derive_group_keys, device_id_for
+from unity_crdt.errors import CheckpointError, ConfigError, SecurityError
+from unity_crdt.testing import check_sink
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +318,15 @@ async def test_run_pull_hands_new_states_to_apply(tmp_path: Path, keys: GroupKey
     with pytest.raises(Stop):
         await me.cp.run_pull(1.0, applied.append, sleep=sleep)
     assert applied == [{"n": [b"theirs"]}]  # the second round found nothing new
+
+
+async def test_directory_sink_meets_the_sink_contract_by_url(tmp_path: Path) -> None:
+    await check_sink(lambda: open_sink(f"dir://{tmp_path}/sink"))
+
+
+def test_sink_urls_pick_their_backend_and_unknown_schemes_are_clear(tmp_path: Path) -> None:
+    assert isinstance(open_sink(f"dir://{tmp_path}"), DirectorySink)
+    with pytest.raises(ConfigError, match="no checkpoint sink for ftp://"):
+        open_sink("ftp://host/x")
+    with pytest.raises(ConfigError, match="dir:///absolute/path"):
+        open_sink("dir://")

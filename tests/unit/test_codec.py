@@ -15,15 +15,19 @@ from pycrdt import (
 )
 from ydocs import edit_session, uv, vs
 
-from unity_crdt import codec, yjs
-from unity_crdt.codec import (
+from unity_crdt.errors import (
+    ConfigError,
+    DecodeError,
+    ErrorCode,
+    LimitExceeded,
+    ProtocolError,
+)
+from unity_crdt.ids import check_doc_id
+from unity_crdt.sync.codec import (
     DEFAULT_LIMITS,
-    DIGEST_SIZE,
     PROTOCOL_VERSION,
     Awareness,
     Batch,
-    Bye,
-    Error,
     Hello,
     Limits,
     Message,
@@ -36,14 +40,7 @@ from unity_crdt.codec import (
     decode,
     encode,
 )
-from unity_crdt.errors import (
-    ConfigError,
-    DecodeError,
-    ErrorCode,
-    LimitExceeded,
-    ProtocolError,
-)
-from unity_crdt.ids import check_doc_id
+from unity_crdt.sync.yjs import DIGEST_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +60,6 @@ WORKED = [
     (Update("notes", b"\x00\x00"), "0205" + b"notes".hex() + "0002020000"),
     (Awareness("notes", b"\x00"), "0205" + b"notes".hex() + "010100"),
     (Update("é", b"\x00\x00"), "0202c3a90002020000"),
-    (Bye(ErrorCode.SHUTDOWN), "050900"),
-    (Error(ErrorCode.TOO_LARGE, None, "big"), "060200" + "03" + b"big".hex()),
-    (Error(ErrorCode.BAD_UPDATE, "n", ""), "060401016e00"),
     (Batch((Ping(1), Pong(1))), "0702020301020401"),
 ]
 
@@ -78,8 +72,8 @@ def test_worked_examples_have_exact_bytes(msg: Message, hexstr: str) -> None:
 
 def test_constants() -> None:
     assert PROTOCOL_VERSION == 1 and DIGEST_SIZE == 16
-    assert Limits(64 * 2**20, 255, 100_000, 1024, 10_000) == DEFAULT_LIMITS
-    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 5, 6, 7]
+    assert Limits(64 * 2**20, 255, 100_000, 10_000) == DEFAULT_LIMITS
+    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7]
 
 
 def test_doc_messages_are_byte_compatible_with_y_protocols(
@@ -122,12 +116,8 @@ def samples(session: tuple[Doc, list[bytes]]) -> list[Message]:
         Ping(2**64 - 1),
         Pong(127),
         Pong(128),
-        Bye(ErrorCode.NORMAL),
-        Bye(ErrorCode.SHUTDOWN, "going away ✓"),
-        Error(ErrorCode.BAD_UPDATE, None, ""),
-        Error(ErrorCode.MALFORMED, "日本語", "r" * 1024),
         Batch(()),
-        Batch((Ping(1), Update("a", updates[1]), Error(ErrorCode.TIMEOUT, "a", "t"), Hello(1, {}))),
+        Batch((Ping(1), Update("a", updates[1]), Awareness("a", b"t"), Hello(1, {}))),
     ]
 
 
@@ -193,15 +183,13 @@ def test_max_varuint_is_accepted() -> None:
 
 
 def test_size_and_count_limits() -> None:
-    tight = Limits(max_message=100, max_doc_id=4, max_inventory=2, max_reason=3, max_batch=2)
+    tight = Limits(max_message=100, max_doc_id=4, max_inventory=2, max_batch=2)
     inv3 = Hello(1, {"a": b"1" * 16, "b": b"2" * 16, "c": b"3" * 16})
     cases = [
         encode(Ping(1)),  # fits
         encode(Awareness("a", b"x" * 200)),
         encode(Update("abcde", b"\x00\x00")),
         encode(inv3),
-        encode(Bye(ErrorCode.NORMAL, "four")),
-        encode(Error(ErrorCode.NORMAL, None, "four")),
         encode(Batch((Ping(1), Ping(2), Ping(3)))),
     ]
     assert decode(cases[0], tight) == Ping(1)
@@ -209,7 +197,7 @@ def test_size_and_count_limits() -> None:
         with pytest.raises(LimitExceeded) as info:
             decode(data, tight)
         assert info.value.code == ErrorCode.TOO_LARGE
-    assert decode(encode(Bye(ErrorCode.NORMAL, "abc")), tight) == Bye(ErrorCode.NORMAL, "abc")
+    assert decode(encode(Update("abcd", b"\x00\x00")), tight) == Update("abcd", b"\x00\x00")
     with pytest.raises(LimitExceeded):
         decode(encode(Update("x" * 255, b"\x00\x00")), Limits(max_doc_id=10))
 
@@ -227,9 +215,11 @@ def test_counts_beyond_the_message_fail_fast_without_allocating() -> None:
     assert time.perf_counter() - start < 0.05
 
 
-def test_unknown_error_codes_map_to_internal_and_versions_pass_through() -> None:
-    assert decode(b"\x05" + uv(999) + b"\x00") == Bye(ErrorCode.INTERNAL, "")
-    assert decode(b"\x06" + uv(77) + b"\x00\x00") == Error(ErrorCode.INTERNAL, None, "")
+def test_retired_tags_are_unknown_and_versions_pass_through() -> None:
+    # Tags 5 (BYE) and 6 (ERROR) were never sent: links end with a sealed CLOSE frame.
+    for retired in (b"\x05" + uv(9) + b"\x00", b"\x06" + uv(2) + b"\x00\x00"):
+        with pytest.raises(DecodeError, match="unknown message tag"):
+            decode(retired)
     assert decode(encode(Hello(7, {}))) == Hello(7, {})
 
 
@@ -262,18 +252,8 @@ def test_encode_refuses_what_a_peer_could_not_decode() -> None:
         encode("not a message")  # type: ignore[arg-type]
 
 
-def test_long_reasons_are_truncated_on_a_character_boundary() -> None:
-    reason = "x" + "é" * 1000
-    msg = decode(encode(Bye(ErrorCode.NORMAL, reason)))
-    assert isinstance(msg, Bye)
-    assert reason.startswith(msg.reason)
-    assert len(msg.reason.encode()) == 1023  # the next "é" would not fit in 1024
-
-
 # ---------------------------------------------------------------- hypothesis
 
-texts = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
-codes = st.sampled_from(list(ErrorCode))
 _POOL = edit_session(7, steps=30)[1] + [b"\x00\x00"]
 payloads = st.sampled_from(_POOL)
 
@@ -299,8 +279,6 @@ simple_messages = st.one_of(
     st.builds(Awareness, doc_ids, st.binary(max_size=50)),
     st.builds(Ping, st.integers(0, 2**64 - 1)),
     st.builds(Pong, st.integers(0, 2**64 - 1)),
-    st.builds(Bye, codes, texts),
-    st.builds(Error, codes, st.none() | doc_ids, texts),
 )
 messages = simple_messages | st.builds(Batch, st.lists(simple_messages, max_size=5).map(tuple))
 
@@ -341,17 +319,3 @@ def test_hypothesis_mutated_messages_are_rejected_or_stable(
         return
     # Whatever is accepted is well-formed: it encodes and decodes to itself.
     assert decode(encode(decoded)) == decoded
-
-
-def test_yjs_names_are_reexported_unchanged() -> None:
-    names = [
-        "DIGEST_SIZE",
-        "check_state_vector",
-        "check_update",
-        "doc_digest",
-        "is_empty_update",
-        "read_delete_set",
-        "read_state_vector",
-    ]
-    for name in names:
-        assert getattr(codec, name) is getattr(yjs, name), name

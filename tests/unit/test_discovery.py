@@ -15,8 +15,8 @@ import pytest
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
-from unity_crdt.discovery import SERVICE_TYPE, Discovery, Found
 from unity_crdt.errors import ConfigError
+from unity_crdt.net.mdns import SERVICE_TYPE, Discovery, Found
 
 
 def _beacon() -> str:

@@ -1,26 +1,23 @@
-"""SyncSession over an in-memory link: every message goes through codec.encode/decode.
+"""SyncSession over in-memory links: every message goes through codec.encode/decode.
 
-The harness plays the node's part (h11's tests/helpers.py in spirit): each `Party` owns a
-Replica and one SyncSession per link; replica reports are queued by `on_update` and relayed
-to every session except the one the update came from, like `Node._on_update` does.
+The harness is `unity_crdt.testing` (`Party`, `Net`): each party owns a Replica, one
+SyncSession per link, and the node's own relay rule (`sync.router.Router`).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from pycrdt import Array, Map, Text
 
-from unity_crdt import codec
-from unity_crdt.codec import (
+from unity_crdt.errors import ErrorCode, ProtocolError
+from unity_crdt.sync import codec
+from unity_crdt.sync.codec import (
     PROTOCOL_VERSION,
     Batch,
-    Bye,
-    Error,
     Hello,
     Message,
     Ping,
@@ -29,118 +26,9 @@ from unity_crdt.codec import (
     SyncStep2,
     Update,
 )
-from unity_crdt.errors import ErrorCode, ProtocolError
-from unity_crdt.protocol import EMPTY_UPDATE, SeenFilter, SyncSession, flatten
-from unity_crdt.replica import RemoteOrigin, Replica
-
-_ids = itertools.count(1)
-
-
-class Party:
-    """A node without I/O: a replica, its sessions, and the relay rule."""
-
-    def __init__(self, name: str, seen: SeenFilter | None = None) -> None:
-        self.name = name
-        self.replica = Replica(self._on_update, client_id_factory=lambda: next(_ids))
-        self.seen = seen if seen is not None else SeenFilter()
-        self.sessions: dict[str, SyncSession] = {}
-        self.queued: list[tuple[str, bytes, object | None]] = []
-        self.reports: list[tuple[str, bytes, object | None]] = []
-
-    def _on_update(self, doc: str, update: bytes, origin: object | None) -> None:
-        self.queued.append((doc, update, origin))
-        self.reports.append((doc, update, origin))
-
-    def text(self, doc: str) -> Text:
-        text: Text = self.replica.doc(doc).get("t", type=Text)
-        return text
-
-    def content(self, doc: str) -> tuple[str, dict[str, Any], list[Any]]:
-        d = self.replica.doc(doc)
-        return (
-            str(d.get("t", type=Text)),
-            d.get("m", type=Map).to_py() or {},
-            d.get("a", type=Array).to_py() or [],
-        )
-
-
-class Net:
-    """Directed in-memory links carrying encoded bytes; `pump` runs to quiescence."""
-
-    def __init__(self, *parties: Party, now: float = 1000.0, **session_kw: Any) -> None:
-        self.parties = {p.name: p for p in parties}
-        self.queues: dict[tuple[str, str], deque[bytes]] = {}
-        self.now = now
-        self.session_kw = session_kw
-        self.sent: Counter[str] = Counter()
-        self.log: list[tuple[str, str, Message]] = []
-
-    def connect(self, a: str, b: str, a_kw: dict[str, Any] | None = None) -> None:
-        """Link `a` and `b`; `a_kw` are extra SyncSession arguments for `a`'s side only."""
-        for party in self.parties.values():  # earlier edits went to the links of that time
-            self.relay(party)
-        for x, y in ((a, b), (b, a)):
-            px = self.parties[x]
-            kw = {**self.session_kw, **((a_kw or {}) if x == a else {})}
-            px.sessions[y] = SyncSession(px.replica, peer=y, now=self.now, seen=px.seen, **kw)
-            self.queues[(x, y)] = deque()
-        for x, y in ((a, b), (b, a)):
-            self.send(x, y, self.parties[x].sessions[y].start())
-
-    def disconnect(self, a: str, b: str) -> None:
-        for x, y in ((a, b), (b, a)):
-            del self.parties[x].sessions[y]
-            del self.queues[(x, y)]
-
-    def send(self, src: str, dst: str, msgs: list[Message]) -> None:
-        if not msgs or (src, dst) not in self.queues:
-            return
-        for m in flatten(msgs):
-            self.sent[type(m).__name__] += 1
-            self.log.append((src, dst, m))
-        # Several replies travel as one BATCH, as the peer driver sends them.
-        payload = msgs[0] if len(msgs) == 1 else Batch(tuple(msgs))
-        self.queues[(src, dst)].append(codec.encode(payload))
-
-    def relay(self, party: Party) -> None:
-        while party.queued:
-            doc, update, origin = party.queued.pop(0)
-            source = origin.peer if isinstance(origin, RemoteOrigin) else None
-            for peer, session in party.sessions.items():
-                if peer != source:
-                    self.send(party.name, peer, session.local_update(doc, update))
-
-    def deliver(self, src: str, dst: str) -> None:
-        data = self.queues[(src, dst)].popleft()
-        party = self.parties[dst]
-        replies = party.sessions[src].receive(codec.decode(data), self.now)
-        self.send(dst, src, replies)
-        self.relay(party)
-
-    def pump(self, limit: int = 10_000) -> int:
-        """Deliver until every queue is empty; return the number of frames delivered."""
-        for party in self.parties.values():
-            self.relay(party)
-        delivered = 0
-        while any(self.queues.values()):
-            for key in [k for k, q in self.queues.items() if q]:
-                if self.queues.get(key):
-                    self.deliver(*key)
-                    delivered += 1
-            assert delivered < limit, "gossip did not terminate"
-        return delivered
-
-    def tick(self, dt: float) -> None:
-        self.now += dt
-        for party in self.parties.values():
-            for peer, session in list(party.sessions.items()):
-                self.send(party.name, peer, session.tick(self.now))
-
-    def drop_in_flight(self, src: str, dst: str) -> int:
-        q = self.queues[(src, dst)]
-        n = len(q)
-        q.clear()
-        return n
+from unity_crdt.sync.replica import Replica
+from unity_crdt.sync.session import EMPTY_UPDATE, SeenFilter, SyncSession
+from unity_crdt.testing import Net, Party
 
 
 def pair(**kw: Any) -> tuple[Party, Party, Net]:
@@ -437,21 +325,6 @@ def test_hello_asks_for_every_differing_or_one_sided_doc() -> None:
     assert s.synced_docs == frozenset({"same"})
 
 
-def test_error_bye_and_close() -> None:
-    replica = Replica(lambda *_: None)
-    s = SyncSession(replica, peer="p", now=0.0)
-    with pytest.raises(ProtocolError) as info:
-        s.receive(Error(ErrorCode.OVERLOADED, "d", "busy"), 0.0)
-    assert info.value.code == ErrorCode.OVERLOADED
-    s.receive(Bye(ErrorCode.SHUTDOWN, "bye"), 0.0)
-    assert s.closed and s.close_code == ErrorCode.SHUTDOWN
-    assert s.tick(1e6) == []  # a closed session never times out or pings
-    assert s.local_update("d", b"\x00\x00") == []
-    t = SyncSession(replica, peer="q", now=0.0)
-    assert t.close() == [Bye(ErrorCode.NORMAL, "")]
-    assert t.close() == []
-
-
 def _frames(msgs: list[Message]) -> Iterator[bytes]:
     for m in msgs:
         yield codec.encode(m)
@@ -472,7 +345,7 @@ def test_batch_is_processed_in_order() -> None:
 def test_quiet_link_acknowledges_live_updates_within_the_ack_delay() -> None:
     """After a burst of live updates, both sides report the doc synced about one ack_delay
     after the link went quiet, long before the next anti-entropy round."""
-    from unity_crdt import codec as _codec
+    from unity_crdt.sync import codec as _codec
 
     got: dict[str, list[tuple[str, bytes]]] = {"a": [], "b": []}
     ra = Replica(lambda d, u, o: got["a"].append((d, u)))
@@ -490,7 +363,7 @@ def test_quiet_link_acknowledges_live_updates_within_the_ack_delay() -> None:
     pump(sa.start(), sb, sa, 0.0)
     pump(sb.start(), sa, sb, 0.0)
     ra.doc("d").get("t", type=Text).insert(0, "live edit")
-    (doc, update), = got["a"]
+    ((doc, update),) = got["a"]
     pump(sa.local_update(doc, update), sb, sa, 0.1)
     assert str(rb.doc("d").get("t", type=Text)) == "live edit"
     assert not sa.is_synced("d")

@@ -9,7 +9,7 @@ import pytest
 from pycrdt import Array, Doc, Map, Text, UndoManager
 
 from unity_crdt.errors import ConfigError, ErrorCode, ProtocolError, StoreError
-from unity_crdt.replica import RemoteOrigin, Replica
+from unity_crdt.sync.replica import RemoteOrigin, Replica
 
 Report = tuple[str, bytes, object | None]
 

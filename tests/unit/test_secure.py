@@ -10,24 +10,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
-from unity_crdt import secure
-from unity_crdt.errors import ConfigError, ErrorCode, FrameError, HandshakeError, SecurityError
-from unity_crdt.secure import (
+from unity_crdt.crypto import frames, handshake, keys
+from unity_crdt.crypto.frames import (
     FLAG_MORE,
     FRAME_DATA,
     FRAME_OVERHEAD,
     MAX_FRAME_PLAINTEXT,
-    PRELUDE_LEN,
-    PROLOGUE_LABEL,
-    PROTOCOL_NAME,
-    DeviceIdentity,
-    GroupKeys,
-    Handshake,
     PeerHello,
     RekeyPolicy,
     SecureSession,
-    derive_group_keys,
 )
+from unity_crdt.crypto.handshake import PRELUDE_LEN, PROLOGUE_LABEL, PROTOCOL_NAME, Handshake
+from unity_crdt.crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
+from unity_crdt.errors import ConfigError, ErrorCode, FrameError, HandshakeError, SecurityError
 
 SECRET = "correct horse battery staple"
 MiB = 2**20
@@ -86,7 +81,7 @@ def assert_rejected(s: SecureSession, frame: bytes, code: ErrorCode | None = Non
     assert s.failed
 
 
-# --- group keys and blobs (unity_crdt.keys, re-exported) --------------------------------------
+# --- group keys and blobs (unity_crdt.crypto.keys) ----------------------------------------------
 
 
 def test_group_keys_are_deterministic_distinct_and_labelled() -> None:
@@ -101,8 +96,8 @@ def test_group_keys_are_deterministic_distinct_and_labelled() -> None:
 
 
 def test_sealed_blobs_detect_tampering_and_wrong_key() -> None:
-    blob = secure.seal_blob(KEYS.checkpoint_key, b"state", aad=b"doc-1")
-    assert secure.open_blob(KEYS.checkpoint_key, blob, aad=b"doc-1") == b"state"
+    blob = keys.seal_blob(KEYS.checkpoint_key, b"state", aad=b"doc-1")
+    assert keys.open_blob(KEYS.checkpoint_key, blob, aad=b"doc-1") == b"state"
     for bad_key, bad_blob, aad in [
         (OTHER_KEYS.checkpoint_key, blob, b"doc-1"),
         (KEYS.checkpoint_key, flip(blob, len(blob) - 1), b"doc-1"),
@@ -110,7 +105,7 @@ def test_sealed_blobs_detect_tampering_and_wrong_key() -> None:
         (KEYS.checkpoint_key, blob[:20], b"doc-1"),
     ]:
         with pytest.raises(SecurityError):
-            secure.open_blob(bad_key, bad_blob, aad=aad)
+            keys.open_blob(bad_key, bad_blob, aad=aad)
 
 
 # --- handshake --------------------------------------------------------------------------------
@@ -143,9 +138,9 @@ def test_interop_with_the_noise_reference_library() -> None:
     raw.set_as_responder()
     raw.start_handshake()
     assert raw.read_message(m1[PRELUDE_LEN:]) == b""
-    m3 = i.receive(bytes(raw.write_message(secure._encode_hello(hello(BOB, "bob")))), 0.1)
+    m3 = i.receive(bytes(raw.write_message(handshake._encode_hello(hello(BOB, "bob")))), 0.1)
     assert m3 is not None
-    assert secure._decode_hello(bytes(raw.read_message(m3))) == hello(ALICE, "alice")
+    assert handshake._decode_hello(bytes(raw.read_message(m3))) == hello(ALICE, "alice")
     s = i.session()
     assert s.handshake_hash == raw.get_handshake_hash()
     rx, tx = raw.noise_protocol.cipher_state_decrypt, raw.noise_protocol.cipher_state_encrypt
@@ -354,7 +349,7 @@ def test_handshake_parsers_raise_only_handshake_errors(data: bytes, step: int) -
     with pytest.raises(HandshakeError):
         target.receive(payload, 0.2)
     with pytest.raises(HandshakeError):
-        secure._decode_hello(data + b"\xff")  # 0xff is never a valid UTF-8 name tail
+        handshake._decode_hello(data + b"\xff")  # 0xff is never a valid UTF-8 name tail
 
 
 # --- frames -----------------------------------------------------------------------------------
@@ -458,9 +453,9 @@ def test_empty_fragments_do_not_grow_memory() -> None:
         (9, 0, b"x"),
         (255, 0, b""),  # unknown types
         (FRAME_DATA, 0x02, b"x"),  # unknown DATA flag
-        (secure.FRAME_REKEY, 0, b"x"),
-        (secure.FRAME_REKEY, FLAG_MORE, b""),
-        (secure.FRAME_CLOSE, 0, b"\x00"),  # CLOSE without a full code
+        (frames.FRAME_REKEY, 0, b"x"),
+        (frames.FRAME_REKEY, FLAG_MORE, b""),
+        (frames.FRAME_CLOSE, 0, b"\x00"),  # CLOSE without a full code
     ],
 )
 def test_invalid_authenticated_frames(ftype: int, flags: int, payload: bytes) -> None:
@@ -485,7 +480,7 @@ def test_close_frame() -> None:
     assert_rejected(b, a._seal_frame(FRAME_DATA, 0, b"late"), ErrorCode.MALFORMED)
     # an unknown code on the wire maps to INTERNAL instead of failing
     a, b = sessions()
-    b.open(a._seal_frame(secure.FRAME_CLOSE, 0, struct.pack(">H", 999)))
+    b.open(a._seal_frame(frames.FRAME_CLOSE, 0, struct.pack(">H", 999)))
     assert b.closed_by_peer == (ErrorCode.INTERNAL, "")
 
 
@@ -539,9 +534,9 @@ def test_automatic_rekey_on_frame_count_and_lazy_peer() -> None:
     r.receive(i.receive(r.receive(i.initiate(), 0) or b"", 0) or b"", 0)
     a, b = i.session(rekey_policy=RekeyPolicy(frames=2)), r.session()
     message = bytes(range(250)) * 20
-    frames = a.seal(message)
-    assert [f[1] for f in frames].count(secure.FRAME_REKEY) == 2
-    assert [b.open(f) for f in frames][-1] == message
+    sealed = a.seal(message)
+    assert [f[1] for f in sealed].count(frames.FRAME_REKEY) == 2
+    assert [b.open(f) for f in sealed][-1] == message
     # A peer that never rekeys is cut off once it doubles the limit.
     a, b = sessions()
     b.rekey_policy = RekeyPolicy(frames=3)

@@ -15,15 +15,10 @@ import pycrdt
 import pytest
 
 from unity_crdt.errors import CacheLockedError, ConfigError, CorruptCacheError, StoreError
-from unity_crdt.store import (
-    DB_NAME,
-    LOCK_NAME,
-    MemoryStore,
-    SqliteStore,
-    compact_updates,
-    load_or_create_secret_file,
-    should_compact,
-)
+from unity_crdt.store._compaction import compact_updates, should_compact
+from unity_crdt.store.files import DB_NAME, LOCK_NAME, load_or_create_secret_file
+from unity_crdt.store.memory import MemoryStore
+from unity_crdt.store.sqlite import SqliteStore
 from unity_crdt.testing import check_store
 
 WRITER = Path(__file__).parents[1] / "integration" / "store_writer.py"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from unity_crdt.secure import GroupKeys, derive_group_keys
-from unity_crdt.weaviate_sink import WeaviateSink
+from unity_crdt.checkpoint.weaviate import WeaviateSink
+from unity_crdt.crypto.keys import GroupKeys, derive_group_keys
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "weaviate.py"
 

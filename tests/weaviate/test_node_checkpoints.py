@@ -26,9 +26,14 @@ async def make_node(tmp_path: Path, weaviate_server: Any) -> AsyncIterator[NodeM
 
     async def factory(name: str, **kw: Any) -> Node:
         values: dict[str, Any] = dict(
-            name=name, cache_dir=tmp_path / name, group_secret=secret, mdns=False,
-            weaviate_url=weaviate_server.url, weaviate_grpc_port=weaviate_server.grpc_port,
-            checkpoint_interval=0.3, pull_interval=None,
+            name=name,
+            cache_dir=tmp_path / name,
+            group_secret=secret,
+            mdns=False,
+            weaviate_url=weaviate_server.url,
+            weaviate_grpc_port=weaviate_server.grpc_port,
+            checkpoint_interval=0.3,
+            pull_interval=None,
         )
         values.update(kw)
         node = Node(NodeConfig(**values))
@@ -85,7 +90,7 @@ async def test_concurrent_checkpoints_of_one_doc_restore_as_their_merge(
     await fresh.restore()
     m = fresh.doc("notes").get("m", type=pycrdt.Map)
     assert {k: int(v) for k, v in m.items()} == {"from-0": 0, "from-1": 10, "from-2": 20}
-    assert sorted(text(fresh)[i:i + 4] for i in range(0, 12, 4)) == ["<w0>", "<w1>", "<w2>"]
+    assert sorted(text(fresh)[i : i + 4] for i in range(0, 12, 4)) == ["<w0>", "<w1>", "<w2>"]
 
 
 async def test_unlinked_nodes_converge_through_periodic_pull(make_node: NodeMaker) -> None:
@@ -94,8 +99,11 @@ async def test_unlinked_nodes_converge_through_periodic_pull(make_node: NodeMake
     b = await make_node("b", pull_interval=0.3)
     a.doc("notes").get("t", type=pycrdt.Text).insert(0, "from a on network one. ")
     b.doc("notes").get("t", type=pycrdt.Text).insert(0, "from b on network two. ")
-    await until(lambda: "network two" in text(a) and "network one" in text(b), 15.0,
-                "convergence through Weaviate")
+    await until(
+        lambda: "network two" in text(a) and "network one" in text(b),
+        15.0,
+        "convergence through Weaviate",
+    )
     await until(lambda: text(a) == text(b), 5.0, "identical text")
     assert a.peers == [] and b.peers == []
 
@@ -146,8 +154,9 @@ async def test_weaviate_down_at_start_the_node_still_syncs(
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    a = await make_node("a", weaviate_url=f"http://127.0.0.1:{dead}", weaviate_grpc_port=dead,
-                        restore_on_start=True)
+    a = await make_node(
+        "a", weaviate_url=f"http://127.0.0.1:{dead}", weaviate_grpc_port=dead, restore_on_start=True
+    )
     b = await make_node("b", peers=(a.url,))
     await b.wait_for_peers(1)
     a.doc("notes").get("t", type=pycrdt.Text).insert(0, "offline from weaviate")

@@ -16,10 +16,13 @@ import weaviate
 from pycrdt import Doc, Text
 from weaviate.classes.query import Filter
 
-from unity_crdt.checkpoint import Checkpointer, CheckpointSink, Manifest
+from unity_crdt.checkpoint.format import CheckpointSink, Manifest
+from unity_crdt.checkpoint.policy import Checkpointer
+from unity_crdt.checkpoint.sinks import open_sink
+from unity_crdt.checkpoint.weaviate import CHUNKS, MANIFESTS, WeaviateSink
+from unity_crdt.crypto.keys import GroupKeys, derive_group_keys, device_id_for
 from unity_crdt.errors import CheckpointError
-from unity_crdt.secure import GroupKeys, derive_group_keys, device_id_for
-from unity_crdt.weaviate_sink import CHUNKS, MANIFESTS, WeaviateSink
+from unity_crdt.testing import check_sink
 
 pytestmark = pytest.mark.weaviate
 
@@ -338,9 +341,12 @@ async def test_server_killed_mid_run_backs_off_and_loses_nothing(
     weaviate_server: Any, group_keys: GroupKeys
 ) -> None:
     sink = WeaviateSink(
-        weaviate_server.url, weaviate_server.grpc_port, init_timeout=2, query_timeout=5,
+        weaviate_server.url,
+        weaviate_server.grpc_port,
+        init_timeout=2,
+        query_timeout=5,
         insert_timeout=5,
-    )  # fmt: skip
+    )
     dev = Device(group_keys, sink)
     dev.edit("notes", "before crash. ")
     task = asyncio.create_task(dev.cp.run(0.1, max_backoff=0.4))
@@ -376,3 +382,8 @@ async def wait_for(cond: Any, within: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def test_weaviate_sink_meets_the_sink_contract_by_url(weaviate_server: Any) -> None:
+    url = f"weaviate://127.0.0.1:{weaviate_server.http_port}?grpc={weaviate_server.grpc_port}"
+    await check_sink(lambda: open_sink(url))

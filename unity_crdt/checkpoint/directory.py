@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from .format import Manifest, SearchHit, SinkRecord, check_tenant, snippet_of
 from ..errors import CheckpointError
+from .format import Manifest, SearchHit, SinkRecord, check_tenant, snippet_of
 
 __all__ = ["DirectorySink"]
 
@@ -48,10 +48,15 @@ class DirectorySink:
         for rec in records:
             m = rec.manifest
             doc = {
-                "object_id": m.object_id, "doc_key": m.doc_key, "device": m.device,
-                "generation": m.generation, "parts": m.parts, "nbytes": m.nbytes,
-                "header": base64.b64encode(m.header).decode("ascii"), "text": rec.text,
-            }  # fmt: skip
+                "object_id": m.object_id,
+                "doc_key": m.doc_key,
+                "device": m.device,
+                "generation": m.generation,
+                "parts": m.parts,
+                "nbytes": m.nbytes,
+                "header": base64.b64encode(m.header).decode("ascii"),
+                "text": rec.text,
+            }
             self._write(base / "manifests" / f"{m.object_id}.json", json.dumps(doc).encode())
         for rec in records:
             m = rec.manifest
@@ -66,10 +71,14 @@ class DirectorySink:
             try:
                 d = json.loads(path.read_bytes())
                 m = Manifest(
-                    str(d["object_id"]), str(d["doc_key"]), str(d["device"]),
-                    str(d["generation"]), int(d["parts"]), int(d["nbytes"]),
+                    str(d["object_id"]),
+                    str(d["doc_key"]),
+                    str(d["device"]),
+                    str(d["generation"]),
+                    int(d["parts"]),
+                    int(d["nbytes"]),
                     base64.b64decode(d["header"]),
-                )  # fmt: skip
+                )
             except (ValueError, KeyError, TypeError):
                 log.warning("checkpoint: manifest file %s is unreadable; skipped", path.name)
                 continue

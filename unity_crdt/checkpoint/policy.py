@@ -304,10 +304,11 @@ class Checkpointer:
         todo = await self._manifests(doc_keys)
         for attempt in range(2):
             todo = [
-                m for m in todo
+                m
+                for m in todo
                 if (include_own or m.device != own)
                 and not (changed_only and self._seen.get(m.object_id) == m.generation)
-            ]  # fmt: skip
+            ]
             chunks = await self._chunks(todo)
             retry: list[Manifest] = []
             for m in todo:

@@ -103,19 +103,31 @@ class WeaviateSink:
         if self._host.endswith((".weaviate.cloud", ".weaviate.network")):
             # Weaviate Cloud serves gRPC on its own "grpc-" host; the helper knows the layout.
             return weaviate.use_async_with_weaviate_cloud(
-                cluster_url=self.url, auth_credentials=auth or "", additional_config=config,
+                cluster_url=self.url,
+                auth_credentials=auth or "",
+                additional_config=config,
                 skip_init_checks=True,
-            )  # fmt: skip
+            )
         if self._host in ("127.0.0.1", "localhost", "::1") and not self._secure:
             return weaviate.use_async_with_local(
-                host=self._host, port=self._port, grpc_port=self._grpc_port,
-                additional_config=config, skip_init_checks=True, auth_credentials=auth,
-            )  # fmt: skip
+                host=self._host,
+                port=self._port,
+                grpc_port=self._grpc_port,
+                additional_config=config,
+                skip_init_checks=True,
+                auth_credentials=auth,
+            )
         return weaviate.use_async_with_custom(
-            http_host=self._host, http_port=self._port, http_secure=self._secure,
-            grpc_host=self._host, grpc_port=self._grpc_port, grpc_secure=self._secure,
-            additional_config=config, skip_init_checks=True, auth_credentials=auth,
-        )  # fmt: skip
+            http_host=self._host,
+            http_port=self._port,
+            http_secure=self._secure,
+            grpc_host=self._host,
+            grpc_port=self._grpc_port,
+            grpc_secure=self._secure,
+            additional_config=config,
+            skip_init_checks=True,
+            auth_credentials=auth,
+        )
 
     async def _call(self, what: str, call: Awaitable[_T]) -> _T:
         """Await one client call, mapping every failure to CheckpointError with a clear reason."""
@@ -182,16 +194,21 @@ class WeaviateSink:
         client = self._client
         specs = {
             MANIFESTS: [
-                _field("doc_key"), _field("device"), _field("gen"),
-                _field("parts", DataType.INT), _field("nbytes", DataType.INT),
+                _field("doc_key"),
+                _field("device"),
+                _field("gen"),
+                _field("parts", DataType.INT),
+                _field("nbytes", DataType.INT),
                 _field("blob", DataType.BLOB),
                 Property(name="text", data_type=DataType.TEXT, tokenization=Tokenization.WORD),
             ],
             CHUNKS: [
-                _field("owner"), _field("gen"), _field("idx", DataType.INT),
+                _field("owner"),
+                _field("gen"),
+                _field("idx", DataType.INT),
                 _field("blob", DataType.BLOB),
             ],
-        }  # fmt: skip
+        }
         for name, props in specs.items():
             if await client.collections.exists(name):
                 continue
@@ -244,9 +261,14 @@ class WeaviateSink:
         for rec in records:
             m = rec.manifest
             fields: dict[str, Any] = {
-                "doc_key": m.doc_key, "device": m.device, "gen": m.generation,
-                "parts": m.parts, "nbytes": m.nbytes, "blob": _b64(m.header), "text": rec.text,
-            }  # fmt: skip
+                "doc_key": m.doc_key,
+                "device": m.device,
+                "gen": m.generation,
+                "parts": m.parts,
+                "nbytes": m.nbytes,
+                "blob": _b64(m.header),
+                "text": rec.text,
+            }
             manifests.append(DataObject(properties=fields, uuid=m.object_id))
         result = await self._call("manifest write", man.data.insert_many(manifests))
         self._check(result, "manifest write")

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from ..errors import UnityCrdtError
 from . import _client as cli_client
 from . import _run as cli_run
-from ._common import EXIT_USAGE, PROG, Parser, default_cache_dir
-from ._run import node_config
+from ._common import EXIT_USAGE, PROG, Parser
 
 __all__ = [
-    "COMMANDS", "Command", "build_parser", "default_cache_dir", "keygen", "main", "node_config",
-]  # fmt: skip
+    "COMMANDS",
+    "Command",
+    "build_parser",
+    "keygen",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -64,23 +67,55 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Command] = [
-    Command("run", "run a node that syncs its docs with peers until Ctrl-C",
-            cli_run.configure, cli_run.run),
-    Command("status", "show a running node's peers, docs and sync state",
-            cli_client.configure_status, cli_client.run_status),
-    Command("doc", "list, read, edit or watch the docs of a running node",
-            cli_client.configure_doc, cli_client.run_doc),
-    Command("checkpoint", "push every changed doc of a running node to Weaviate now",
-            cli_client.configure_checkpoint, cli_client.run_checkpoint),
-    Command("restore", "merge the group's Weaviate checkpoints into a running node",
-            cli_client.configure_restore, cli_client.run_restore),
-    Command("search", "keyword search over the checkpointed text of searchable docs",
-            cli_client.configure_search, cli_client.run_search),
-    Command("demo", "three nodes edit offline, meet by mDNS and merge (the LAN demo)",
-            _configure_demo, _run_demo),
-    Command("keygen", "print a new random group secret (share it with the group's devices)",
-            _configure_keygen, _run_keygen),
-]  # fmt: skip
+    Command(
+        "run",
+        "run a node that syncs its docs with peers until Ctrl-C",
+        cli_run.configure,
+        cli_run.run,
+    ),
+    Command(
+        "status",
+        "show a running node's peers, docs and sync state",
+        cli_client.configure_status,
+        cli_client.run_status,
+    ),
+    Command(
+        "doc",
+        "list, read, edit or watch the docs of a running node",
+        cli_client.configure_doc,
+        cli_client.run_doc,
+    ),
+    Command(
+        "checkpoint",
+        "push every changed doc of a running node to Weaviate now",
+        cli_client.configure_checkpoint,
+        cli_client.run_checkpoint,
+    ),
+    Command(
+        "restore",
+        "merge the group's Weaviate checkpoints into a running node",
+        cli_client.configure_restore,
+        cli_client.run_restore,
+    ),
+    Command(
+        "search",
+        "keyword search over the checkpointed text of searchable docs",
+        cli_client.configure_search,
+        cli_client.run_search,
+    ),
+    Command(
+        "demo",
+        "three nodes edit offline, meet by mDNS and merge (the LAN demo)",
+        _configure_demo,
+        _run_demo,
+    ),
+    Command(
+        "keygen",
+        "print a new random group secret (share it with the group's devices)",
+        _configure_keygen,
+        _run_keygen,
+    ),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError, UnityCrdtError
 from ._common import (
     PROG,
     Parser,
@@ -29,15 +30,22 @@ from ._common import (
     say,
     table,
 )
-from ..errors import ConfigError, UnityCrdtError
 
 if TYPE_CHECKING:
     from ..frontends.control_client import ControlClient
 
 __all__ = [
-    "configure_checkpoint", "configure_doc", "configure_restore", "configure_search",
-    "configure_status", "run_checkpoint", "run_doc", "run_restore", "run_search", "run_status",
-]  # fmt: skip
+    "configure_checkpoint",
+    "configure_doc",
+    "configure_restore",
+    "configure_search",
+    "configure_status",
+    "run_checkpoint",
+    "run_doc",
+    "run_restore",
+    "run_search",
+    "run_status",
+]
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -47,7 +55,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
         help=f"the running node's cache dir (default: {default_cache_dir()})",
     )
     p.add_argument("--config", metavar="FILE", help="take cache_dir from this TOML config")
-    p.add_argument("--json", action="store_true", help="machine-readable JSON output")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
 def _target(args: argparse.Namespace) -> Path:
@@ -81,36 +89,57 @@ def configure_status(p: argparse.ArgumentParser) -> None:
 
 
 def _status_lines(st: dict[str, Any]) -> list[str]:
-    cp = "off" if not st["checkpoints"] else (f"failing: {st['checkpoint_error']}"
-                                              if st["checkpoint_error"] else "on")  # fmt: skip
+    cp = (
+        "off"
+        if not st["checkpoints"]
+        else (f"failing: {st['checkpoint_error']}" if st["checkpoint_error"] else "on")
+    )
     lines = [
         f"node    {st['name']} ({st['device_id'][:8]})  {st['url']}  "
         f"up {human_duration(st['uptime'])}",
         f"        pending writes {st['pending_writes']}, checkpoints {cp}"
         + (f", yjs {st['yjs_url']}" if st["yjs_url"] else ""),
         f"peers   {len(st['peers'])}",
-    ]  # fmt: skip
+    ]
     n_docs = len(st["docs"])
     if st["peers"]:
         lines += table(
             ("NAME", "DEVICE", "CONNECTED", "LAST SEEN", "IN", "OUT", "PENDING", "SYNCED", "RTT"),
-            [(p["name"], p["device_id"][:8], human_duration(p["connected_for"]),
-              human_duration(p["last_seen_ago"]) + " ago", human_bytes(p["bytes_in"]),
-              human_bytes(p["bytes_out"]), human_bytes(p["pending"]),
-              f"{len(p['synced_docs'])}/{n_docs}",
-              "-" if p["rtt"] is None else f"{p['rtt'] * 1000:.1f} ms") for p in st["peers"]],
-        )  # fmt: skip
+            [
+                (
+                    p["name"],
+                    p["device_id"][:8],
+                    human_duration(p["connected_for"]),
+                    human_duration(p["last_seen_ago"]) + " ago",
+                    human_bytes(p["bytes_in"]),
+                    human_bytes(p["bytes_out"]),
+                    human_bytes(p["pending"]),
+                    f"{len(p['synced_docs'])}/{n_docs}",
+                    "-" if p["rtt"] is None else f"{p['rtt'] * 1000:.1f} ms",
+                )
+                for p in st["peers"]
+            ],
+        )
     lines.append(f"docs    {n_docs}")
     if st["docs"]:
         now = time.time()
         lines += table(
             ("NAME", "SIZE", "PEERS SYNCED", "LAST CHECKPOINT", "ERROR"),
-            [(d["name"], human_bytes(d["state_bytes"]), f"{d['peers_synced']}/{len(st['peers'])}",
-              "never" if d["last_checkpoint"] is None
-              else human_duration(max(0.0, now - d["last_checkpoint"])) + " ago"
-              + (" (changed since)" if d["dirty"] else ""),
-              d["checkpoint_error"] or "-") for d in st["docs"]],
-        )  # fmt: skip
+            [
+                (
+                    d["name"],
+                    human_bytes(d["state_bytes"]),
+                    f"{d['peers_synced']}/{len(st['peers'])}",
+                    "never"
+                    if d["last_checkpoint"] is None
+                    else human_duration(max(0.0, now - d["last_checkpoint"]))
+                    + " ago"
+                    + (" (changed since)" if d["dirty"] else ""),
+                    d["checkpoint_error"] or "-",
+                )
+                for d in st["docs"]
+            ],
+        )
     return lines
 
 
@@ -133,8 +162,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 def _add_types(p: argparse.ArgumentParser) -> None:
     for kind, shown in (("text", "str"), ("map", "dict"), ("array", "list")):
-        p.add_argument(f"--{kind}", action="append", default=[], metavar="ROOT",
-                       help=f"read root ROOT as a {kind.title()} ({shown})")  # fmt: skip
+        p.add_argument(
+            f"--{kind}",
+            action="append",
+            default=[],
+            metavar="ROOT",
+            help=f"read root ROOT as a {kind.title()} ({shown})",
+        )
 
 
 def _types(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -143,9 +177,7 @@ def _types(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def configure_doc(p: argparse.ArgumentParser) -> None:
     """The actions of `doc`: list, get, watch, set."""
-    # fmt: off
-    sub = p.add_subparsers(dest="doc_command", metavar="ACTION", parser_class=Parser,
-                           required=True)
+    sub = p.add_subparsers(dest="doc_command", metavar="ACTION", parser_class=Parser, required=True)
     _add_target(sub.add_parser("list", help="names of the node's docs"))
     get = sub.add_parser("get", help="print a doc's roots as JSON")
     get.add_argument("name", metavar="NAME")
@@ -159,15 +191,22 @@ def configure_doc(p: argparse.ArgumentParser) -> None:
     set_ = sub.add_parser("set", help="edit one root of a doc (synced to peers like any edit)")
     set_.add_argument("name", metavar="NAME")
     what = set_.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", nargs=2, metavar=("ROOT", "VALUE"),
-                      help="replace the Text ROOT with VALUE (- reads stdin)")
-    what.add_argument("--map", nargs=2, metavar=("ROOT", "KEY=JSON"),
-                      help="set KEY of the Map ROOT (a value that is not JSON is a string)")
+    what.add_argument(
+        "--text",
+        nargs=2,
+        metavar=("ROOT", "VALUE"),
+        help="replace the Text ROOT with VALUE (- reads stdin)",
+    )
+    what.add_argument(
+        "--map",
+        nargs=2,
+        metavar=("ROOT", "KEY=JSON"),
+        help="set KEY of the Map ROOT (a value that is not JSON is a string)",
+    )
     what.add_argument("--unset", nargs=2, metavar=("ROOT", "KEY"), help="delete KEY of a Map")
     what.add_argument("--array", nargs=2, metavar=("ROOT", "JSON"), help="append to an Array")
     set_.add_argument("--append", action="store_true", help="with --text: append, not replace")
     _add_target(set_)
-    # fmt: on
 
 
 def _json_or_str(raw: str) -> Any:
@@ -217,8 +256,9 @@ def run_doc(args: argparse.Namespace) -> int:
                     seen += 1
                     if args.count is not None and seen >= args.count:
                         return 0
-            raise UnityCrdtError(f"the node on {client.cache_dir} stopped; watch again once "
-                                 "it runs")  # fmt: skip
+            raise UnityCrdtError(
+                f"the node on {client.cache_dir} stopped; watch again once it runs"
+            )
         return 0
 
     try:
@@ -235,8 +275,12 @@ def _show(
     """Print the roots (or, with --json, the whole answer); name new untyped roots on stderr."""
     say(json.dumps(view if whole else view["roots"], indent=indent, ensure_ascii=False))
     if view["untyped"] and not whole and view["untyped"] != hinted:
-        print(f"{PROG}: untyped roots {', '.join(view['untyped'])}: name their type with "
-              "--text/--map/--array ROOT", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{PROG}: untyped roots {', '.join(view['untyped'])}: name their type with "
+            "--text/--map/--array ROOT",
+            file=sys.stderr,
+            flush=True,
+        )
     return list(view["untyped"])
 
 
@@ -281,8 +325,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"checkpointed": dirty})
         else:
-            say(f"checkpointed {plural(len(dirty), 'changed doc')}"
-                 + (f": {', '.join(dirty)}" if dirty else " (nothing had changed)"))  # fmt: skip
+            say(
+                f"checkpointed {plural(len(dirty), 'changed doc')}"
+                + (f": {', '.join(dirty)}" if dirty else " (nothing had changed)")
+            )
         return 0
 
     return _call(args, work)
@@ -302,8 +348,7 @@ def run_restore(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"restored": docs})
         elif docs:
-            say(f"merged the group's checkpoints of {plural(len(docs), 'doc')}: "
-                 + ", ".join(docs))  # fmt: skip
+            say(f"merged the group's checkpoints of {plural(len(docs), 'doc')}: " + ", ".join(docs))
         else:
             say("nothing to restore: the group has no checkpoints yet")
         return 0
@@ -328,8 +373,9 @@ def run_search(args: argparse.Namespace) -> int:
         elif not hits:
             say("no match (only docs listed in --searchable and checkpointed are indexed)")
         else:
-            rows = [(f"{h['score']:.3f}", h["doc"], " ".join(h["snippet"].split())[:80])
-                    for h in hits]  # fmt: skip
+            rows = [
+                (f"{h['score']:.3f}", h["doc"], " ".join(h["snippet"].split())[:80]) for h in hits
+            ]
             say("\n".join(table(("SCORE", "DOC", "SNIPPET"), rows)))
         return 0
 

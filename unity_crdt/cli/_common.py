@@ -17,9 +17,20 @@ from typing import Any, NoReturn
 from ..errors import ConfigError
 
 __all__ = [
-    "CACHE_ENV", "EXIT_USAGE", "PROG", "SECRET_ENV", "Parser", "default_cache_dir",
-    "human_bytes", "human_duration", "plural", "read_toml", "say", "stamp", "table",
-]  # fmt: skip
+    "CACHE_ENV",
+    "EXIT_USAGE",
+    "PROG",
+    "SECRET_ENV",
+    "Parser",
+    "default_cache_dir",
+    "human_bytes",
+    "human_duration",
+    "plural",
+    "read_toml",
+    "say",
+    "stamp",
+    "table",
+]
 
 PROG = "unity-crdt"
 EXIT_USAGE = 2
@@ -84,8 +95,10 @@ def plural(n: int, word: str) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Left-aligned columns, indented two spaces, one string per line (headers first)."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in (headers, *rows)]  # fmt: skip
+    return [
+        "  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in (headers, *rows)
+    ]
 
 
 def stamp() -> str:

@@ -49,8 +49,11 @@ _POLL = 0.02
 
 # What each node does while offline: a line of the shared Text, its own key of the Map, and
 # (carol) a deletion, to show that deletions merge too.
-_LINES = {"alice": "alice: bring the tent", "bob": "bob: bring the stove",
-          "carol": "carol: bring the map and snacks"}  # fmt: skip
+_LINES = {
+    "alice": "alice: bring the tent",
+    "bob": "bob: bring the stove",
+    "carol": "carol: bring the map and snacks",
+}
 _CLAIMS = {"alice": "tent", "bob": "stove", "carol": "map"}
 _DELETE = {"carol": " and snacks"}
 
@@ -71,9 +74,13 @@ def _child_config(opts: argparse.Namespace, online: bool) -> NodeConfig:
     if not secret:
         raise ConfigError(f"the child needs the group secret in ${SECRET_ENV}")
     return NodeConfig(
-        name=opts.name, cache_dir=opts.cache, group_secret=secret, host=opts.host,
-        mdns=online, mdns_interfaces=(opts.host,),
-    )  # fmt: skip
+        name=opts.name,
+        cache_dir=opts.cache,
+        group_secret=secret,
+        host=opts.host,
+        mdns=online,
+        mdns_interfaces=(opts.host,),
+    )
 
 
 async def _child_offline(opts: argparse.Namespace) -> int:
@@ -155,24 +162,41 @@ class _Net:
     def spawn(self, i: int, argv: list[str], env: dict[str, str]) -> JsonProc:
         """Start node i's process where it lives."""
         if self.lan is not None:
-            return self.lan.spawn(i + 1, argv, env)
+            proc: JsonProc = self.lan.spawn(i + 1, argv, env)
+            return proc
         return spawn_local(argv, env, label=NODES[i])
 
     def describe(self) -> str:
         """One line (or two) for the header."""
         if self.lan is None:
             return "loopback, 3 processes, mDNS on 127.0.0.1 only"
-        return (f"3 processes, each on its own host of a namespaced LAN ({self.lan.subnet}.0/24),"
-                "\n            mDNS on each host's eth0 only")  # fmt: skip
+        return (
+            f"3 processes, each on its own host of a namespaced LAN ({self.lan.subnet}.0/24),"
+            "\n            mDNS on each host's eth0 only"
+        )
 
 
 def _start_phase(net: _Net, phase: str, work: Path, secret: str) -> list[JsonProc]:
     return [
-        net.spawn(i, [sys.executable, "-m", "unity_crdt.cli._demo", "--child", phase, "--name", name,
-                      "--cache", str(work / name), "--host", net.host(i)],
-                  {SECRET_ENV: secret})
+        net.spawn(
+            i,
+            [
+                sys.executable,
+                "-m",
+                "unity_crdt.cli._demo",
+                "--child",
+                phase,
+                "--name",
+                name,
+                "--cache",
+                str(work / name),
+                "--host",
+                net.host(i),
+            ],
+            {SECRET_ENV: secret},
+        )
         for i, name in enumerate(NODES)
-    ]  # fmt: skip
+    ]
 
 
 def _latest_views(procs: list[JsonProc]) -> list[dict[str, Any] | None]:
@@ -206,9 +230,13 @@ def _first_seen(proc: JsonProc, view: dict[str, Any]) -> float:
 
 def _table(views: dict[str, dict[str, Any]]) -> str:
     """Nodes side by side: one column each, rows for the text lines and the map entries."""
-    cols = {n: (v["text"].splitlines() or ["(empty)"],
-                [f"{k} = {val}" for k, val in v["map"].items()] or ["(empty)"])
-            for n, v in views.items()}  # fmt: skip
+    cols = {
+        n: (
+            v["text"].splitlines() or ["(empty)"],
+            [f"{k} = {val}" for k, val in v["map"].items()] or ["(empty)"],
+        )
+        for n, v in views.items()
+    }
     width = max(len(s) for t, m in cols.values() for s in (*t, *m, "")) + 1
     width = max(width, max(len(n) for n in cols))
     lines = ["        | " + " | ".join(n.ljust(width) for n in cols)]
@@ -264,12 +292,16 @@ def _story(net: _Net, work: Path, keep: bool, procs: list[JsonProc]) -> int:
     first_up, last_up = min(e["t"] for e in up.values()), max(e["t"] for e in up.values())
     done = max(_first_seen(p, final[0]["view"]) for p in online)
     for name in NODES:
-        print(f"  {name:5} came online at {up[name]['url']} "
-              f"(+{up[name]['t'] - started:.2f} s, process start + cache load + mDNS)")  # fmt: skip
-    print(f"\nconverged: all three hold identical text and map "
-          f"{max(0.0, done - last_up):.2f} s after the last node came online\n"
-          f"  ({done - first_up:.2f} s after the first came online, "
-          f"{done - started:.2f} s after the processes were started)")  # fmt: skip
+        print(
+            f"  {name:5} came online at {up[name]['url']} "
+            f"(+{up[name]['t'] - started:.2f} s, process start + cache load + mDNS)"
+        )
+    print(
+        f"\nconverged: all three hold identical text and map "
+        f"{max(0.0, done - last_up):.2f} s after the last node came online\n"
+        f"  ({done - first_up:.2f} s after the first came online, "
+        f"{done - started:.2f} s after the processes were started)"
+    )
     print(_table({e["name"]: e["view"] for e in final}))
     links = ", ".join(f"{e['name']}->{'+'.join(e['peers']) or 'none yet'}" for e in final)
     print(f"  links at that moment: {links}", flush=True)
@@ -320,8 +352,10 @@ def run(*, netns: bool = False, keep: bool = False) -> int:
     if netlab is not None:
         reason = netlab.unavailable_reason()
         if reason:
-            raise ConfigError(f"--netns is unavailable: {reason}; run it as root (sudo), "
-                              "or drop --netns for the loopback demo")  # fmt: skip
+            raise ConfigError(
+                f"--netns is unavailable: {reason}; run it as root (sudo), "
+                "or drop --netns for the loopback demo"
+            )
     in_main = threading.current_thread() is threading.main_thread()
     saved = {sig: signal.getsignal(sig) for sig in _SIGNALS} if in_main else {}
     for sig in saved:
@@ -330,13 +364,15 @@ def run(*, netns: bool = False, keep: bool = False) -> int:
     procs: list[JsonProc] = []
     lan: Any = None
     try:
-        if netns:
+        if netlab is not None:
             netlab.sweep_stale()
             try:
                 lan = netlab.Lan(hosts=len(NODES))
             except RuntimeError as exc:  # an `ip` command failed; Lan already cleaned up
-                raise ConfigError(f"could not build the namespaced LAN ({exc}); "
-                                  "check `ip netns list`, or drop --netns") from None  # fmt: skip
+                raise ConfigError(
+                    f"could not build the namespaced LAN ({exc}); "
+                    "check `ip netns list`, or drop --netns"
+                ) from None
         return _story(_Net(lan), work, keep, procs)
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", flush=True)
@@ -359,9 +395,10 @@ def run(*, netns: bool = False, keep: bool = False) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options, shared by `unity-crdt demo` and `demos/lan_merge.py`."""
     parser.add_argument(
-        "--netns", action="store_true",
+        "--netns",
+        action="store_true",
         help="run each node on its own host of a LAN of network namespaces (needs root)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the nodes' cache dirs (the path is printed)"
     )

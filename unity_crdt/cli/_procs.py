@@ -49,7 +49,7 @@ class JsonProc:
             text=True,
             bufsize=1,
             env=dict(env),
-            cwd=str(cwd or REPO),
+            cwd=str(cwd) if cwd else None,
         )
         assert self._popen.stdout is not None and self._popen.stderr is not None
         self._threads = [

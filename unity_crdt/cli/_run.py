@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import CacheLockedError, ConfigError
 from ._common import (
     PROG,
     SECRET_ENV,
@@ -28,7 +29,6 @@ from ._common import (
     say,
     stamp,
 )
-from ..errors import CacheLockedError, ConfigError
 
 if TYPE_CHECKING:
     from ..config import NodeConfig
@@ -42,38 +42,70 @@ PEER_POLL = 0.2
 
 def configure(p: argparse.ArgumentParser) -> None:
     """The options of `run`."""
-    # fmt: off
     p.add_argument("--config", metavar="FILE", help="TOML file of NodeConfig keys (flags win)")
     p.add_argument("--name", help="this device's name as peers see it (default: host name)")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help=f"local cache (default: {default_cache_dir()})")
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help=f"local cache (default: {default_cache_dir()})"
+    )
     p.add_argument("--secret", help=f"group secret (visible in `ps`: prefer ${SECRET_ENV})")
     p.add_argument("--secret-file", metavar="FILE", help="read the group secret from FILE")
     p.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for the LAN)")
     p.add_argument("--port", type=int, help="listen port (default: any free port)")
     p.add_argument("--peer", action="append", metavar="URL", help="ws://host:port to keep dialling")
     p.add_argument("--no-mdns", action="store_true", help="do not discover peers by mDNS")
-    p.add_argument("--mdns-interface", action="append", metavar="ADDR",
-                   help="interface address to announce and browse on (default 127.0.0.1)")
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        metavar="ADDR",
+        help="interface address to announce and browse on (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--checkpoint-url",
+        metavar="URL",
+        help="checkpoint sink: weaviate://host:port?grpc=PORT or dir:///path",
+    )
     p.add_argument("--weaviate-url", metavar="URL", help="checkpoint to this Weaviate server")
     p.add_argument("--weaviate-grpc-port", type=int, metavar="PORT")
     p.add_argument("--checkpoint-interval", type=float, metavar="SECONDS")
-    p.add_argument("--restore-on-start", action="store_true", default=None,
-                   help="merge the group's checkpoints when the node starts")
-    p.add_argument("--searchable", action="append", metavar="DOC",
-                   help="index this doc's text for `unity-crdt search`")
-    p.add_argument("--yjs", action="store_true", default=None,
-                   help="serve a y-websocket endpoint on loopback for JS front ends")
+    p.add_argument(
+        "--restore-on-start",
+        action="store_true",
+        default=None,
+        help="merge the group's checkpoints when the node starts",
+    )
+    p.add_argument(
+        "--searchable",
+        action="append",
+        metavar="DOC",
+        help="index this doc's text for `unity-crdt search`",
+    )
+    p.add_argument(
+        "--yjs",
+        action="store_true",
+        default=None,
+        help="serve a y-websocket endpoint on loopback for JS front ends",
+    )
     p.add_argument("--yjs-port", type=int, metavar="PORT")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus /metrics on this TCP port (0: any free port)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this TCP port (0: any free port)",
+    )
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
-    p.add_argument("--metrics-no-doc-names", action="store_true",
-                   help="publish doc totals only, not one series per doc name")
-    p.add_argument("--status-interval", type=float, default=5.0, metavar="SECONDS",
-                   help="at most one sync summary line this often (0: never)")
+    p.add_argument(
+        "--metrics-no-doc-names",
+        action="store_true",
+        help="publish doc totals only, not one series per doc name",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="at most one sync summary line this often (0: never)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    # fmt: on
 
 
 def _secret(args: argparse.Namespace, from_file: Any) -> Any:
@@ -85,8 +117,11 @@ def _secret(args: argparse.Namespace, from_file: Any) -> Any:
                 f"cannot read the secret file {args.secret_file}: {exc.strerror}"
             ) from None
     if args.secret:
-        print(f"{PROG}: warning: --secret is visible to other users in `ps`; prefer "
-              f"${SECRET_ENV} or --secret-file", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: warning: --secret is visible to other users in `ps`; prefer "
+            f"${SECRET_ENV} or --secret-file",
+            file=sys.stderr,
+        )
         return args.secret
     return os.environ.get(SECRET_ENV) or from_file
 
@@ -97,12 +132,21 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
 
     values = read_toml(args.config) if args.config else {}
     flags = {
-        "name": args.name, "cache_dir": args.cache_dir, "host": args.host, "port": args.port,
-        "peers": args.peer, "mdns_interfaces": args.mdns_interface,
-        "weaviate_url": args.weaviate_url, "weaviate_grpc_port": args.weaviate_grpc_port,
-        "checkpoint_interval": args.checkpoint_interval, "restore_on_start": args.restore_on_start,
-        "searchable": args.searchable, "yjs_endpoint": args.yjs, "yjs_port": args.yjs_port,
-    }  # fmt: skip
+        "name": args.name,
+        "cache_dir": args.cache_dir,
+        "host": args.host,
+        "port": args.port,
+        "peers": args.peer,
+        "mdns_interfaces": args.mdns_interface,
+        "checkpoint_url": args.checkpoint_url,
+        "weaviate_url": args.weaviate_url,
+        "weaviate_grpc_port": args.weaviate_grpc_port,
+        "checkpoint_interval": args.checkpoint_interval,
+        "restore_on_start": args.restore_on_start,
+        "searchable": args.searchable,
+        "yjs_endpoint": args.yjs,
+        "yjs_port": args.yjs_port,
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.no_mdns:
         values["mdns"] = False
@@ -127,15 +171,23 @@ def _banner(node: Node, control: ControlServer) -> None:
         f"  listening   {node.url}",
         f"  cache       {cache}",
         f"  control     {control.path}  (try: {PROG} status --cache-dir {cache})",
-        "  discovery   " + (f"mDNS on {', '.join(cfg.mdns_interfaces)}" if cfg.mdns else "off")
+        "  discovery   "
+        + (f"mDNS on {', '.join(cfg.mdns_interfaces)}" if cfg.mdns else "off")
         + (f"; static peers {' '.join(cfg.peers)}" if cfg.peers else ""),
-        "  checkpoints " + (f"{cfg.weaviate_url} every {cfg.checkpoint_interval:g} s"
-                            if cfg.weaviate_url else "off (--weaviate-url to turn on)"),
-    ]  # fmt: skip
+        "  checkpoints "
+        + (
+            f"{cfg.weaviate_url} every {cfg.checkpoint_interval:g} s"
+            if cfg.weaviate_url
+            else "off (--weaviate-url to turn on)"
+        ),
+    ]
     if cfg.yjs_endpoint:
         yjs = node.ywebsocket
-        hint = ("token from your config (yjs_token)" if cfg.yjs_token
-                else f"token for this run: {yjs.token}")  # fmt: skip
+        hint = (
+            "token from your config (yjs_token)"
+            if cfg.yjs_token
+            else f"token for this run: {yjs.token}"
+        )
         lines.append(f"  yjs         {yjs.base_url + '/<doc>'}?token=...  ({hint})")
     if control.metrics_url:
         lines.append(f"  metrics     {control.metrics_url}")
@@ -148,8 +200,10 @@ def _summary(node: Node) -> str:
     synced = sum(d.peers_synced for d in st.docs)
     pending = sum(p.pending for p in st.peers)
     pairs = len(st.docs) * len(st.peers)
-    return (f"sync: {plural(len(st.docs), 'doc')}, {plural(len(st.peers), 'peer')}, "
-            f"synced {synced}/{pairs}, pending {human_bytes(pending)}")  # fmt: skip
+    return (
+        f"sync: {plural(len(st.docs), 'doc')}, {plural(len(st.peers), 'peer')}, "
+        f"synced {synced}/{pairs}, pending {human_bytes(pending)}"
+    )
 
 
 async def _report(node: Node, interval: float) -> None:
@@ -182,8 +236,12 @@ async def _serve(cfg: NodeConfig, args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = Node(cfg)
-    control = ControlServer(node, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-                            doc_labels=not args.metrics_no_doc_names)  # fmt: skip
+    control = ControlServer(
+        node,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        doc_labels=not args.metrics_no_doc_names,
+    )
     try:
         try:
             await node.start()
@@ -208,8 +266,11 @@ async def _serve(cfg: NodeConfig, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """`unity-crdt run`: host a node and its control API until Ctrl-C or SIGTERM."""
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     cfg = node_config(args)
     return asyncio.run(_serve(cfg, args))

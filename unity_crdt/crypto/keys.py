@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
+import secrets
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -105,7 +105,7 @@ def device_id_for(public_key: bytes) -> str:
 
 def seal_blob(key: bytes, data: bytes, aad: bytes = b"") -> bytes:
     """Encrypt and authenticate `data` (version || random nonce || ciphertext+tag)."""
-    nonce = os.urandom(_NONCE)
+    nonce = secrets.token_bytes(_NONCE)
     return _BLOB_VERSION + nonce + ChaCha20Poly1305(key).encrypt(nonce, data, _BLOB_VERSION + aad)
 
 

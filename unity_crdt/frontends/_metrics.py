@@ -69,62 +69,138 @@ def render(status: NodeStatus, *, doc_labels: bool = True) -> str:
     """The whole exposition for one status snapshot, ending with a newline."""
     out = _Exposition()
     node: Labels = (("name", status.name), ("device", status.device_id))
-    out.family("unity_crdt_node_info", "gauge", "Constant 1, labelled with this node's identity.",
-               [(node, 1)])  # fmt: skip
+    out.family(
+        "unity_crdt_node_info",
+        "gauge",
+        "Constant 1, labelled with this node's identity.",
+        [(node, 1)],
+    )
     out.gauge("unity_crdt_uptime_seconds", "Seconds since the node started.", status.uptime)
     out.gauge("unity_crdt_peers", "Peers with a live, authenticated link.", len(status.peers))
     out.gauge("unity_crdt_docs", "Documents this node holds.", len(status.docs))
-    out.gauge("unity_crdt_pending_writes", "Edits not yet durable in the local cache.",
-              status.pending_writes)  # fmt: skip
-    out.gauge("unity_crdt_checkpoints_enabled", "1 when checkpoints to Weaviate are on.",
-              int(status.checkpoints))  # fmt: skip
-    out.gauge("unity_crdt_checkpoint_failing", "1 when the last checkpoint round failed.",
-              int(status.checkpoint_error is not None))  # fmt: skip
+    out.gauge(
+        "unity_crdt_pending_writes",
+        "Edits not yet durable in the local cache.",
+        status.pending_writes,
+    )
+    out.gauge(
+        "unity_crdt_checkpoints_enabled",
+        "1 when checkpoints to Weaviate are on.",
+        int(status.checkpoints),
+    )
+    out.gauge(
+        "unity_crdt_checkpoint_failing",
+        "1 when the last checkpoint round failed.",
+        int(status.checkpoint_error is not None),
+    )
 
     peers = [((("peer", p.name), ("device", p.device_id)), p) for p in status.peers]
     per_peer: list[tuple[str, str, str, Callable[[PeerStatus], float | int]]] = [
-        ("unity_crdt_peer_bytes_in_total", "counter", "Bytes received on this link.",
-         lambda p: p.bytes_in),
-        ("unity_crdt_peer_bytes_out_total", "counter", "Bytes sent on this link.",
-         lambda p: p.bytes_out),
-        ("unity_crdt_peer_messages_in_total", "counter", "Messages received on this link.",
-         lambda p: p.messages_in),
-        ("unity_crdt_peer_messages_out_total", "counter", "Messages sent on this link.",
-         lambda p: p.messages_out),
-        ("unity_crdt_peer_dropped_total", "counter", "Messages dropped on this link.",
-         lambda p: p.dropped),
-        ("unity_crdt_peer_pending_bytes", "gauge", "Bytes queued for this peer, not yet sent.",
-         lambda p: p.pending),
-        ("unity_crdt_peer_last_seen_seconds", "gauge", "Seconds since this peer was last heard.",
-         lambda p: p.last_seen_ago),
-        ("unity_crdt_peer_connected_seconds", "gauge", "Seconds this link has been up.",
-         lambda p: p.connected_for),
-        ("unity_crdt_peer_synced_docs", "gauge", "Docs whose current state this peer acknowledged.",
-         lambda p: len(p.synced_docs)),
-    ]  # fmt: skip
+        (
+            "unity_crdt_peer_bytes_in_total",
+            "counter",
+            "Bytes received on this link.",
+            lambda p: p.bytes_in,
+        ),
+        (
+            "unity_crdt_peer_bytes_out_total",
+            "counter",
+            "Bytes sent on this link.",
+            lambda p: p.bytes_out,
+        ),
+        (
+            "unity_crdt_peer_messages_in_total",
+            "counter",
+            "Messages received on this link.",
+            lambda p: p.messages_in,
+        ),
+        (
+            "unity_crdt_peer_messages_out_total",
+            "counter",
+            "Messages sent on this link.",
+            lambda p: p.messages_out,
+        ),
+        (
+            "unity_crdt_peer_dropped_total",
+            "counter",
+            "Messages dropped on this link.",
+            lambda p: p.dropped,
+        ),
+        (
+            "unity_crdt_peer_pending_bytes",
+            "gauge",
+            "Bytes queued for this peer, not yet sent.",
+            lambda p: p.pending,
+        ),
+        (
+            "unity_crdt_peer_last_seen_seconds",
+            "gauge",
+            "Seconds since this peer was last heard.",
+            lambda p: p.last_seen_ago,
+        ),
+        (
+            "unity_crdt_peer_connected_seconds",
+            "gauge",
+            "Seconds this link has been up.",
+            lambda p: p.connected_for,
+        ),
+        (
+            "unity_crdt_peer_synced_docs",
+            "gauge",
+            "Docs whose current state this peer acknowledged.",
+            lambda p: len(p.synced_docs),
+        ),
+    ]
     for name, kind, help_text, get in per_peer:
         out.family(name, kind, help_text, [(labels, get(p)) for labels, p in peers])
-    out.family("unity_crdt_peer_rtt_seconds", "gauge", "Last measured round trip to this peer.",
-               [(labels, p.rtt) for labels, p in peers if p.rtt is not None])  # fmt: skip
+    out.family(
+        "unity_crdt_peer_rtt_seconds",
+        "gauge",
+        "Last measured round trip to this peer.",
+        [(labels, p.rtt) for labels, p in peers if p.rtt is not None],
+    )
 
-    out.gauge("unity_crdt_docs_state_bytes", "Encoded state of every doc, summed.",
-              sum(d.state_bytes for d in status.docs))  # fmt: skip
-    out.gauge("unity_crdt_docs_dirty", "Docs changed since their last checkpoint.",
-              sum(1 for d in status.docs if d.dirty))  # fmt: skip
+    out.gauge(
+        "unity_crdt_docs_state_bytes",
+        "Encoded state of every doc, summed.",
+        sum(d.state_bytes for d in status.docs),
+    )
+    out.gauge(
+        "unity_crdt_docs_dirty",
+        "Docs changed since their last checkpoint.",
+        sum(1 for d in status.docs if d.dirty),
+    )
     if doc_labels:
         docs = [((("doc", d.name),), d) for d in status.docs]
-        out.family("unity_crdt_doc_state_bytes", "gauge", "Encoded state of this doc.",
-                   [(labels, d.state_bytes) for labels, d in docs])  # fmt: skip
-        out.family("unity_crdt_doc_peers_synced", "gauge",
-                   "Peers that acknowledged this doc's current state.",
-                   [(labels, d.peers_synced) for labels, d in docs])  # fmt: skip
-        out.family("unity_crdt_doc_dirty", "gauge", "1 when this doc changed since its checkpoint.",
-                   [(labels, int(d.dirty)) for labels, d in docs])  # fmt: skip
-        out.family("unity_crdt_doc_last_checkpoint_timestamp_seconds", "gauge",
-                   "Wall-clock time (Unix seconds) of this doc's last good checkpoint.",
-                   [(labels, d.last_checkpoint) for labels, d in docs
-                    if d.last_checkpoint is not None])  # fmt: skip
+        out.family(
+            "unity_crdt_doc_state_bytes",
+            "gauge",
+            "Encoded state of this doc.",
+            [(labels, d.state_bytes) for labels, d in docs],
+        )
+        out.family(
+            "unity_crdt_doc_peers_synced",
+            "gauge",
+            "Peers that acknowledged this doc's current state.",
+            [(labels, d.peers_synced) for labels, d in docs],
+        )
+        out.family(
+            "unity_crdt_doc_dirty",
+            "gauge",
+            "1 when this doc changed since its checkpoint.",
+            [(labels, int(d.dirty)) for labels, d in docs],
+        )
+        out.family(
+            "unity_crdt_doc_last_checkpoint_timestamp_seconds",
+            "gauge",
+            "Wall-clock time (Unix seconds) of this doc's last good checkpoint.",
+            [(labels, d.last_checkpoint) for labels, d in docs if d.last_checkpoint is not None],
+        )
         failing = [(labels, int(d.checkpoint_error is not None)) for labels, d in docs]
-        out.family("unity_crdt_doc_checkpoint_failing", "gauge",
-                   "1 when this doc's last checkpoint failed.", failing)  # fmt: skip
+        out.family(
+            "unity_crdt_doc_checkpoint_failing",
+            "gauge",
+            "1 when this doc's last checkpoint failed.",
+            failing,
+        )
     return "\n".join(out.lines) + "\n"

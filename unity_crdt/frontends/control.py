@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..errors import ControlError, NodeAlreadyRunning, NoNodeRunning, UnityCrdtError
+from ..errors import ControlError, NodeAlreadyRunning, UnityCrdtError
 from ..ids import check_doc_id
 from . import _metrics as metrics
 from ._docview import KINDS, Conflict, apply_edit, project
-from .control_client import ControlClient, addressable, socket_path
+from .control_client import addressable, socket_path
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -68,8 +68,9 @@ _dumps = partial(json.dumps, default=_json_default, ensure_ascii=False)
 def _peer_pid(sock: socket.socket) -> int | None:
     if not hasattr(socket, "SO_PEERCRED"):
         return None
-    pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
+    pid, _uid, _gid = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
     return int(pid)
 
 
@@ -89,8 +90,9 @@ def _clear_stale(path: Path) -> None:
             return
         pid = _peer_pid(probe)
     who = f"pid {pid}" if pid else "another process"
-    raise NodeAlreadyRunning(f"a node is already running on this cache ({who}): stop it first "
-                             "or use another --cache-dir")  # fmt: skip
+    raise NodeAlreadyRunning(
+        f"a node is already running on this cache ({who}): stop it first or use another --cache-dir"
+    )
 
 
 def _bind_private(path: Path) -> socket.socket:
@@ -124,8 +126,9 @@ async def _guard(
     """Same-user check on UNIX sockets; library errors become JSON answers, never tracebacks."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None and sock.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
-        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))  # fmt: skip
+        _pid, uid, _gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
         if uid != os.getuid():
             return web.json_response({"error": "this node belongs to another user"}, status=403)
     try:
@@ -212,8 +215,10 @@ class ControlServer:
     def _existing(self, request: web.Request) -> str:
         name = check_doc_id(request.match_info["name"])
         if name not in self.node.docs:
-            raise web.HTTPNotFound(text=_dumps({"error": f"no doc named {name!r} on this node"}),
-                                   content_type="application/json")  # fmt: skip
+            raise web.HTTPNotFound(
+                text=_dumps({"error": f"no doc named {name!r} on this node"}),
+                content_type="application/json",
+            )
         return name
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -297,8 +302,9 @@ class ControlServer:
         except ValueError:
             raise ControlError("limit must be an integer") from None
         hits = await self.node.search(query, max(1, min(limit, 100)))
-        return self._json({"hits": [{"doc": h.doc, "score": h.score, "snippet": h.snippet}
-                                    for h in hits]})  # fmt: skip
+        return self._json(
+            {"hits": [{"doc": h.doc, "score": h.score, "snippet": h.snippet} for h in hits]}
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = metrics.render(self.node.status(), doc_labels=self._doc_labels)

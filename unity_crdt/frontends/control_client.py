@@ -63,9 +63,10 @@ class ControlClient:
     async def __aenter__(self) -> ControlClient:
         addr = self._stack.enter_context(addressable(self.path))
         self._session = aiohttp.ClientSession(
-            base_url="http://unity-crdt", connector=aiohttp.UnixConnector(path=addr),
+            base_url="http://unity-crdt",
+            connector=aiohttp.UnixConnector(path=addr),
             timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=5.0),
-        )  # fmt: skip
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -75,8 +76,9 @@ class ControlClient:
 
     def _no_node(self) -> NoNodeRunning:
         d = self.cache_dir
-        return NoNodeRunning(f"no node is running on {d}; start one with "
-                             f"`unity-crdt run --cache-dir {d} ...`")  # fmt: skip
+        return NoNodeRunning(
+            f"no node is running on {d}; start one with `unity-crdt run --cache-dir {d} ...`"
+        )
 
     @contextlib.asynccontextmanager
     async def _request(
@@ -103,8 +105,9 @@ class ControlClient:
                 ) from None
             raise self._no_node() from None
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise ControlError(f"the node on {self.cache_dir} stopped answering "
-                               f"({type(exc).__name__})") from None  # fmt: skip
+            raise ControlError(
+                f"the node on {self.cache_dir} stopped answering ({type(exc).__name__})"
+            ) from None
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         async with self._request(method, path, **kw) as resp:
@@ -141,8 +144,9 @@ class ControlClient:
 
     async def watch(self, name: str, types: Types = ()) -> AsyncGenerator[dict[str, Any], None]:
         """The doc's projection now, then again after every change, until the node stops."""
-        async with self._request("GET", self._doc_path(name) + "/watch", patient=True,
-                                 params=self._query(types)) as resp:  # fmt: skip
+        async with self._request(
+            "GET", self._doc_path(name) + "/watch", patient=True, params=self._query(types)
+        ) as resp:
             try:
                 async for line in resp.content:
                     if line.strip():

@@ -96,7 +96,11 @@ class _Client:
     """One accepted websocket: its room, origin, owned awareness ids and bounded send queue."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, request: web.Request, doc: str, origin: Hashable,
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        doc: str,
+        origin: Hashable,
         cap: int,
     ) -> None:
         self.ws = ws
@@ -195,7 +199,9 @@ class YWebsocketEndpoint:
         app.router.add_get("/{doc:.*}", self._handle)
         # access_log=None: the query string may hold the token and must never reach a log.
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False,
+            app,
+            access_log=None,
+            handle_signals=False,
             shutdown_timeout=self.limits.close_timeout_s,
         )
         await self._runner.setup()
@@ -296,8 +302,9 @@ class YWebsocketEndpoint:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
-            return web.Response(status=401, text="missing or wrong token\n",
-                                headers={"WWW-Authenticate": "Bearer"})
+            return web.Response(
+                status=401, text="missing or wrong token\n", headers={"WWW-Authenticate": "Bearer"}
+            )
         raw = request.rel_url.raw_path.lstrip("/")
         try:
             doc = check_doc_id(unquote(raw, errors="strict"))

@@ -147,9 +147,12 @@ class Link:
         except* ChannelClosed as group:
             self.close_reason = self.close_reason or f"connection closed ({group.exceptions[0]})"
             if HANDSHAKE_REFUSED in self.close_reason and self.remote is None:
-                log.warning("link %s: the peer refused our handshake (%s); is it in our sync "
-                            "group, with the same group secret?", self.label,
-                            self.close_reason)
+                log.warning(
+                    "link %s: the peer refused our handshake (%s); is it in our sync "
+                    "group, with the same group secret?",
+                    self.label,
+                    self.close_reason,
+                )
             else:
                 log.info("link %s closed: %s", self.label, self.close_reason)
         except* HandshakeError as group:
@@ -158,8 +161,7 @@ class Link:
             self.close_reason = f"handshake failed: {hs_exc}"
             log.warning("link %s: %s", self.label, self.close_reason)
             # Tell the dialler why in the websocket close: only the error class, no details.
-            self._ws_close = (CLOSE_HANDSHAKE_REFUSED,
-                              f"{HANDSHAKE_REFUSED} ({hs_exc.code.name})")
+            self._ws_close = (CLOSE_HANDSHAKE_REFUSED, f"{HANDSHAKE_REFUSED} ({hs_exc.code.name})")
         except* ProtocolError as group:
             exc = group.exceptions[0]
             assert isinstance(exc, ProtocolError)
@@ -174,8 +176,12 @@ class Link:
 
     async def _handshake(self) -> None:
         hs = Handshake(
-            self._keys, self._identity, self._hello, initiator=self.initiator,
-            now=self._clock(), deadline=self._handshake_timeout,
+            self._keys,
+            self._identity,
+            self._hello,
+            initiator=self.initiator,
+            now=self._clock(),
+            deadline=self._handshake_timeout,
         )
         deadline = self._clock() + self._handshake_timeout
         if self.initiator:

@@ -23,8 +23,8 @@ from ..ids import PeerAddress
 from ..status import PeerInfo
 from ..sync.codec import Message
 from ..sync.session import SyncSession
-from ._link import Link
 from .channel import Channel, Transport
+from .link import Link
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +104,13 @@ class Mesh:
         if self._closing:
             return
         if address.scheme not in self._transports:
-            raise ConfigError(
-                f"no transport for {address.scheme}:// (have: {', '.join(sorted(self._transports))})"
-            )
+            have = ", ".join(sorted(self._transports))
+            raise ConfigError(f"no transport for {address.scheme}:// (have: {have})")
         if address in self._dialers:
             self._wake[address].set()  # seen again: cut its backoff short
             return
         self._wake[address] = asyncio.Event()
-        self._dialers[address] = self._spawn(
-            self._dialer(address, persistent), f"dial {address}"
-        )
+        self._dialers[address] = self._spawn(self._dialer(address, persistent), f"dial {address}")
 
     async def accept(self, channel: Channel) -> None:
         """Transport handler for an inbound connection; admission limits apply before crypto."""
@@ -153,10 +150,16 @@ class Mesh:
         self, channel: Channel, *, initiator: bool, dial_address: PeerAddress | None
     ) -> Link:
         return Link(
-            channel, keys=self._keys, identity=self._identity, hello=self._hello,
-            initiator=initiator, clock=self._loop.time, accept=self._admit,
+            channel,
+            keys=self._keys,
+            identity=self._identity,
+            hello=self._hello,
+            initiator=initiator,
+            clock=self._loop.time,
+            accept=self._admit,
             handshake_timeout=self._cfg.handshake_timeout,
-            max_queue_bytes=self._cfg.send_queue_bytes, dial_address=dial_address,
+            max_queue_bytes=self._cfg.send_queue_bytes,
+            dial_address=dial_address,
         )
 
     def _release_slot(self, link: Link) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -406,9 +405,7 @@ async def dial(
 class WebsocketTransport:
     """The `Transport` for ws:// (and dial-only wss://) addresses."""
 
-    def __init__(
-        self, *, limits: TransportLimits = TransportLimits(), scheme: str = "ws"
-    ) -> None:
+    def __init__(self, *, limits: TransportLimits = TransportLimits(), scheme: str = "ws") -> None:
         self.limits = limits
         self.scheme = scheme
 

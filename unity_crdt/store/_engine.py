@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._files import DB_NAME, acquire_lock, fsync_dir, move_aside, release_lock
-from ._compaction import compact_updates, row_crc, should_compact
 from ..errors import CorruptCacheError, StoreError
+from ._compaction import compact_updates, row_crc, should_compact
+from .files import DB_NAME, acquire_lock, fsync_dir, move_aside, release_lock
 
 __all__ = ["CLOSE_COMPACT_MIN_ROWS", "SCHEMA_VERSION", "CacheDb"]
 

@@ -60,8 +60,9 @@ class Presence:
         out = []
         for doc, local in self._local.items():
             if local.state is not None and now - local.renewed >= self.timeout / 2:
-                out.append((doc, self.set_local(doc, local.client_id, json.loads(local.state),
-                                                now)))
+                out.append(
+                    (doc, self.set_local(doc, local.client_id, json.loads(local.state), now))
+                )
         return out
 
     def expire(self, now: float) -> None:

@@ -5,7 +5,7 @@ Theory of operation
 
 A node holds many named documents and links to several peers. For each link it runs one
 `SyncSession`, which turns messages received from that peer into messages to send back, and
-which never touches a socket or a clock: the driver (`net._link`) feeds it decoded messages with
+which never touches a socket or a clock: the driver (`net.link`) feeds it decoded messages with
 the current time and sends whatever it returns. Everything here is a pure function of the
 replica's state and the calls made, which is what lets the property tests run thousands of
 lossy, reordered, partitioned schedules in seconds.

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Callable
 
 from ..errors import DecodeError, ErrorCode
-from .lib0 import U64, put_varuint, read_varuint
+from .lib0 import put_varuint, read_varuint
 
 __all__ = [
     "DIGEST_SIZE",

@@ -157,8 +157,11 @@ class AwarenessTable:
 
     def snapshot(self, now: float, timeout: float = 30.0) -> bytes | None:
         """Every live state not older than `timeout`, for a newcomer; None if there is none."""
-        live = [(cid, p.clock, p.state) for cid, p in self._entries.items()
-                if p.state is not None and now - p.seen < timeout]
+        live = [
+            (cid, p.clock, p.state)
+            for cid, p in self._entries.items()
+            if p.state is not None and now - p.seen < timeout
+        ]
         return encode_awareness(live) if live else None
 
     def remove(self, client_ids: Iterable[int], now: float) -> bytes | None:

@@ -68,9 +68,10 @@ class MemoryChannel:
             self._twin._inbox.put_nowait(_EOF)
 
 
-def channel_pair(
-    a: PeerAddress = PeerAddress("a", 1, "mem"), b: PeerAddress = PeerAddress("b", 1, "mem")
-) -> tuple[MemoryChannel, MemoryChannel]:
+_A, _B = PeerAddress("a", 1, "mem"), PeerAddress("b", 1, "mem")
+
+
+def channel_pair(a: PeerAddress = _A, b: PeerAddress = _B) -> tuple[MemoryChannel, MemoryChannel]:
     """Two connected ends: the first is at `a` (its remote is `b`), the second at `b`."""
     at_a, at_b = MemoryChannel(b), MemoryChannel(a)
     at_a._twin, at_b._twin = at_b, at_a
