@@ -46,6 +46,11 @@ class NodeConfig:
     max_handshakes_per_ip: int = 8
     reconnect_max: float = 30.0
     send_queue_bytes: int = 8 * 2**20
+    # The largest doc a peer may send in one reply, and how many new docs one peer may make
+    # this node create: a burst, refilled per second (docs over it re-sync later).
+    max_doc_bytes: int = 256 * 2**20
+    new_docs_burst: int = 50_000
+    new_docs_rate: float = 1000.0
     presence_timeout: float = 30.0
     yjs_endpoint: bool = False
     yjs_host: str = "127.0.0.1"

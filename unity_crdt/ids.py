@@ -17,6 +17,20 @@ def check_doc_id(name: object) -> str:
     """Return `name` if it is a valid document name (1-255 UTF-8 bytes, no control chars)."""
     if not isinstance(name, str):
         raise ConfigError(f"document name must be str, not {type(name).__name__}")
+    if name in _VALID:  # every message names a doc: check each name once, not each time
+        return name
+    _check(name)
+    if len(_VALID) >= _VALID_MAX:
+        _VALID.clear()
+    _VALID.add(name)
+    return name
+
+
+_VALID: set[str] = set()
+_VALID_MAX = 100_000
+
+
+def _check(name: str) -> None:
     size = len(name.encode("utf-8", "surrogatepass"))
     if not 0 < size <= MAX_DOC_ID_BYTES:
         raise ConfigError(f"document name must be 1-{MAX_DOC_ID_BYTES} UTF-8 bytes, got {size}")
@@ -26,7 +40,6 @@ def check_doc_id(name: object) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ConfigError("document name must be valid Unicode (no lone surrogates)") from exc
-    return name
 
 
 def is_device_id(value: str) -> bool:

@@ -33,7 +33,7 @@ from .sync.codec import PROTOCOL_VERSION, Awareness
 from .sync.presence import Presence
 from .sync.replica import RemoteOrigin, Replica
 from .sync.router import Router
-from .sync.session import SeenFilter, SyncSession
+from .sync.session import PullGate, SeenFilter, SyncSession
 
 if TYPE_CHECKING:
     from .checkpoint.format import CheckpointSink, DocHit
@@ -78,6 +78,7 @@ class Node:
         )
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
+        self._pulls = PullGate(config.anti_entropy_interval)
         self._router = Router()
         self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -180,7 +181,6 @@ class Node:
                     bytes_out=st.bytes_out,
                     messages_in=st.messages_in,
                     messages_out=st.messages_out,
-                    dropped=st.dropped,
                     rtt=session.stats.rtt,
                     synced_docs=tuple(sorted(session.synced_docs)),
                     pending=link.queued_bytes,
@@ -376,10 +376,14 @@ class Node:
             peer=peer,
             now=self._now(),
             seen=self._seen,
+            pulls=self._pulls,
             anti_entropy_interval=cfg.anti_entropy_interval,
             ping_interval=cfg.ping_interval,
             idle_timeout=cfg.idle_timeout,
             on_awareness=lambda doc, update: self._spread_presence(doc, update, source=peer),
+            max_doc_bytes=cfg.max_doc_bytes,
+            new_docs_burst=cfg.new_docs_burst,
+            new_docs_rate=cfg.new_docs_rate,
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
         snapshot = [Awareness(doc, snap) for doc, snap in self._presence.snapshot(self._now())]

@@ -32,7 +32,6 @@ class PeerStatus:
     bytes_out: int
     messages_in: int
     messages_out: int
-    dropped: int
     rtt: float | None
     synced_docs: tuple[str, ...]
     pending: int

@@ -354,7 +354,6 @@ def _status(peer_name: str, doc_name: str) -> NodeStatus:
         bytes_out=20,
         messages_in=1,
         messages_out=2,
-        dropped=0,
         rtt=None,
         synced_docs=(doc_name,),
         pending=3,

@@ -158,7 +158,7 @@ async def attack_tampered_frame(m: Attacker) -> None:
 
 
 async def attack_replayed_frame(m: Attacker) -> None:
-    frame = m.session.seal(codec.encode(codec.Hello(1, {})))[0]
+    frame = m.session.seal(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))[0]
     await m.channel.send(frame)
     await m.channel.send(frame)
 
@@ -206,7 +206,7 @@ async def test_member_attacks_lose_only_their_link(
 async def test_replayed_session_is_rejected(make_node: NodeFactory) -> None:
     a = await make_node("alice")
     m = await Attacker.connect(a.url)
-    await m.send_message(codec.encode(codec.Hello(1, {})))
+    await m.send_message(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))
     await m.send_message(
         codec.encode(codec.Update("replayed", _one_update("this must not appear twice")))
     )

@@ -40,6 +40,8 @@ from unity_crdt.sync.codec import (
     decode,
     encode,
 )
+from unity_crdt.sync.replica import Replica
+from unity_crdt.sync.session import SyncSession
 from unity_crdt.sync.yjs import DIGEST_SIZE
 
 
@@ -71,9 +73,9 @@ def test_worked_examples_have_exact_bytes(msg: Message, hexstr: str) -> None:
 
 
 def test_constants() -> None:
-    assert PROTOCOL_VERSION == 1 and DIGEST_SIZE == 16
+    assert PROTOCOL_VERSION == 2 and DIGEST_SIZE == 16
     assert Limits(64 * 2**20, 255, 100_000, 10_000) == DEFAULT_LIMITS
-    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7]
+    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13]
 
 
 def test_doc_messages_are_byte_compatible_with_y_protocols(
@@ -223,16 +225,22 @@ def test_retired_tags_are_unknown_and_versions_pass_through() -> None:
     assert decode(encode(Hello(7, {}))) == Hello(7, {})
 
 
-def test_doc_payloads_are_guarded_at_decode_time() -> None:
+def test_doc_payload_bombs_are_refused_before_pycrdt_sees_them() -> None:
+    """The codec frames Yjs payloads; the session guards them once, where they meet pycrdt."""
     bombs = [
         (0, uv(2**28) + b"\x00\x00"),  # SyncStep1 with a state-vector bomb
         (1, uv(2**28) + b"\x00" * 3),  # SyncStep2 with an update bomb
         (2, b"\x01"),  # Update, truncated
     ]
+    replica = Replica(lambda *_: None)
+    session = SyncSession(replica, peer="p", now=0.0)
+    session.receive(Hello(PROTOCOL_VERSION, {}), 0.0)
     for step, payload in bombs:
-        with pytest.raises(DecodeError) as info:
-            decode(b"\x02\x01a\x00" + bytes([step]) + uv(len(payload)) + payload)
+        msg = decode(b"\x02\x01a\x00" + bytes([step]) + uv(len(payload)) + payload)
+        with pytest.raises(ProtocolError) as info:
+            session.receive(msg, 0.0)
         assert info.value.code == ErrorCode.BAD_UPDATE
+    assert "a" not in replica
 
 
 def test_encode_refuses_what_a_peer_could_not_decode() -> None:

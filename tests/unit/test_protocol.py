@@ -18,16 +18,21 @@ from unity_crdt.sync import codec
 from unity_crdt.sync.codec import (
     PROTOCOL_VERSION,
     Batch,
+    Buckets,
     Hello,
+    Inventory,
+    InventoryRequest,
     Message,
     Ping,
     Pong,
+    Summary,
     SyncStep1,
     SyncStep2,
     Update,
 )
-from unity_crdt.sync.replica import Replica
-from unity_crdt.sync.session import EMPTY_UPDATE, SeenFilter, SyncSession
+from unity_crdt.sync.replica import RemoteOrigin, Replica
+from unity_crdt.sync.session import EMPTY_UPDATE, Outgoing, Reply, SeenFilter, SyncSession
+from unity_crdt.sync.yjs import bucket_of
 from unity_crdt.testing import Net, Party
 
 
@@ -56,12 +61,12 @@ def test_first_sync_of_disjoint_docs_then_everything_is_acknowledged() -> None:
     assert states_equal([a, b], ["alpha", "beta", "gamma"])
     for p, other in ((a, "B"), (b, "A")):
         assert p.sessions[other].synced_docs >= {"alpha", "beta", "gamma"}
-    # Docs that already match cost nothing: a fresh link exchanges HELLOs only.
+    # Docs that already match cost nothing: a fresh link exchanges HELLO and SUMMARY only.
     net.disconnect("A", "B")
     net.sent.clear()
     net.connect("A", "B")
     net.pump()
-    assert net.sent == Counter({"Hello": 2})
+    assert net.sent == Counter({"Hello": 2, "Summary": 2})
     assert a.sessions["B"].is_synced("alpha") and b.sessions["A"].is_synced("gamma")
 
 
@@ -289,12 +294,16 @@ def test_policy_hook_hides_docs_from_a_peer() -> None:
     assert str(b.text("public")) == "shown"
     assert all("secret" not in repr(m) for src, _, m in net.log if src == "A")
     # Asking for it directly gets the same answer as for a doc that does not exist ...
-    assert a.sessions["B"].receive(SyncStep1("secret", b"\x00"), net.now) == [
-        SyncStep2("secret", EMPTY_UPDATE)
-    ]
-    # ... and writes to it are dropped and counted.
+    session = a.sessions["B"]
+    (owed,) = session.receive(SyncStep1("secret", b"\x00"), net.now)
+    assert session.reply(owed) == [SyncStep2("secret", EMPTY_UPDATE)]
+    # ... and writes to it are dropped and counted: the pushed update, and the inventory
+    # entry B's acknowledging SUMMARY leads A to page.
     b.text("secret").insert(0, "intrusion")
     net.pump()
+    for _ in range(3):
+        net.tick(1.0)
+        net.pump()
     assert str(a.text("secret")) == "hidden"
     assert a.sessions["B"].stats.denied >= 2
     a.text("secret").insert(0, "more ")
@@ -305,24 +314,52 @@ def test_asking_about_an_unknown_doc_creates_nothing() -> None:
     replica = Replica(lambda *_: None)
     s = SyncSession(replica, peer="p", now=0.0)
     s.receive(Hello(PROTOCOL_VERSION, {}), 0.0)
-    assert s.receive(SyncStep1("ghost", b"\x00"), 0.0) == [SyncStep2("ghost", EMPTY_UPDATE)]
+    (owed,) = s.receive(SyncStep1("ghost", b"\x00"), 0.0)
+    assert owed == Reply("ghost", b"\x00")  # computed when the link can send it
+    assert s.reply(owed) == [SyncStep2("ghost", EMPTY_UPDATE)]
     assert s.receive(SyncStep2("ghost", EMPTY_UPDATE), 0.0) == []
     assert s.receive(Update("ghost", EMPTY_UPDATE), 0.0) == []
     assert "ghost" not in replica
 
 
-def test_hello_asks_for_every_differing_or_one_sided_doc() -> None:
-    a, _, _ = pair()
+def test_a_round_pulls_only_what_the_peer_has_and_differs() -> None:
+    """SUMMARY differs -> bucket fingerprints -> pages of the differing buckets -> pulls for
+    docs the peer holds in another state; a doc only we hold is the peer's to pull."""
+    a, p, _ = pair()
     a.text("mine").insert(0, "x")
     a.text("same").insert(0, "y")
+    p.replica.apply_remote("same", a.replica.doc("same").get_update(), RemoteOrigin("a"))
+    p.text("theirs").insert(0, "z")
     s = SyncSession(a.replica, peer="p", now=0.0)
-    theirs = {"same": a.replica.digest("same"), "theirs": b"\x01" * 16}
-    out = s.receive(Hello(PROTOCOL_VERSION, theirs), 0.0)
-    assert out == [
-        SyncStep1("mine", a.replica.state_vector("mine")),
-        SyncStep1("theirs", b"\x00"),
-    ]
-    assert s.synced_docs == frozenset({"same"})
+    assert s.receive(Hello(PROTOCOL_VERSION, {}), 0.0) == []
+    fingerprint, count = p.replica.fingerprint()
+    assert count == 2
+    assert s.receive(Summary(fingerprint, count), 0.0) == [InventoryRequest(None)]
+    requests = s.receive(Buckets(p.replica.bucket_fingerprints()), 0.0)
+    differing = {bucket_of("mine"), bucket_of("theirs")} - {bucket_of("same")}
+    assert {r.bucket for r in requests if isinstance(r, InventoryRequest)} >= differing
+    pulls = []
+    for req in requests:
+        assert isinstance(req, InventoryRequest) and req.bucket is not None
+        entries, more = p.replica.bucket_page(req.bucket, req.after, 1024)
+        pulls += s.receive(Inventory(req.bucket, tuple(entries), more), 0.0)
+    assert [m for m in pulls if isinstance(m, SyncStep1)] == [SyncStep1("theirs", b"\x00")]
+    assert "same" in s.synced_docs and "mine" not in s.synced_docs
+    # A page nobody asked for (late, from an abandoned round) changes nothing.
+    before = dict(s._peer_digests)
+    assert s.receive(Inventory(bucket_of("mine"), (("mine", b"\x07" * 16),), False), 0.0) == []
+    assert s._peer_digests == before and s.stats.unsolicited == 1
+
+
+def test_summary_of_an_equal_inventory_costs_nothing_and_acknowledges_everything() -> None:
+    a, p, _ = pair()
+    for i in range(50):
+        a.text(f"doc{i}").insert(0, f"text {i}")
+        p.replica.apply_remote(f"doc{i}", a.replica.doc(f"doc{i}").get_update(), RemoteOrigin("a"))
+    s = SyncSession(a.replica, peer="p", now=0.0)
+    s.receive(Hello(PROTOCOL_VERSION, {}), 0.0)
+    assert s.receive(Summary(*p.replica.fingerprint()), 0.0) == []
+    assert s.synced_docs == frozenset(f"doc{i}" for i in range(50))
 
 
 def _frames(msgs: list[Message]) -> Iterator[bytes]:
@@ -353,11 +390,12 @@ def test_quiet_link_acknowledges_live_updates_within_the_ack_delay() -> None:
     sa = SyncSession(ra, peer="b", now=0.0, anti_entropy_interval=1000.0, ack_delay=0.5)
     sb = SyncSession(rb, peer="a", now=0.0, anti_entropy_interval=1000.0, ack_delay=0.5)
 
-    def pump(out: list[_codec.Message], to: SyncSession, back: SyncSession, now: float) -> None:
-        while out:
-            replies = []
-            for m in out:
-                replies += to.receive(_codec.decode(_codec.encode(m)), now)
+    def pump(out: list[Outgoing], to: SyncSession, back: SyncSession, now: float) -> None:
+        while out:  # `back` sent `out`; it computes the replies it owes as it sends them
+            replies: list[Outgoing] = []
+            for item in out:
+                for m in back.reply(item) if isinstance(item, Reply) else [item]:
+                    replies += to.receive(_codec.decode(_codec.encode(m)), now)
             out, to, back = replies, back, to
 
     pump(sa.start(), sb, sa, 0.0)
@@ -374,10 +412,10 @@ def test_quiet_link_acknowledges_live_updates_within_the_ack_delay() -> None:
         pump(sb.tick(now), sa, sb, now)
     assert sa.is_synced("d") and sb.is_synced("d")
     assert now <= 1.5
-    # Quiet and acknowledged: no further HELLOs until anti-entropy.
-    hellos = sa.stats.hellos_sent + sb.stats.hellos_sent
+    # Quiet and acknowledged: no further SUMMARY until anti-entropy.
+    summaries = sa.stats.summaries_sent + sb.stats.summaries_sent
     for _ in range(8):
         now += 0.25
         pump(sa.tick(now), sb, sa, now)
         pump(sb.tick(now), sa, sb, now)
-    assert sa.stats.hellos_sent + sb.stats.hellos_sent == hellos
+    assert sa.stats.summaries_sent + sb.stats.summaries_sent == summaries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -366,3 +367,16 @@ def test_delete_set_reader_and_empty_update(session: tuple[Doc, list[bytes]]) ->
     assert is_empty_update(fresh.get_update(fresh.get_state()))
     assert not is_empty_update(fresh.get_update())
     assert read_delete_set(b"\x00\x00") == {}
+
+
+@given(st.integers(1, 2**53 - 1), st.integers(1, 3000))
+def test_digest_fast_path_is_the_canonical_form(client: int, length: int) -> None:
+    """One client and no deletions skip the parsing: the digest must not change."""
+    doc = Doc(client_id=client)
+    doc.get("t", type=Text).insert(0, "x" * length)
+    state = doc.get_state()
+    canonical = bytearray()
+    for value in (1, client, length, 0):  # one client, its clock, no delete set
+        put_varuint(canonical, value)
+    expected = hashlib.sha256(b"unity-crdt/v1/digest" + bytes(canonical)).digest()[:16]
+    assert doc_digest(state, doc.get_update(state)) == expected

@@ -121,12 +121,6 @@ def render(status: NodeStatus, *, doc_labels: bool = True) -> str:
             lambda p: p.messages_out,
         ),
         (
-            "unity_crdt_peer_dropped_total",
-            "counter",
-            "Messages dropped on this link.",
-            lambda p: p.dropped,
-        ),
-        (
             "unity_crdt_peer_pending_bytes",
             "gauge",
             "Bytes queued for this peer, not yet sent.",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,13 +21,13 @@ from ..crypto.keys import DeviceIdentity, GroupKeys
 from ..errors import ChannelClosed, ErrorCode, HandshakeError, ProtocolError
 from ..ids import PeerAddress
 from ..sync import codec
-from ..sync.session import SyncSession
+from ..sync.codec import Message
+from ..sync.outbox import Outbox
+from ..sync.session import Reply, SyncSession
 from .channel import Channel
 
 log = logging.getLogger(__name__)
 
-# Batches amortise sealing and websocket overhead; 256 KiB keeps one frame well under 1 MiB.
-BATCH_BYTES = 256 * 1024
 TICK_SECONDS = 0.5
 # Websocket close code (private-use range) and reason telling a dialler its handshake failed.
 CLOSE_HANDSHAKE_REFUSED = 4001
@@ -43,7 +42,6 @@ class LinkStats:
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
-    dropped: int = 0
     connected_at: float = 0.0
     last_seen: float = 0.0
 
@@ -77,9 +75,8 @@ class Link:
         self._accept = accept
         self._handshake_timeout = handshake_timeout
         self._max_queue = max_queue_bytes
-        self._queue: deque[bytes] = deque()
-        self._queued = 0
-        self._resync = False
+        self._outbox: Outbox | None = None  # made with the session (it computes replies)
+        self._early: list[Message | Reply] = []
         self._wake = asyncio.Event()
         self._secure: SecureSession | None = None
         self._closing: tuple[ErrorCode, str] | None = None
@@ -100,27 +97,29 @@ class Link:
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting in the send queue (a lag indicator)."""
-        return self._queued
+        return self._outbox.queued_bytes if self._outbox is not None else 0
 
-    def send(self, messages: Sequence[codec.Message]) -> None:
+    def send(self, messages: Sequence[Message | Reply]) -> None:
         """Queue messages for this peer without blocking.
 
-        When the queue is over its byte budget, live updates are dropped rather than buffered
-        without bound; the doc state still holds them, so one forced anti-entropy round (a
-        fresh inventory) repairs the gap once the queue drains.
+        A peer that stops reading fills the queue; past its byte budget the link is closed
+        (OVERLOADED) instead of buffering without bound. Nothing is lost: the docs hold every
+        update, and the next link pulls what the peer lacks.
         """
-        for msg in messages:
-            data = codec.encode(msg)
-            if self._queued + len(data) > self._max_queue and isinstance(
-                msg, codec.Update | codec.SyncStep2 | codec.Awareness
-            ):
-                self.stats.dropped += 1
-                self._resync = True
-                continue
-            self._queue.append(data)
-            self._queued += len(data)
-        if self._queue:
-            self._wake.set()
+        if self._outbox is None:
+            self._early.extend(messages)
+            return
+        try:
+            self._outbox.put(messages)
+        except ProtocolError as exc:
+            if self._closing is None:
+                self.close_reason = f"protocol error {exc.code.name}: {exc}"
+                log.warning("link %s closed: %s", self.label, self.close_reason)
+                self._closing = (exc.code, str(exc))
+                # The writer may be stuck on a socket the peer does not drain: cut it.
+                asyncio.get_running_loop().create_task(self.channel.close(1013, "overloaded"))
+            return
+        self._wake.set()
 
     def close_soon(self, code: ErrorCode, reason: str) -> None:
         """Ask the link to end with a CLOSE frame after flushing what is queued."""
@@ -139,7 +138,10 @@ class Link:
                 return
             now = self._clock()
             self.stats.connected_at = self.stats.last_seen = now
+            self._outbox = Outbox(self.session.reply, budget=self._max_queue)
             self.send(self.session.start())
+            early, self._early = self._early, []
+            self.send(early)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._reader())
                 tg.create_task(self._writer())
@@ -207,45 +209,35 @@ class Link:
             frame = await self.channel.recv()
             self.stats.bytes_in += len(frame)
             data = secure.open(frame)
+            now = self._clock()
+            self.stats.last_seen = now
+            session.heard(now)  # a fragment of a long message is a sign of life too
             if data is None:
                 if secure.closed_by_peer is not None:
                     code, reason = secure.closed_by_peer
                     self.close_reason = f"peer closed: {code.name} {reason}".strip()
                     raise ChannelClosed(self.close_reason)
                 continue
-            now = self._clock()
-            self.stats.last_seen = now
             msg = codec.decode(data)
             self.stats.messages_in += 1
             self.send(session.receive(msg, now))
 
     async def _writer(self) -> None:
-        secure = self._secure
-        assert secure is not None and self.session is not None
+        secure, outbox = self._secure, self._outbox
+        assert secure is not None and outbox is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                parts: list[bytes] = []
-                size = 0
-                while self._queue and (not parts or size + len(self._queue[0]) <= BATCH_BYTES):
-                    part = self._queue.popleft()
-                    parts.append(part)
-                    size += len(part)
-                self._queued -= size
-                payload = parts[0] if len(parts) == 1 else codec.encode_batch(parts)
+            while (payload := outbox.next_payload()) is not None:
                 if secure.needs_rekey(self._clock()):
                     await self.channel.send(secure.rekey(self._clock()))
                 for frame in secure.seal(payload):
                     await self.channel.send(frame)
                     self.stats.bytes_out += len(frame)
-                self.stats.messages_out += len(parts)
-                if self._resync and not self._queue:
-                    self._resync = False
-                    self.send(self.session.start())
+                self.stats.messages_out += 1
             if self._closing is not None:
                 await self._send_close(*self._closing)
-                self.close_reason = self._closing[1]
+                self.close_reason = self.close_reason or self._closing[1]
                 raise ChannelClosed(self._closing[1])
 
     async def _ticker(self) -> None:

@@ -24,11 +24,12 @@ from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..errors import ConfigError
-from ..sync.codec import PROTOCOL_VERSION
 
 __all__ = ["SERVICE_TYPE", "Discovery", "Found"]
 
 SERVICE_TYPE = "_unity-crdt._tcp.local."
+# The version of this TXT record's layout (not of the sync protocol, which HELLO carries).
+TXT_VERSION = "1"
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class Discovery:
             SERVICE_TYPE,
             f"{self._instance}.{SERVICE_TYPE}",
             port=self._port,
-            properties={"v": str(PROTOCOL_VERSION), "g": self._beacon.decode("ascii")},
+            properties={"v": TXT_VERSION, "g": self._beacon.decode("ascii")},
             server=f"{self._instance}.local.",
             parsed_addresses=list(self._advertise),
             host_ttl=_RECORD_TTL,
@@ -334,7 +335,7 @@ class Discovery:
     def _parse(self, info: AsyncServiceInfo) -> tuple[Found, ...] | None:
         """The candidates a service offers, or None when it is not one of ours."""
         props = _parse_txt(info.text or b"")
-        if props is None or props.get(b"v") != str(PROTOCOL_VERSION).encode():
+        if props is None or props.get(b"v") != TXT_VERSION.encode():
             return None
         if props.get(b"g") != self._beacon:
             return None  # another group, or a stranger: never dialled

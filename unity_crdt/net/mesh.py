@@ -197,6 +197,8 @@ class Mesh:
         return self._identity.device_id if link.initiator else link.remote.device_id
 
     def _forget(self, link: Link) -> None:
+        if link.session is not None:
+            link.session.close()  # frees its pulls for the other links
         if link.remote is None:
             return
         dev = link.remote.device_id

@@ -8,7 +8,7 @@ so hostile input costs memory in proportion to its own size only. No I/O, no clo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeAlias
@@ -16,11 +16,13 @@ from typing import Any, TypeAlias
 from ..errors import ConfigError, DecodeError, LimitExceeded
 from ..ids import check_doc_id
 from .lib0 import put_varbytes, put_varuint, read_varuint
-from .yjs import DIGEST_SIZE, check_state_vector, check_update
+from .yjs import DIGEST_SIZE
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Smallest encoded inventory entry: doc-id length byte, one doc-id byte, the digest.
 _MIN_INVENTORY_ENTRY = 2 + DIGEST_SIZE
+FINGERPRINT_SIZE = 16
+BUCKETS = 256  # inventory buckets: a doc's bucket is the first byte of blake2b(doc id)
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,76 @@ class MsgType(IntEnum):
     PING = 3
     PONG = 4
     BATCH = 7
+    SUMMARY = 8
+    INVENTORY_REQUEST = 9
+    INVENTORY = 10
+    ADVERT = 11
+    PART = 12
+    BUCKETS = 13
 
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """Opening message: protocol version and the sender's inventory (doc id -> digest)."""
+    """Opening message: the protocol version (its layout is frozen for every version).
+
+    Version 1 carried the whole inventory here; version 2 sends none (`inventory` is empty)
+    and pages it with INVENTORY messages instead, so a v1 peer reads a v2 HELLO and reports
+    the version mismatch by name.
+    """
 
     version: int
     inventory: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The sender's whole inventory in 16 bytes: an order-free fingerprint, and its size."""
+
+    fingerprint: bytes
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryRequest:
+    """Ask for the receiver's bucket fingerprints (`bucket` None), or for the next page of one
+    bucket of its inventory: docs named after `after`."""
+
+    bucket: int | None
+    after: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Buckets:
+    """The fingerprint of each of the sender's BUCKETS inventory buckets, in bucket order."""
+
+    fingerprints: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """One page of one bucket of the sender's inventory, sorted by doc id; `more` if pages
+    of that bucket follow."""
+
+    bucket: int
+    entries: tuple[tuple[str, bytes], ...]
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """The sender's digest of one doc it changed, for the receiver to pull if it differs."""
+
+    doc: str
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A piece of a SyncStep2 payload too big for one message; `final` ends the payload."""
+
+    doc: str
+    data: bytes
+    final: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +171,22 @@ class Batch:
     messages: tuple[Message, ...]
 
 
-Message: TypeAlias = Hello | SyncStep1 | SyncStep2 | Update | Awareness | Ping | Pong | Batch
+Message: TypeAlias = (
+    Hello
+    | Summary
+    | InventoryRequest
+    | Buckets
+    | Inventory
+    | Advert
+    | Part
+    | SyncStep1
+    | SyncStep2
+    | Update
+    | Awareness
+    | Ping
+    | Pong
+    | Batch
+)
 
 
 class _Reader:
@@ -142,8 +221,16 @@ class _Reader:
     def varbytes(self) -> bytes:
         return self.take(self.varuint())
 
-    def doc_id(self) -> str:
+    def flag(self, what: str) -> bool:
+        value = self.byte()
+        if value not in (0, 1):
+            raise DecodeError(f"{what} flag must be 0 or 1, got {value}")
+        return value == 1
+
+    def doc_id(self, allow_empty: bool = False) -> str:
         size = self.varuint()
+        if allow_empty and size == 0:
+            return ""
         if size > self.limits.max_doc_id:
             raise LimitExceeded(f"doc id of {size} bytes exceeds the limit")
         try:
@@ -173,26 +260,130 @@ def _put_doc(out: bytearray, doc: str) -> None:
     put_varbytes(out, check_doc_id(doc).encode("utf-8"))
 
 
-def _enc_hello(out: bytearray, msg: Hello) -> None:
-    put_varuint(out, msg.version)
-    put_varuint(out, len(msg.inventory))
-    for doc, digest in msg.inventory.items():
+def _put_entries(out: bytearray, entries: Iterable[tuple[str, bytes]], n: int) -> None:
+    put_varuint(out, n)
+    for doc, digest in entries:
         if len(digest) != DIGEST_SIZE:
             raise ConfigError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
         _put_doc(out, doc)
         out += digest
 
 
-def _dec_hello(r: _Reader) -> Hello:
-    version = r.varuint()
+def _read_entries(r: _Reader) -> dict[str, bytes]:
     n = r.count(r.limits.max_inventory, _MIN_INVENTORY_ENTRY, "inventory")
-    inventory: dict[str, bytes] = {}
+    entries: dict[str, bytes] = {}
     for _ in range(n):
         doc = r.doc_id()
-        if doc in inventory:
+        if doc in entries:
             raise DecodeError("duplicate doc id in inventory")
-        inventory[doc] = r.take(DIGEST_SIZE)
-    return Hello(version, inventory)
+        entries[doc] = r.take(DIGEST_SIZE)
+    return entries
+
+
+def _enc_hello(out: bytearray, msg: Hello) -> None:
+    put_varuint(out, msg.version)
+    _put_entries(out, msg.inventory.items(), len(msg.inventory))
+
+
+def _dec_hello(r: _Reader) -> Hello:
+    version = r.varuint()
+    return Hello(version, _read_entries(r))
+
+
+def _enc_summary(out: bytearray, msg: Summary) -> None:
+    if len(msg.fingerprint) != FINGERPRINT_SIZE:
+        raise ConfigError(f"fingerprint must be {FINGERPRINT_SIZE} bytes")
+    out += msg.fingerprint
+    put_varuint(out, msg.count)
+
+
+def _dec_summary(r: _Reader) -> Summary:
+    return Summary(r.take(FINGERPRINT_SIZE), r.varuint())
+
+
+def _put_bucket(out: bytearray, bucket: int) -> None:
+    if not 0 <= bucket < BUCKETS:
+        raise ConfigError(f"bucket must be 0-{BUCKETS - 1}, got {bucket}")
+    out.append(bucket)
+
+
+def _bucket(r: _Reader) -> int:
+    return r.byte()  # every byte value names a bucket
+
+
+def _enc_inventory_request(out: bytearray, msg: InventoryRequest) -> None:
+    if msg.bucket is None:
+        if msg.after:
+            raise ConfigError("a bucket-fingerprint request has no `after`")
+        out.append(0)
+        return
+    out.append(1)
+    _put_bucket(out, msg.bucket)
+    if msg.after:
+        _put_doc(out, msg.after)
+    else:
+        out.append(0)
+
+
+def _dec_inventory_request(r: _Reader) -> InventoryRequest:
+    if not r.flag("bucket"):
+        return InventoryRequest(None)
+    bucket = _bucket(r)
+    return InventoryRequest(bucket, r.doc_id(allow_empty=True))
+
+
+def _enc_buckets(out: bytearray, msg: Buckets) -> None:
+    if len(msg.fingerprints) != BUCKETS or any(
+        len(f) != FINGERPRINT_SIZE for f in msg.fingerprints
+    ):
+        raise ConfigError(f"buckets carry {BUCKETS} fingerprints of {FINGERPRINT_SIZE} bytes")
+    for fingerprint in msg.fingerprints:
+        out += fingerprint
+
+
+def _dec_buckets(r: _Reader) -> Buckets:
+    raw = r.take(BUCKETS * FINGERPRINT_SIZE)
+    step = FINGERPRINT_SIZE
+    return Buckets(tuple(raw[i : i + step] for i in range(0, len(raw), step)))
+
+
+def _enc_inventory(out: bytearray, msg: Inventory) -> None:
+    _put_bucket(out, msg.bucket)
+    _put_entries(out, msg.entries, len(msg.entries))
+    out.append(1 if msg.more else 0)
+
+
+def _dec_inventory(r: _Reader) -> Inventory:
+    bucket = _bucket(r)
+    entries = _read_entries(r)
+    names = list(entries)
+    if names != sorted(names):
+        raise DecodeError("inventory page is not sorted by doc id")
+    return Inventory(bucket, tuple(entries.items()), r.flag("more"))
+
+
+def _enc_advert(out: bytearray, msg: Advert) -> None:
+    _put_entries(out, [(msg.doc, msg.digest)], 1)
+
+
+def _dec_advert(r: _Reader) -> Advert:
+    entries = _read_entries(r)
+    if len(entries) != 1:
+        raise DecodeError("an advert names exactly one doc")
+    ((doc, digest),) = entries.items()
+    return Advert(doc, digest)
+
+
+def _enc_part(out: bytearray, msg: Part) -> None:
+    _put_doc(out, msg.doc)
+    out.append(1 if msg.final else 0)
+    put_varbytes(out, msg.data)
+
+
+def _dec_part(r: _Reader) -> Part:
+    doc = r.doc_id()
+    final = r.flag("final")
+    return Part(doc, r.varbytes(), final)
 
 
 # After its doc id, a DOC message is exactly a y-websocket message: (kind, sync step) bytes.
@@ -224,11 +415,11 @@ def _dec_doc(r: _Reader) -> Message:
         raise DecodeError(f"unknown y-protocols message type {kind}")
     step = r.byte()
     payload = r.varbytes()
+    # The Yjs payloads are guarded where they meet pycrdt (the session checks a state vector
+    # as it arrives, the replica every update it applies), once, not here as well.
     if step == 0x00:
-        check_state_vector(payload)
         return SyncStep1(doc, payload)
     if step in (0x01, 0x02):
-        check_update(payload)
         return SyncStep2(doc, payload) if step == 0x01 else Update(doc, payload)
     raise DecodeError(f"unknown sync message type {step}")
 
@@ -262,6 +453,12 @@ _Encoder = Callable[[bytearray, Any], None]
 _Decoder = Callable[[_Reader], Message]
 _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
     Hello: (MsgType.HELLO, _enc_hello),
+    Summary: (MsgType.SUMMARY, _enc_summary),
+    InventoryRequest: (MsgType.INVENTORY_REQUEST, _enc_inventory_request),
+    Buckets: (MsgType.BUCKETS, _enc_buckets),
+    Inventory: (MsgType.INVENTORY, _enc_inventory),
+    Advert: (MsgType.ADVERT, _enc_advert),
+    Part: (MsgType.PART, _enc_part),
     SyncStep1: (MsgType.DOC, _enc_doc),
     SyncStep2: (MsgType.DOC, _enc_doc),
     Update: (MsgType.DOC, _enc_doc),
@@ -272,6 +469,12 @@ _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
 }
 _DECODERS: dict[int, _Decoder] = {
     MsgType.HELLO: _dec_hello,
+    MsgType.SUMMARY: _dec_summary,
+    MsgType.INVENTORY_REQUEST: _dec_inventory_request,
+    MsgType.BUCKETS: _dec_buckets,
+    MsgType.INVENTORY: _dec_inventory,
+    MsgType.ADVERT: _dec_advert,
+    MsgType.PART: _dec_part,
     MsgType.DOC: _dec_doc,
     MsgType.PING: lambda r: Ping(r.varuint()),
     MsgType.PONG: lambda r: Pong(r.varuint()),

@@ -17,6 +17,7 @@ persist it and gossip it. The rules here come from pycrdt 0.14's behaviour (ANCH
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +27,15 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 
 from ..errors import ConfigError, DecodeError, ErrorCode, ProtocolError, StoreError
 from ..ids import check_doc_id
-from .yjs import check_state_vector, check_update, doc_digest, is_empty_update
+from .codec import BUCKETS
+from .yjs import (
+    bucket_of,
+    check_state_vector,
+    check_update,
+    doc_digest,
+    entry_hash,
+    is_empty_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +46,15 @@ OnUpdate = Callable[[str, bytes, object | None], None]
 
 @dataclass(frozen=True, slots=True)
 class RemoteOrigin:
-    """Transaction origin of an update applied on behalf of peer `peer`."""
+    """Transaction origin of an update applied on behalf of peer `peer`.
+
+    `pulled` marks what this node asked for (a SyncStep2 reply) as opposed to live updates the
+    peer pushed: the router pushes only live updates on, and lets the other links pull the
+    rest, so a node meeting several peers at once does not receive the same history twice.
+    """
 
     peer: str
+    pulled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,15 @@ class Replica:
         self._client_id_factory = client_id_factory
         self._docs: dict[str, Doc[Any]] = {}
         self._digests: dict[str, bytes] = {}
+        # Inventory fingerprints: the XOR of one 128-bit hash per non-empty doc, overall and per
+        # bucket, kept up to date incrementally (a change XORs the doc's old entry out; `_fold`
+        # XORs the new one in), so an unchanged inventory of any size costs nothing to summarise
+        # and a changed one is narrowed down bucket by bucket.
+        self._entries: dict[str, int] = {}
+        self._fingerprint = 0
+        self._bucket_fp = [0] * BUCKETS
+        self._bucket_names: list[list[str]] = [[] for _ in range(BUCKETS)]
+        self._stale: set[str] = set()
         # The origin of the transaction this replica itself is running on a doc. pycrdt does
         # not let an observer read the origin, so the replica remembers what it passed in.
         self._origins: dict[str, object] = {}
@@ -76,6 +100,7 @@ class Replica:
         doc: Doc[Any] = Doc(client_id=client_id)
         doc.observe(lambda event: self._observe(name, event))
         self._docs[name] = doc
+        bisect.insort(self._bucket_names[bucket_of(name)], name)
         return doc
 
     def names(self) -> list[str]:
@@ -103,7 +128,7 @@ class Replica:
                     ) from exc
         finally:
             del self._origins[name]
-            self._digests.pop(name, None)
+            self._changed(name)
         return doc
 
     def apply_remote(self, name: str, update: bytes, origin: RemoteOrigin) -> None:
@@ -126,6 +151,8 @@ class Replica:
         except ValueError as exc:
             if created:  # leave the replica exactly as it was
                 del self._docs[name]
+                self._bucket_names[bucket_of(name)].remove(name)
+                self._stale.discard(name)
             raise ProtocolError(
                 f"invalid update for document {name!r}: pycrdt rejected it",
                 ErrorCode.BAD_UPDATE,
@@ -175,14 +202,69 @@ class Replica:
 
     def inventory(self) -> dict[str, bytes]:
         """Digest of every non-empty document (empty ones have nothing to sync)."""
-        return {name: self.digest(name) for name in self._docs if not self.is_empty(name)}
+        self._fold()
+        return {name: self.digest(name) for name in self._entries}
+
+    def fingerprint(self) -> tuple[bytes, int]:
+        """(16-byte fingerprint, count) of the inventory; equal inventories, equal fingerprints."""
+        self._fold()
+        return self._fingerprint.to_bytes(16, "big"), len(self._entries)
+
+    def bucket_fingerprints(self) -> tuple[bytes, ...]:
+        """The fingerprint of each inventory bucket (`bucket_of` says which bucket a doc is in)."""
+        self._fold()
+        return tuple(fp.to_bytes(16, "big") for fp in self._bucket_fp)
+
+    def bucket_page(
+        self, bucket: int, after: str, limit: int
+    ) -> tuple[list[tuple[str, bytes]], bool]:
+        """Up to `limit` (doc, digest) of the bucket's non-empty docs named after `after`,
+        sorted; and whether more follow."""
+        self._fold()
+        names = self._bucket_names[bucket]
+        out: list[tuple[str, bytes]] = []
+        for i in range(bisect.bisect_right(names, after), len(names)):
+            name = names[i]
+            if name not in self._entries:
+                continue
+            if len(out) == limit:
+                return out, True
+            out.append((name, self.digest(name)))
+        return out, False
+
+    def bucket_names(self, bucket: int, after: str, upto: str | None) -> list[str]:
+        """The bucket's non-empty docs named in (after, upto] (upto None: to the end)."""
+        self._fold()
+        names = self._bucket_names[bucket]
+        lo = bisect.bisect_right(names, after)
+        hi = len(names) if upto is None else bisect.bisect_right(names, upto)
+        return [n for n in names[lo:hi] if n in self._entries]
+
+    def _changed(self, name: str) -> None:
+        self._digests.pop(name, None)
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self._fingerprint ^= entry
+            self._bucket_fp[bucket_of(name)] ^= entry
+        self._stale.add(name)
+
+    def _fold(self) -> None:
+        for name in self._stale:
+            doc = self._docs.get(name)
+            if doc is None or doc.get_state() == EMPTY_STATE_VECTOR:
+                continue
+            entry = int.from_bytes(entry_hash(name, self.digest(name)), "big")
+            self._entries[name] = entry
+            self._fingerprint ^= entry
+            self._bucket_fp[bucket_of(name)] ^= entry
+        self._stale.clear()
 
     # -- observer ---------------------------------------------------------------------------
 
     def _observe(self, name: str, event: TransactionEvent) -> None:
         # Runs inside the commit: the doc is borrowed, so only copy and look up, then report.
         try:
-            self._digests.pop(name, None)
+            self._changed(name)
             update = bytes(event.update)
             origin = (
                 self._origins[name] if name in self._origins else _app_origin(self._docs.get(name))

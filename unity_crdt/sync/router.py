@@ -8,6 +8,11 @@ update to every link's session except the one it came from. Relaying terminates 
 replica reports only *effective* changes: an update it already has changes nothing, so it is
 never reported and never forwarded again.
 
+Only live updates are pushed. What this node *pulled* from a peer (a SYNC_STEP_2 reply) is
+cached but not fanned out to the other links: they learn from our next SUMMARY that our
+inventory moved and pull exactly what they lack, so when several peers meet at once each of
+them receives a history once, not once per path.
+
 The node, the in-memory harness (`unity_crdt.testing`) and the property tests all route
 through this one class, so the tests check the rule the node runs.
 """
@@ -34,13 +39,14 @@ class Routed:
     doc: str
     update: bytes
     source: str | None
+    pulled: bool = False
 
 
 class Router:
     """Coalesces reported updates per (doc, source) and fans them out to the other links."""
 
     def __init__(self) -> None:
-        self._queued: dict[tuple[str, str | None], list[bytes]] = {}
+        self._queued: dict[tuple[str, str | None, bool], list[bytes]] = {}
 
     @property
     def pending(self) -> bool:
@@ -50,18 +56,24 @@ class Router:
     def add(self, doc: str, update: bytes, origin: object | None) -> bool:
         """Queue one reported update; True if it is the first since the last drain."""
         first = not self._queued
-        self._queued.setdefault((doc, source_of(origin)), []).append(update)
+        pulled = isinstance(origin, RemoteOrigin) and origin.pulled
+        self._queued.setdefault((doc, source_of(origin), pulled), []).append(update)
         return first
 
     def drain(self) -> list[Routed]:
         """Everything queued, merged per (doc, source), in the order first reported."""
         queued, self._queued = self._queued, {}
-        return [Routed(doc, merge_small(ups), src) for (doc, src), ups in queued.items()]
+        return [
+            Routed(d, merge_small(ups), src, pulled) for (d, src, pulled), ups in queued.items()
+        ]
 
     @staticmethod
     def fan_out(routed: Routed, sessions: Mapping[str, SyncSession]) -> dict[str, list[Message]]:
-        """The messages each linked peer gets for `routed`: every peer but its source."""
+        """The messages each linked peer gets for `routed`: every peer but its source; none
+        for what was pulled."""
         out: dict[str, list[Message]] = {}
+        if routed.pulled:
+            return out
         for peer, session in sessions.items():
             if peer != routed.source:
                 msgs = session.local_update(routed.doc, routed.update)

@@ -14,9 +14,11 @@ from .lib0 import put_varuint, read_varuint
 
 __all__ = [
     "DIGEST_SIZE",
+    "bucket_of",
     "check_state_vector",
     "check_update",
     "doc_digest",
+    "entry_hash",
     "is_empty_update",
     "read_delete_set",
     "read_state_vector",
@@ -260,6 +262,14 @@ def read_delete_set(update: bytes) -> dict[int, list[tuple[int, int]]]:
 
 def doc_digest(state_vector: bytes, delete_set_update: bytes) -> bytes:
     """A 16-byte digest of a doc's state, independent of encoding order and history."""
+    if (
+        delete_set_update == b"\x00\x00"
+        and state_vector[:1] == b"\x01"
+        and state_vector[-1:] != b"\x00"
+    ):
+        # One client, no deletions (most docs): yrs's minimal encoding already is the
+        # canonical form below (count 1, client, clock > 0, then no delete set).
+        return hashlib.sha256(_DIGEST_LABEL + state_vector + b"\x00").digest()[:DIGEST_SIZE]
     out = bytearray()
     clocks = sorted((c, k) for c, k in read_state_vector(state_vector).items() if k)
     put_varuint(out, len(clocks))
@@ -275,6 +285,16 @@ def doc_digest(state_vector: bytes, delete_set_update: bytes) -> bytes:
             put_varuint(out, clock)
             put_varuint(out, length)
     return hashlib.sha256(_DIGEST_LABEL + bytes(out)).digest()[:DIGEST_SIZE]
+
+
+def bucket_of(doc: str) -> int:
+    """The inventory bucket (0-255) of a doc: the first byte of blake2b(doc id)."""
+    return hashlib.blake2b(doc.encode("utf-8"), digest_size=1).digest()[0]
+
+
+def entry_hash(doc: str, digest: bytes) -> bytes:
+    """The 16-byte hash of one inventory entry; their XOR is the inventory's fingerprint."""
+    return hashlib.blake2b(doc.encode("utf-8") + b"\0" + digest, digest_size=16).digest()
 
 
 def is_empty_update(update: bytes) -> bool:

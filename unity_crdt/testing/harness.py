@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 from pycrdt import Array, Map, Text
@@ -19,7 +20,7 @@ from ..sync import codec
 from ..sync.codec import Batch, Message, flatten
 from ..sync.replica import Replica
 from ..sync.router import Router
-from ..sync.session import SeenFilter, SyncSession
+from ..sync.session import PullGate, Reply, SeenFilter, SyncSession
 
 __all__ = ["Net", "Party"]
 
@@ -33,6 +34,7 @@ class Party:
         self.name = name
         self.replica = Replica(self._on_update, client_id_factory=lambda: next(_ids))
         self.seen = seen if seen is not None else SeenFilter()
+        self.pulls = PullGate()
         self.sessions: dict[str, SyncSession] = {}
         self.router = Router()
         self.reports: list[tuple[str, bytes, object | None]] = []
@@ -74,7 +76,9 @@ class Net:
         for x, y in ((a, b), (b, a)):
             px = self.parties[x]
             kw = {**self.session_kw, **((a_kw or {}) if x == a else {})}
-            px.sessions[y] = SyncSession(px.replica, peer=y, now=self.now, seen=px.seen, **kw)
+            px.sessions[y] = SyncSession(
+                px.replica, peer=y, now=self.now, seen=px.seen, pulls=px.pulls, **kw
+            )
             self.queues[(x, y)] = deque()
         for x, y in ((a, b), (b, a)):
             self.send(x, y, self.parties[x].sessions[y].start())
@@ -82,13 +86,18 @@ class Net:
     def disconnect(self, a: str, b: str) -> None:
         """Drop the link between `a` and `b`, with whatever it had in flight."""
         for x, y in ((a, b), (b, a)):
-            del self.parties[x].sessions[y]
+            self.parties[x].sessions.pop(y).close()
             del self.queues[(x, y)]
 
-    def send(self, src: str, dst: str, msgs: list[Message]) -> None:
-        """Queue `msgs` from `src` to `dst` as one encoded message (a BATCH if several)."""
-        if not msgs or (src, dst) not in self.queues:
+    def send(self, src: str, dst: str, items: Sequence[Message | Reply]) -> None:
+        """Queue `items` from `src` to `dst` as one encoded message (a BATCH if several);
+        owed replies are computed on the spot (this harness has no send budget)."""
+        if not items or (src, dst) not in self.queues:
             return
+        session = self.parties[src].sessions[dst]
+        msgs: list[Message] = []
+        for item in items:
+            msgs.extend(session.reply(item) if isinstance(item, Reply) else [item])
         for m in flatten(msgs):
             self.sent[type(m).__name__] += 1
             self.log.append((src, dst, m))

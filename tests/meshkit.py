@@ -54,9 +54,12 @@ class Attacker:
         from unity_crdt.crypto.handshake import Handshake
         from unity_crdt.crypto.keys import DeviceIdentity, derive_group_keys
         from unity_crdt.net import websocket as transport
+        from unity_crdt.sync.codec import PROTOCOL_VERSION
 
         me = DeviceIdentity.generate()
-        hello = PeerHello(name=name, device_id=me.device_id, version=1, max_frame=2**20)
+        hello = PeerHello(
+            name=name, device_id=me.device_id, version=PROTOCOL_VERSION, max_frame=2**20
+        )
         loop = asyncio.get_running_loop()
         hs = Handshake(derive_group_keys(secret), me, hello, initiator=True, now=loop.time())
         # Generous sender limits: the attacker must be able to send what the node must refuse.
