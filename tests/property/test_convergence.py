@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -30,9 +30,10 @@ from pycrdt import Array, Map, Text
 from unity_crdt.errors import ProtocolError
 from unity_crdt.sync import codec
 from unity_crdt.sync.codec import Message
+from unity_crdt.sync.outbox import Outbox
 from unity_crdt.sync.replica import Replica
 from unity_crdt.sync.router import Router
-from unity_crdt.sync.session import SeenFilter, SyncSession
+from unity_crdt.sync.session import PART_SIZE, PullGate, Reply, SeenFilter, SyncSession
 from unity_crdt.sync.yjs import read_state_vector
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,9 @@ pytestmark = pytest.mark.slow
 DOC_NAMES = ["notes", "ドキュメント/ü", "plan"]
 NODE_NAMES = "ABCDE"
 ANTI_ENTROPY = 30.0
-TEXT_MARK = re.compile(r"\[(\d+)ü\]")
+BUDGET = 256 * 1024  # small, so a burst sometimes overloads a link and it is redialled
+WINDOW = 4  # payloads in flight per direction: the rest wait in the outbox
+TEXT_MARK = re.compile(r"\[(\d+)ü·*\]")  # a paste is one marker with a long filler
 KINDS = ("text", "map", "array")
 
 Link = tuple[str, str]
@@ -54,6 +57,7 @@ class SimNode:
         self.log = log
         self.replica = Replica(self._on_update, client_id_factory=lambda: next(ids))
         self.seen = SeenFilter(capacity=64)  # small, so eviction happens in the test
+        self.pulls = PullGate(ANTI_ENTROPY)
         self.sessions: dict[str, SyncSession] = {}
         self.router = Router()
         docs = sorted({doc for doc, _ in log})
@@ -98,6 +102,8 @@ class Convergence(RuleBasedStateMachine):
         self.links: list[Link] = []
         self.up: set[Link] = set()
         self.queues: dict[tuple[str, str], list[bytes]] = {}
+        self.outboxes: dict[tuple[str, str], Outbox] = {}
+        self.pastes = 0
         self.now = 0.0
         self.ids = itertools.count(1)
         self.marker = itertools.count(1)
@@ -133,11 +139,14 @@ class Convergence(RuleBasedStateMachine):
                 peer=y,
                 now=self.now,
                 seen=node.seen,
+                pulls=node.pulls,
                 anti_entropy_interval=ANTI_ENTROPY,
                 ping_interval=10.0,
                 idle_timeout=60.0,
             )
             self.queues[(x, y)] = []
+            # The link's real send queue: its budget, batch limits and late replies.
+            self.outboxes[(x, y)] = Outbox(node.sessions[y].reply, budget=BUDGET)
         for x, y in ((a, b), (b, a)):
             self._send(x, y, self.nodes[x].sessions[y].start(self.now))
 
@@ -145,8 +154,11 @@ class Convergence(RuleBasedStateMachine):
         a, b = link
         self.up.discard(link)
         for x, y in ((a, b), (b, a)):
-            self.nodes[x].sessions.pop(y, None)
+            session = self.nodes[x].sessions.pop(y, None)
+            if session is not None:
+                session.close()
             self.queues.pop((x, y), None)
+            self.outboxes.pop((x, y), None)
 
     def _reset(self, link: Link) -> None:
         """A link that failed is closed, then re-dialled (the peer driver's behaviour)."""
@@ -156,10 +168,25 @@ class Convergence(RuleBasedStateMachine):
     def _link(self, x: str, y: str) -> Link:
         return (x, y) if (x, y) in self.links else (y, x)
 
-    def _send(self, src: str, dst: str, msgs: list[Message]) -> None:
-        queue = self.queues.get((src, dst))
-        if queue is not None:
-            queue.extend(codec.encode(m) for m in msgs)
+    def _send(self, src: str, dst: str, msgs: Sequence[Message | Reply]) -> None:
+        outbox = self.outboxes.get((src, dst))
+        if outbox is None:
+            return
+        try:
+            outbox.put(msgs)
+        except ProtocolError:  # over budget: the driver closes the link; it is redialled
+            self._reset(self._link(src, dst))
+            return
+        self._fill(src, dst)
+
+    def _fill(self, src: str, dst: str) -> None:
+        """Move payloads from the outbox onto the wire while the window has room."""
+        outbox, queue = self.outboxes.get((src, dst)), self.queues.get((src, dst))
+        while outbox is not None and queue is not None and len(queue) < WINDOW:
+            payload = outbox.next_payload()
+            if payload is None:
+                return
+            queue.append(payload)
 
     def _relay(self, node: SimNode) -> None:
         """The node's own rule: `Router.drain` once per turn, then `fan_out` to the links."""
@@ -170,6 +197,7 @@ class Convergence(RuleBasedStateMachine):
     def _deliver(self, key: tuple[str, str], index: int) -> None:
         src, dst = key
         data = self.queues[key].pop(index)
+        self._fill(src, dst)
         node = self.nodes[dst]
         self.delivered += 1
         try:
@@ -182,6 +210,8 @@ class Convergence(RuleBasedStateMachine):
         self._send(dst, src, replies)
 
     def _busy(self) -> list[tuple[str, str]]:
+        for key in list(self.outboxes):
+            self._fill(*key)
         return sorted(k for k, q in self.queues.items() if q)
 
     def _pump(self, limit: int = 50_000) -> None:
@@ -231,6 +261,18 @@ class Convergence(RuleBasedStateMachine):
             mark = next(self.marker)
             self._insert(n, name, kind, mark, pos)
             self.inserted[(name, kind)].add(mark)
+        self._relay(n)
+
+    @precondition(lambda self: self.pastes < 2)
+    @rule(node=st.integers(0, 4), doc=st.integers(0, 2))
+    def paste(self, node: int, doc: int) -> None:
+        """One insert bigger than a PART: it is advertised, pulled and streamed in parts."""
+        n = self.nodes[NODE_NAMES[node % len(self.nodes)]]
+        name = self.docs[doc % len(self.docs)]
+        mark = next(self.marker)
+        n.text(name).insert(0, f"[{mark}ü" + "·" * (PART_SIZE // 2 + 10) + "]")
+        self.inserted[(name, "text")].add(mark)
+        self.pastes += 1
         self._relay(n)
 
     @staticmethod
@@ -321,16 +363,29 @@ class Convergence(RuleBasedStateMachine):
 
     # -- the final check --------------------------------------------------------------------
 
+    def _converged(self, nodes: list[SimNode]) -> bool:
+        return not self._busy() and all(
+            len({n.replica.digest(doc) for n in nodes}) == 1 for doc in self.docs
+        )
+
     def teardown(self) -> None:
         if not self.nodes:
             return
         for link in self.links:
             if link not in self.up:
                 self._connect(link)
-        self._pump()
-        self._tick(ANTI_ENTROPY)  # one anti-entropy round repairs whatever was dropped
-        self._pump()
+        # Anti-entropy repairs whatever was dropped; what a node pulled reaches the next hop
+        # by that node's SUMMARY (pulled history is not pushed), so a line of n nodes needs up
+        # to n rounds.
         nodes = list(self.nodes.values())
+        for _ in range(2 * len(nodes)):
+            self._pump()
+            self._tick(ANTI_ENTROPY)
+            self._pump()
+            self._tick(1.0)
+            if self._converged(nodes):
+                break
+        self._pump()
         for doc in self.docs:
             states = {n.name: read_state_vector(n.replica.state_vector(doc)) for n in nodes}
             assert len({repr(sorted(s.items())) for s in states.values()}) == 1, states
@@ -346,7 +401,7 @@ class Convergence(RuleBasedStateMachine):
                 got = first.markers(doc)[kind]
                 assert len(got) == len(set(got)), f"{kind} of {doc} holds duplicates: {got}"
                 assert set(got) == live, (doc, kind, sorted(set(got) ^ live))
-        # Live updates are acknowledged by the next inventory exchange, not before.
+        # Live updates are acknowledged by the next summary exchange, not before.
         self._tick(ANTI_ENTROPY)
         self._pump()
         for n in nodes:
