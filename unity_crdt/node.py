@@ -507,7 +507,7 @@ class Node:
         if cfg.restore_on_start:
             try:
                 await self.restore()
-            except CheckpointError as exc:
+            except Exception as exc:  # the node starts from its cache whatever the store holds
                 log.warning("restore on start failed, continuing from the local cache: %s", exc)
         self.spawn(cp.run(cfg.checkpoint_interval), "checkpoint loop")
         if cfg.pull_interval is not None:

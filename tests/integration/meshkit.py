@@ -41,6 +41,26 @@ def node_config(tmp: Path, name: str, **kw: Any) -> NodeConfig:
     return NodeConfig(**values)
 
 
+def _uv(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def string_item(client: int, text: str, parent: tuple[int, int] | str, clock: int = 0) -> bytes:
+    """A one-item Yjs update: `text` at (client, clock) under a root name or an item id."""
+    raw = text.encode()
+    if isinstance(parent, str):
+        where = _uv(1) + _uv(len(parent.encode())) + parent.encode()
+    else:
+        where = _uv(0) + _uv(parent[0]) + _uv(parent[1])
+    struct = b"\x04" + where + _uv(len(raw)) + raw  # String content, no origins
+    return _uv(1) + _uv(1) + _uv(client) + _uv(clock) + struct + _uv(0)
+
+
 class Attacker:
     """A member-turned-attacker: holds the group secret, speaks raw frames to a node."""
 

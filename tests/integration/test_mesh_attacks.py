@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import psutil
 import pycrdt
 import pytest
-from meshkit import SECRET, Attacker, NodeFactory, eventually
+from meshkit import SECRET, Attacker, NodeFactory, eventually, string_item
 from tcp_proxy import RecordingProxy
 
 from unity_crdt import Node
@@ -167,6 +168,15 @@ async def attack_oversized_frame(m: Attacker) -> None:
     await m.channel.send(b"\x01\x01\x00\x00" + os.urandom(2**20 + 64))
 
 
+async def attack_update_under_a_non_type_parent(m: Attacker) -> None:
+    """F3: an item whose parent is a string item sent in an earlier update (pycrdt raises)."""
+    client = random.randrange(1, 2**31)
+    await m.send_message(codec.encode(codec.Hello(1, {})))
+    await m.send_message(codec.encode(codec.Update("junk", string_item(client, "abc", "t"))))
+    poison = string_item(client + 1, "x", (client, 0))
+    await m.send_message(codec.encode(codec.Update("junk", poison)))
+
+
 ATTACKS: list[Callable[[Attacker], Awaitable[None]]] = [
     attack_garbage,
     attack_allocation_bomb_update,
@@ -175,6 +185,7 @@ ATTACKS: list[Callable[[Attacker], Awaitable[None]]] = [
     attack_tampered_frame,
     attack_replayed_frame,
     attack_oversized_frame,
+    attack_update_under_a_non_type_parent,
 ]
 
 
@@ -259,6 +270,7 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
             attack_bomb_state_vector,
             attack_tampered_frame,
             attack_update_before_hello,
+            attack_update_under_a_non_type_parent,
         ]
         while not stop.is_set():
             m = await Attacker.connect(target.url)

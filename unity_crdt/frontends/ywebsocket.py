@@ -67,7 +67,7 @@ class DocHost(Protocol):
         ...
 
     def apply_remote(self, name: str, update: bytes, origin: Any) -> object:
-        """Apply `update` to doc `name` in one transaction carrying `origin`."""
+        """Apply `update` to doc `name` with `origin`; ProtocolError if pycrdt refuses it."""
         ...
 
 
@@ -379,10 +379,8 @@ class YWebsocketEndpoint:
             if is_empty_update(message.payload):
                 return
             check_update(message.payload)
-            try:
-                self._host.apply_remote(client.doc, message.payload, client.origin)
-            except ValueError as exc:
-                raise DecodeError("the Yjs update was rejected by pycrdt") from exc
+            # A ProtocolError (pycrdt refused the update) closes this client only.
+            self._host.apply_remote(client.doc, message.payload, client.origin)
         elif message.kind == MSG_AWARENESS:
             now = asyncio.get_running_loop().time()
             accepted = room.awareness.apply(message.payload, now, owner=client.awareness_ids)
