@@ -388,8 +388,14 @@ class Node:
         return session
 
     def _spread_presence(self, doc: str, update: bytes, source: str | None) -> None:
-        """Merge presence from a peer, a front end or this node; relay only what is new."""
-        fresh = self._presence.apply(doc, update, self._now()) if source is not None else update
+        """Merge presence from a peer, a front end or this node; relay only what is new.
+
+        Only for docs this node holds or a front end has open: presence for made-up names is
+        kept aside (bounded) and relayed nowhere.
+        """
+        held = doc in self._replica or bool(self._endpoint and self._endpoint.clients(doc))
+        now = self._now()
+        fresh = self._presence.apply(doc, update, now, held=held) if source is not None else update
         if fresh is None:
             return
         if self._mesh is not None:

@@ -177,6 +177,19 @@ async def attack_update_under_a_non_type_parent(m: Attacker) -> None:
     await m.send_message(codec.encode(codec.Update("junk", poison)))
 
 
+async def attack_made_up_presence(m: Attacker) -> None:
+    """F4: presence for 2,000 doc names nobody holds (kept aside, bounded, never relayed)."""
+    from unity_crdt.sync.yprotocol import encode_awareness
+
+    tag = random.randrange(2**32)
+    await m.send_message(codec.encode(codec.Hello(1, {})))
+    parts = [
+        codec.encode(codec.Awareness(f"made-up-{tag}-{i}", encode_awareness([(i + 1, 0, b"1")])))
+        for i in range(2000)
+    ]
+    await m.send_message(codec.encode_batch(parts))
+
+
 ATTACKS: list[Callable[[Attacker], Awaitable[None]]] = [
     attack_garbage,
     attack_allocation_bomb_update,
@@ -271,6 +284,7 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
             attack_tampered_frame,
             attack_update_before_hello,
             attack_update_under_a_non_type_parent,
+            attack_made_up_presence,
         ]
         while not stop.is_set():
             m = await Attacker.connect(target.url)
@@ -305,6 +319,8 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
 
     await eventually(converged, 20.0, "10 honest peers converged")
     assert junk_links > 20
+    # F4: made-up presence left no table behind anywhere but the bounded side table.
+    assert all(len(n._presence) <= 64 + 1 for n in nodes), [len(n._presence) for n in nodes]
     # Flat memory: the second half of the run grows by less than a few MB.
     half = len(rss_samples) // 2
     assert max(rss_samples[half:]) - rss_samples[half] < 20 * 2**20, rss_samples
