@@ -44,6 +44,10 @@ class NodeConfig:
     handshake_timeout: float = 5.0
     max_handshakes: int = 64
     max_handshakes_per_ip: int = 8
+    # /24 (IPv4) or /64 (IPv6); addresses that authenticated before are exempt.
+    max_handshakes_per_subnet: int = 16
+    # A socket that sends no handshake message this long is cut (silent sockets hold slots).
+    first_message_timeout: float = 1.0
     reconnect_max: float = 30.0
     send_queue_bytes: int = 8 * 2**20
     presence_timeout: float = 30.0
@@ -86,11 +90,14 @@ class NodeConfig:
             "reconnect_max",
             "mdns_requery_interval",
             "presence_timeout",
+            "first_message_timeout",
         ):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"{knob} must be > 0")
         if self.pull_interval is not None and self.pull_interval <= 0:
             raise ConfigError("pull_interval must be > 0 or None")
+        if min(self.max_handshakes, self.max_handshakes_per_ip, self.max_handshakes_per_subnet) < 1:
+            raise ConfigError("handshake limits must be >= 1")
         if self.idle_timeout <= self.ping_interval:
             raise ConfigError("idle_timeout must be longer than ping_interval")
 

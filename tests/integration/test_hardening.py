@@ -6,18 +6,36 @@ carry the finding's number (F1..F15) so docs/security.md can point at them.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
+import resource
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pycrdt
 import pytest
-from meshkit import SECRET, Attacker, NodeFactory, eventually, string_item
+from meshkit import (
+    SECRET,
+    Attacker,
+    NodeFactory,
+    SilentFlood,
+    eventually,
+    member_handshake,
+    string_item,
+)
 
 from unity_crdt import Node
 from unity_crdt.checkpoint.directory import DirectorySink
 from unity_crdt.checkpoint.policy import Checkpointer
 from unity_crdt.crypto.keys import derive_group_keys
+from unity_crdt.frontends.control import ControlServer
+from unity_crdt.frontends.control_client import ControlClient
 from unity_crdt.sync import codec
 from unity_crdt.sync.yprotocol import encode_awareness
 
@@ -32,6 +50,163 @@ async def write_checkpoints(sink: DirectorySink, device: str, states: dict[str, 
     for doc in states:
         cp.mark_dirty(doc)
     await cp.checkpoint()
+
+
+HALFOPEN = Path(__file__).parent / "halfopen.py"
+
+
+async def hold_half_open(
+    port: int, count: int, local: str, hold: float
+) -> asyncio.subprocess.Process:
+    """Start a process holding `count` half-sent requests to `port`; wait until they are open."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HALFOPEN),
+        "127.0.0.1",
+        str(port),
+        str(count),
+        local,
+        str(hold),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30.0)
+    assert json.loads(line) == {"connected": count}
+    return proc
+
+
+async def closed_at(proc: asyncio.subprocess.Process) -> list[float | None]:
+    """When the server closed each half-open connection (None: still open at the end)."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60.0)
+    await proc.wait()
+    times: list[float | None] = json.loads(line)["closed_at"]
+    return times
+
+
+# ---------------------------------------------------------------- F1
+
+
+async def test_f1_half_open_http_requests_do_not_exhaust_fds(make_node: NodeFactory) -> None:
+    a = await make_node("alice")
+    port = int(a.url.rsplit(":", 1)[1])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A process with 200 descriptors to spare, as many desktop sessions have (ulimit 1024).
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 200, hard))
+    proc = None
+    try:
+        proc = await hold_half_open(port, 300, "127.0.0.5", hold=12.0)
+        # An honest member starts (cache files, sockets) and links while all 300 are held.
+        b = await make_node("bob", peers=(a.url,))
+        await b.wait_for_peers(1, timeout=10.0)
+        times = await closed_at(proc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+    # Over the per-source cap (48), connections were reset at accept; the rest were cut at the
+    # 5 s request deadline, not after aiohttp's hour.
+    assert all(t is not None for t in times), "a half-sent request was kept past the deadline"
+    at_once = [t for t in times if t is not None and t < 2.0]
+    assert len(at_once) >= 300 - 48
+    assert max(t for t in times if t is not None) < 5.0 + 3.0
+
+
+def test_f1_the_open_file_limit_is_raised_once_up_to_the_hard_limit() -> None:
+    script = textwrap.dedent(
+        """
+        import resource
+        from unity_crdt.serving import FD_LIMIT_TARGET, raise_fd_limit
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        first = raise_fd_limit()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+        print(first, raise_fd_limit(), min(FD_LIMIT_TARGET, hard))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    first, again, expected = map(int, out)
+    assert first == expected >= 1024  # soft raised to the target, bounded by the hard limit
+    assert again == 300  # once per process: a limit lowered later is left alone
+
+
+async def test_f1_every_listening_endpoint_caps_sources_and_cuts_half_sent_requests(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node("alice", yjs_endpoint=True, yjs_token="t" * 32)
+    control = ControlServer(a, metrics_port=0)
+    await control.start()
+    try:
+        assert control.metrics_url is not None
+        ports = {
+            "peer": (int(a.url.rsplit(":", 1)[1]), 48),
+            "y-websocket": (a.ywebsocket.port, 320),
+            "metrics": (int(control.metrics_url.rsplit(":", 1)[1].split("/")[0]), 16),
+        }
+        procs = {
+            name: await hold_half_open(port, 60, "127.0.0.6", hold=12.0)
+            for name, (port, _) in ports.items()
+        }
+        reader, writer = await asyncio.open_unix_connection(str(control.path))
+        writer.write(b"GET /status HTTP/1.1\r\nHost: localhost\r\n")  # never finished
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 12.0) == b""
+        assert loop.time() - started < 5.0 + 3.0, "control socket kept a half-sent request"
+        writer.close()
+        for name, proc in procs.items():
+            times = await closed_at(proc)
+            cap = ports[name][1]
+            assert all(t is not None and t < 5.0 + 3.0 for t in times), name
+            assert sum(1 for t in times if t is not None and t < 2.0) >= 60 - cap, name
+        # Every endpoint still answers honest requests.
+        async with aiohttp.ClientSession() as http:
+            async with http.get(control.metrics_url) as resp:
+                assert resp.status == 200
+            ws = await http.ws_connect(a.ywebsocket.url_for("d") + "?token=" + "t" * 32)
+            await ws.close()
+        async with ControlClient(a.config.cache_path) as client:
+            assert (await client.status())["name"] == "alice"
+    finally:
+        await control.close()
+
+
+# ---------------------------------------------------------------- F2
+
+
+async def test_f2_silent_websockets_do_not_starve_handshake_slots(make_node: NodeFactory) -> None:
+    # Silent sockets are cut before message 1 well within the 5 s handshake deadline.
+    quick = await make_node("quick")
+    flood = SilentFlood(quick.url, ["127.0.3.1"], 4)
+    try:
+        await eventually(lambda: len(flood.cut_after) >= 4, 10.0, "silent sockets cut")
+    finally:
+        await flood.stop()
+    assert max(flood.cut_after[:4]) < 2.5, flood.cut_after
+
+    # The rest holds even when silent sockets wait the full deadline.
+    a = await make_node("alice", first_message_timeout=5.0)
+    b = await make_node("bob", peers=(a.url,))  # dials from 127.0.0.1: a knows that address now
+    await b.wait_for_peers(1)
+    # 8 addresses of one /24 x 8 sockets: they get the subnet's 16 slots, not all 64.
+    flood = SilentFlood(a.url, [f"127.0.9.{i}" for i in range(1, 9)], 8)
+    try:
+        await flood.ready(64)
+        assert flood.held <= 16
+        assert await member_handshake(a.url, local_host="127.0.7.1"), "a stranger was starved"
+    finally:
+        await flood.stop()
+    # 8 /24s x 8 sockets fill every slot: a stranger waits, an address seen before gets in.
+    flood = SilentFlood(a.url, [f"127.0.{n}.1" for n in range(11, 19)], 8)
+    try:
+        await flood.ready(64)
+        assert flood.held == 64
+        assert not await member_handshake(a.url, local_host="127.0.8.1", timeout=2.0)
+        assert await member_handshake(a.url, local_host="127.0.0.1"), "a known member was starved"
+    finally:
+        await flood.stop()
 
 
 # ---------------------------------------------------------------- F3
@@ -105,3 +280,29 @@ async def test_f4_presence_for_made_up_docs_grows_no_table_and_goes_nowhere(
     assert len(b._presence) == 1
     assert len(a._presence) <= 64 + 1  # made-up names kept aside, oldest dropped
     assert psutil.Process(os.getpid()).memory_info().rss - rss0 < 30 * 2**20
+
+
+# ---------------------------------------------------------------- F15
+
+
+async def test_f15_failed_handshakes_log_one_warning_per_source_per_minute(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    a = await make_node("alice")
+    for _ in range(50):
+        assert not await member_handshake(
+            a.url, local_host="127.0.0.9", secret="another group's secret"
+        )
+
+    def lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "127.0.0.9" in r.getMessage()
+        ]
+
+    assert len(lines()) == 1 and "different sync group" in lines()[0]
+    await a.close()  # the count left in the window is said, not lost
+    assert len(lines()) == 2
+    assert lines()[1].startswith("49 more failed handshake(s) from 127.0.0.9")

@@ -22,6 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import ConfigError, DecodeError, LimitExceeded, ProtocolError
 from ..ids import check_doc_id
+from ..serving import GatedSite, ListenLimits, SiteGate
 from ..sync.yjs import check_state_vector, check_update, is_empty_update
 from ..sync.yprotocol import (
     MSG_AWARENESS,
@@ -90,6 +91,11 @@ class YWebsocketLimits:
     awareness_timeout_s: float = 30.0
     heartbeat_s: float = 30.0
     close_timeout_s: float = 1.0
+    # Raw TCP connections, reset at accept over these (unity_crdt.serving); every front end
+    # comes from the same loopback address, so the per-address cap only bounds the total.
+    max_tcp: int = 512
+    max_tcp_per_ip: int = 320
+    request_timeout_s: float = 5.0
 
 
 class _Client:
@@ -186,6 +192,7 @@ class YWebsocketEndpoint:
         self._writers: set[asyncio.Task[None]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self._next_id = 0
+        self.gate: SiteGate | None = None
         self.host = ""
         self.port = 0
 
@@ -195,18 +202,23 @@ class YWebsocketEndpoint:
         """Listen on `host:port` (loopback by default; port 0 picks a free one)."""
         if self._runner is not None:
             raise ConfigError("the y-websocket endpoint is already started")
-        app = web.Application()
+        lim = self.limits
+        self.gate = SiteGate(
+            ListenLimits(lim.max_tcp, lim.max_tcp_per_ip, lim.request_timeout_s), "y-websocket"
+        )
+        app = web.Application(middlewares=[self.gate.middleware])
         app.router.add_get("/{doc:.*}", self._handle)
         # access_log=None: the query string may hold the token and must never reach a log.
         self._runner = web.AppRunner(
             app,
             access_log=None,
             handle_signals=False,
-            shutdown_timeout=self.limits.close_timeout_s,
+            shutdown_timeout=lim.close_timeout_s,
+            keepalive_timeout=lim.request_timeout_s,
         )
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            await GatedSite(self._runner, self.gate, host=host, port=port).start()
         except OSError:
             await self._runner.cleanup()
             self._runner = None

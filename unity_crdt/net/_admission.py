@@ -1,0 +1,152 @@
+"""Admission policy of inbound handshakes and the summary of failed ones (no I/O, no clock).
+
+Handshake slots are few (`max_handshakes`) and a silent socket holds one until it is cut, so
+who gets a slot matters more than how many there are:
+
+- per address (`max_handshakes_per_ip`) and per subnet (`max_handshakes_per_subnet`; /24 for
+  IPv4, /64 for IPv6: what one attacker on a LAN can easily hold), so a handful of addresses
+  cannot take every slot;
+- addresses that completed a handshake before (remembered, bounded) skip the subnet cap, and
+  when every slot is taken they take the slot of the oldest handshake from an address never
+  seen to authenticate, so known members get in during a flood of strangers.
+
+Failed handshakes are logged once per source per window, with a count of the rest, so a flood
+costs a few log lines instead of one per attempt.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+__all__ = ["FailureLog", "HandshakeSlots", "subnet_of"]
+
+
+def subnet_of(host: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) holding `host`; a non-IP host is its own subnet."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+class HandshakeSlots:
+    """Concurrent inbound handshakes: who may start one, and whose slot a known peer takes."""
+
+    def __init__(self, total: int, per_ip: int, per_subnet: int, *, remember: int = 1024) -> None:
+        self.total, self.per_ip, self.per_subnet = total, per_ip, per_subnet
+        self._remember = remember
+        self._holders: OrderedDict[int, str] = OrderedDict()  # slot -> ip, oldest first
+        self._ips: Counter[str] = Counter()
+        self._subnets: Counter[str] = Counter()
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def known(self, ip: str) -> bool:
+        """Whether `ip` completed a handshake with this node before (and is still remembered)."""
+        return ip in self._known
+
+    def remember(self, ip: str) -> None:
+        """Record that `ip` authenticated: it is preferred from now on."""
+        self._known[ip] = None
+        self._known.move_to_end(ip)
+        while len(self._known) > self._remember:
+            self._known.popitem(last=False)
+
+    def admit(self, ip: str) -> tuple[int | None, int | None]:
+        """-> (slot, or None if refused; the slot taken from a stranger to make room, if any)."""
+        known = ip in self._known
+        subnet = subnet_of(ip)
+        if self._ips[ip] >= self.per_ip:
+            return None, None
+        if not known and self._subnets[subnet] >= self.per_subnet:
+            return None, None
+        evicted = None
+        if len(self._holders) >= self.total:
+            if not known:
+                return None, None
+            evicted = next((s for s, who in self._holders.items() if who not in self._known), None)
+            if evicted is None:
+                return None, None
+            self.release(evicted)
+        slot = self._next
+        self._next += 1
+        self._holders[slot] = ip
+        self._ips[ip] += 1
+        self._subnets[subnet] += 1
+        return slot, evicted
+
+    def release(self, slot: int) -> None:
+        """Free a slot (idempotent: an evicted slot is already free)."""
+        ip = self._holders.pop(slot, None)
+        if ip is None:
+            return
+        subnet = subnet_of(ip)
+        for counter, key in ((self._ips, ip), (self._subnets, subnet)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+
+@dataclass
+class _Window:
+    start: float
+    suppressed: int = 0
+    last: str = ""
+
+
+class FailureLog:
+    """One line per source per `window` seconds for failed handshakes; the rest are counted.
+
+    `note` returns the line to log now (the first failure of a window) or None; `flush`
+    returns one summary line per source whose window ended with failures left unsaid. Past
+    `max_sources` tracked sources, the others share one entry ("other addresses").
+    """
+
+    OTHERS = "other addresses"
+
+    def __init__(self, window: float = 60.0, max_sources: int = 256) -> None:
+        self.window = window
+        self._max = max_sources
+        self._sources: OrderedDict[str, _Window] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def note(self, source: str, reason: str, now: float) -> str | None:
+        """Count one failure; return a line to log now, or None when it is summarised later."""
+        if source not in self._sources and len(self._sources) >= self._max:
+            source = self.OTHERS
+        entry = self._sources.get(source)
+        if entry is not None and now - entry.start < self.window:
+            entry.suppressed += 1
+            entry.last = reason
+            return None
+        self._sources[source] = _Window(now)
+        self._sources.move_to_end(source)
+        return (
+            f"{reason} (from {source}; further failures from it are summarised every "
+            f"{self.window:g} s)"
+        )
+
+    def flush(self, now: float, *, everything: bool = False) -> list[str]:
+        """Summaries of windows that ended (all of them if `everything`); they are forgotten."""
+        out = []
+        for source, entry in list(self._sources.items()):
+            if everything or now - entry.start >= self.window:
+                del self._sources[source]
+                if entry.suppressed:
+                    span = now - entry.start
+                    out.append(
+                        f"{entry.suppressed} more failed handshake(s) from {source} in the last "
+                        f"{span:.0f} s (last: {entry.last})"
+                    )
+        return out
