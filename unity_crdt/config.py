@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -28,6 +29,9 @@ class NodeConfig:
     # Loopback by default: never multicast on an interface the user did not choose.
     mdns_interfaces: tuple[str, ...] = ("127.0.0.1",)
     mdns_requery_interval: float = 30.0
+    # Networks (CIDR) where announced peers may be dialled; empty: the subnets of the
+    # mDNS interfaces. Loopback only when discovery itself runs on loopback.
+    mdns_allow: tuple[str, ...] = ()
     # Where checkpoints go, by URL scheme: "weaviate://host:8080?grpc=50051", "dir:///path"
     # (unity_crdt.checkpoint.sinks). `weaviate_url` ("http://host:8080") is an alias.
     checkpoint_url: str | None = None
@@ -71,6 +75,14 @@ class NodeConfig:
         object.__setattr__(self, "peers", tuple(self.peers))
         object.__setattr__(self, "searchable", tuple(self.searchable))
         object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
+        object.__setattr__(self, "mdns_allow", tuple(self.mdns_allow))
+        for net in self.mdns_allow:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"mdns_allow: {net!r} is not a network like 10.0.0.0/24"
+                ) from None
         for url in self.peers:
             PeerAddress.parse(url)
         check_scheme(self.transport)
@@ -114,7 +126,7 @@ class NodeConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         values = dict(data)
-        for key in ("peers", "searchable", "mdns_interfaces"):
+        for key in ("peers", "searchable", "mdns_interfaces", "mdns_allow"):
             if key in values:
                 values[key] = tuple(values[key])
         try:

@@ -482,6 +482,7 @@ class Node:
             on_found=found,
             interfaces=self.config.mdns_interfaces,
             requery_interval=self.config.mdns_requery_interval,
+            allow=self.config.mdns_allow or None,
         )
         await self._discovery.start()
 

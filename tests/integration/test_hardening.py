@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import resource
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,8 @@ from meshkit import (
     member_handshake,
     string_item,
 )
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
 
 from unity_crdt import Node
 from unity_crdt.checkpoint.directory import DirectorySink
@@ -36,6 +39,7 @@ from unity_crdt.checkpoint.policy import Checkpointer
 from unity_crdt.crypto.keys import derive_group_keys
 from unity_crdt.frontends.control import ControlServer
 from unity_crdt.frontends.control_client import ControlClient
+from unity_crdt.net.mdns import SERVICE_TYPE
 from unity_crdt.sync import codec
 from unity_crdt.sync.yprotocol import encode_awareness
 
@@ -306,3 +310,67 @@ async def test_f15_failed_handshakes_log_one_warning_per_source_per_minute(
     await a.close()  # the count left in the window is said, not lost
     assert len(lines()) == 2
     assert lines()[1].startswith("49 more failed handshake(s) from 127.0.0.9")
+
+
+# ---------------------------------------------------------------- F13
+
+
+class CountingServer:
+    """A TCP service that is not a node: it counts connections and hangs up."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str) -> int:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, host, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_f13_a_replayed_announcement_buys_no_extra_dials_and_reaches_no_stranger(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node(
+        "a", mdns=True, reconnect_max=0.2, mdns_requery_interval=1.0, mdns_allow=("127.0.0.0/24",)
+    )
+    allowed, outside = CountingServer(), CountingServer()
+    allowed_port = await allowed.start("127.0.0.2")
+    outside_port = await outside.start("127.0.5.5")
+    aiozc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    try:
+        await aiozc.zeroconf.async_wait_for_start()
+        # A member's announcement (right beacon) replayed every second for 9 s, pointing at a
+        # service inside the allowed networks and at one outside them.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 9.0
+        while loop.time() < end:
+            for address, port in (("127.0.0.2", allowed_port), ("127.0.5.5", outside_port)):
+                label = secrets.token_hex(8)
+                info = ServiceInfo(
+                    SERVICE_TYPE,
+                    f"{label}.{SERVICE_TYPE}",
+                    port=port,
+                    properties={"v": "1", "g": derive_group_keys(SECRET).beacon},
+                    server=f"{label}.local.",
+                    parsed_addresses=[address],
+                )
+                aiozc.zeroconf.async_send(aiozc.zeroconf.generate_service_broadcast(info, None))
+            await asyncio.sleep(1.0)
+        assert allowed.connections >= 1, "the replayed address was never tried at all"
+        # 5 failed dials, then quarantine; aiohttp retries a GET once when the server resets
+        # the connection, so one dial costs the service two connections.
+        assert allowed.connections <= 5 * 2, "re-announcements bought the address more dials"
+        assert outside.connections == 0
+    finally:
+        await aiozc.async_close()
+        allowed.close()
+        outside.close()
+    assert a.peers == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from unity_crdt.net._admission import FailureLog, HandshakeSlots, subnet_of
+from unity_crdt.net._admission import DialBudget, FailureLog, HandshakeSlots, subnet_of
 
 
 def test_subnets_are_slash_24_and_slash_64() -> None:
@@ -60,3 +60,17 @@ def test_f15_one_line_per_source_per_window_then_a_count() -> None:
     assert [
         line.split(" from ")[1].split(" in ")[0] for line in log.flush(62.0, everything=True)
     ] == [FailureLog.OTHERS]
+
+
+def test_f13_dial_budget_quarantines_bounds_dialers_and_paces_attempts() -> None:
+    budget = DialBudget(max_dialers=2, rate=2.0, burst=3, quarantine=600.0)
+    assert budget.may_dial("a", dialers=0, now=0.0)
+    assert not budget.may_dial("c", dialers=2, now=0.0)  # two discovered dialers already
+    budget.quarantine("a", now=10.0)
+    assert not budget.may_dial("a", dialers=0, now=11.0)  # re-announcing it buys nothing
+    assert not budget.may_dial("a", dialers=0, now=609.0)
+    assert budget.may_dial("a", dialers=0, now=611.0)
+    # Attempts share one bucket: a burst of 3, then 2 per second.
+    assert [budget.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.take(0.0) == 0.5
+    assert budget.take(0.5) == 0.0

@@ -16,7 +16,7 @@ from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
 from unity_crdt.errors import ConfigError
-from unity_crdt.net.mdns import SERVICE_TYPE, Discovery, Found
+from unity_crdt.net.mdns import SERVICE_TYPE, Discovery, Found, _permitted, allowed_networks
 
 
 def _beacon() -> str:
@@ -198,6 +198,39 @@ async def test_bad_addresses_are_not_reported(injector: AsyncZeroconf) -> None:
         assert rec.urls == {"ws://127.0.0.1:9499"}
     finally:
         await d.close()
+
+
+async def test_f13_addresses_outside_the_allowed_networks_are_not_reported(
+    injector: AsyncZeroconf,
+) -> None:
+    beacon = _beacon()
+    rec = Recorder()
+    d = Discovery(beacon=beacon, port=9500, on_found=rec, allow=["127.0.0.0/24"])
+    await d.start()
+    try:
+        _announce(injector, text=_good_txt(beacon), port=9501, address="127.0.5.5")
+        _announce(injector, text=_good_txt(beacon), port=9502, address="127.0.0.7")
+        await _until(lambda: "ws://127.0.0.7:9502" in rec.urls)
+        await asyncio.sleep(0.2)
+        assert rec.urls == {"ws://127.0.0.7:9502"}
+    finally:
+        await d.close()
+
+
+def test_f13_allowed_networks_default_to_the_interfaces_subnets_never_loopback() -> None:
+    lan = allowed_networks(["192.168.1.10"], prefixes=[("192.168.1.10", 24), ("127.0.0.1", 8)])
+    assert [str(n) for n in lan] == ["192.168.1.0/24"]
+    assert _permitted("192.168.1.77", lan, loopback_ok=False)
+    assert not _permitted("192.168.2.77", lan, loopback_ok=False)
+    # A replayed record pointing at this host's own services is refused on a LAN, even when
+    # the user's allow list would cover it; discovery on loopback (tests, one machine) allows it.
+    wide = allowed_networks(["192.168.1.10"], allow=["0.0.0.0/0"])
+    assert not _permitted("127.0.0.1", wide, loopback_ok=False)
+    assert _permitted("127.0.0.1", allowed_networks(["127.0.0.1"], prefixes=[]), loopback_ok=True)
+    # An interface address the host does not list stands for itself alone.
+    assert [str(n) for n in allowed_networks(["10.1.2.3"], prefixes=[])] == ["10.1.2.3/32"]
+    with pytest.raises(ConfigError):
+        allowed_networks(["10.1.2.3"], allow=["not a network"])
 
 
 async def _flood(aiozc: AsyncZeroconf, texts: Callable[[int], bytes], n: int = 1000) -> float:

@@ -20,7 +20,7 @@ import ipaddress
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["FailureLog", "HandshakeSlots", "subnet_of"]
+__all__ = ["DialBudget", "FailureLog", "HandshakeSlots", "subnet_of"]
 
 
 def subnet_of(host: str) -> str:
@@ -150,3 +150,57 @@ class FailureLog:
                         f"{span:.0f} s (last: {entry.last})"
                     )
         return out
+
+
+class DialBudget:
+    """How often addresses learnt from mDNS are dialled (static peers are not limited).
+
+    A replayed announcement can point at any host and port, and re-announcing it must not
+    buy more attempts: an address that failed `max_failures` dials in a row is quarantined
+    for `quarantine` seconds (re-announcements are ignored meanwhile), at most `max_dialers`
+    discovered addresses are dialled at once, and their attempts share one token bucket
+    (`burst`, then `rate` per second).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_dialers: int = 64,
+        rate: float = 4.0,
+        burst: int = 16,
+        quarantine: float = 600.0,
+        remember: int = 1024,
+    ) -> None:
+        self.max_dialers = max_dialers
+        self.rate, self.burst = rate, burst
+        self.quarantine_for = quarantine
+        self._remember = remember
+        self._quarantined: OrderedDict[object, float] = OrderedDict()  # address -> until
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def may_dial(self, address: object, dialers: int, now: float) -> bool:
+        """Whether a newly discovered address gets a dialer (`dialers` running already)."""
+        until = self._quarantined.get(address)
+        if until is not None:
+            if now < until:
+                return False
+            del self._quarantined[address]
+        return dialers < self.max_dialers
+
+    def quarantine(self, address: object, now: float) -> None:
+        """Ignore `address` for a while: it failed every attempt it was given."""
+        self._quarantined[address] = now + self.quarantine_for
+        self._quarantined.move_to_end(address)
+        while len(self._quarantined) > self._remember:
+            self._quarantined.popitem(last=False)
+
+    def take(self, now: float) -> float:
+        """Take one attempt: 0.0 if granted, else the seconds to wait before asking again."""
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate

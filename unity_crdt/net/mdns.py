@@ -4,7 +4,10 @@ The only module importing zeroconf. A node announces `_unity-crdt._tcp.local.` u
 instance name with a TXT record of exactly `v=1` and `g=<beacon>` (the group's keyed beacon), so
 nothing on the LAN learns names, device ids or documents. Services of other groups, malformed
 records and floods are dropped silently with bounded memory. Candidates are only hints: the
-handshake decides who is a peer, so a forged announcement costs the node one failed dial.
+handshake decides who is a peer. An announced address is reported only inside the allowed
+networks (`allow`, by default the subnets of the mDNS interfaces) and never on loopback unless
+discovery runs on loopback, so a replayed record cannot point the node at any host or local
+service; the mesh bounds how often the addresses it does report are dialled.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ifaddr
 from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..errors import ConfigError
 from ..sync.codec import PROTOCOL_VERSION
 
-__all__ = ["SERVICE_TYPE", "Discovery", "Found"]
+__all__ = ["SERVICE_TYPE", "Discovery", "Found", "allowed_networks"]
 
 SERVICE_TYPE = "_unity-crdt._tcp.local."
 
@@ -69,6 +73,9 @@ def _ip_list(values: Sequence[str], what: str) -> list[str]:
     return out
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def _dialable(address: str) -> bool:
     """Whether an advertised address could be a peer (not 0.0.0.0, multicast or broadcast)."""
     try:
@@ -76,6 +83,48 @@ def _dialable(address: str) -> bool:
     except ValueError:
         return False
     return not (ip.is_unspecified or ip.is_multicast or address == "255.255.255.255")
+
+
+def _host_prefixes() -> list[tuple[str, int]]:
+    """(address, prefix length) of every interface of this host, from ifaddr."""
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            out.append((address, int(ip.network_prefix)))
+    return out
+
+
+def allowed_networks(
+    interfaces: Sequence[str],
+    allow: Sequence[str] | None = None,
+    prefixes: Sequence[tuple[str, int]] | None = None,
+) -> list[Network]:
+    """Where announced peers may be dialled: `allow`, or else the subnets of `interfaces`.
+
+    `prefixes` lists (address, prefix length) of the host's interfaces (read with ifaddr when
+    None); an interface address not found there stands for itself alone.
+    """
+    if allow:
+        try:
+            return [ipaddress.ip_network(net, strict=False) for net in allow]
+        except ValueError as exc:
+            raise ConfigError(f"mdns_allow: {exc}") from None
+    known = dict(_host_prefixes() if prefixes is None else prefixes)
+    out: list[Network] = []
+    for iface in _ip_list(interfaces, "interfaces"):
+        width = ipaddress.ip_address(iface).max_prefixlen
+        out.append(ipaddress.ip_network(f"{iface}/{known.get(iface, width)}", strict=False))
+    return out
+
+
+def _permitted(address: str, networks: Sequence[Network], loopback_ok: bool) -> bool:
+    """Whether an announced address may be dialled: inside `networks`, never loopback unless
+    discovery itself runs on loopback (a replayed record must not reach local services)."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback and not loopback_ok:
+        return False
+    return any(ip in net for net in networks)
 
 
 def _parse_txt(text: bytes) -> dict[bytes, bytes] | None:
@@ -116,6 +165,7 @@ class Discovery:
         advertise_addresses: Sequence[str] | None = None,
         requery_interval: float = 30.0,
         max_candidates: int = 1024,
+        allow: Sequence[str] | None = None,
     ) -> None:
         if not beacon or len(beacon) > 64 or not beacon.isascii() or not beacon.isprintable():
             raise ConfigError("beacon must be 1-64 printable ASCII characters")
@@ -126,6 +176,8 @@ class Discovery:
         if max_candidates < 1:
             raise ConfigError("max_candidates must be at least 1")
         self._interfaces = _ip_list(interfaces, "interfaces")
+        self._allowed = allowed_networks(self._interfaces, allow)
+        self._loopback_ok = any(ipaddress.ip_address(i).is_loopback for i in self._interfaces)
         self._advertise = _ip_list(
             self._interfaces if advertise_addresses is None else advertise_addresses,
             "advertise_addresses",
@@ -343,7 +395,7 @@ class Discovery:
             return None
         out: list[Found] = []
         for host in info.parsed_addresses(self._ip_version)[:_MAX_ADDRESSES]:
-            if _dialable(host):
+            if _dialable(host) and _permitted(host, self._allowed, self._loopback_ok):
                 url_host = f"[{host}]" if ":" in host else host
                 out.append(Found(url=f"ws://{url_host}:{port}", host=host, port=port))
         return tuple(out) or None

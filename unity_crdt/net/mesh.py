@@ -22,7 +22,7 @@ from ..ids import PeerAddress
 from ..status import PeerInfo
 from ..sync.codec import Message
 from ..sync.session import SyncSession
-from ._admission import FailureLog, HandshakeSlots
+from ._admission import DialBudget, FailureLog, HandshakeSlots
 from .channel import Channel, Transport
 from .link import Link
 
@@ -63,6 +63,8 @@ class Mesh:
         self._in_handshake: dict[Link, int] = {}  # link -> its handshake slot
         self._slot_links: dict[int, Link] = {}
         self._failures = FailureLog(FAILURE_LOG_WINDOW)
+        self._budget = DialBudget()
+        self._static: set[PeerAddress] = set()
         self._flush_at: asyncio.TimerHandle | None = None
         self._dialers: dict[PeerAddress, asyncio.Task[None]] = {}
         self._url_device: dict[PeerAddress, str] = {}
@@ -104,8 +106,9 @@ class Mesh:
     def add_address(self, address: PeerAddress, *, persistent: bool = True) -> None:
         """Keep a link to this address: dial now, and redial whenever it drops.
 
-        A discovered (non-persistent) address is dropped after a few failed dials in a row;
-        mDNS reports it again if it comes back. Static peers are dialled forever.
+        A discovered (non-persistent) address is dropped after a few failed dials in a row
+        and ignored for a while after that (`DialBudget`); discovered addresses share a dial
+        rate and a cap on how many are dialled at once. Static peers are dialled forever.
         """
         if self._closing:
             return
@@ -113,8 +116,17 @@ class Mesh:
             have = ", ".join(sorted(self._transports))
             raise ConfigError(f"no transport for {address.scheme}:// (have: {have})")
         if address in self._dialers:
-            self._wake[address].set()  # seen again: cut its backoff short
+            # A static peer given again means "now"; a re-announcement means nothing new
+            # (replaying one must not buy a stranger's address more attempts).
+            if persistent:
+                self._wake[address].set()
             return
+        if not persistent:
+            discovered = sum(1 for a in self._dialers if a not in self._static)
+            if not self._budget.may_dial(address, discovered, self._loop.time()):
+                return
+        else:
+            self._static.add(address)
         self._wake[address] = asyncio.Event()
         self._dialers[address] = self._spawn(self._dialer(address, persistent), f"dial {address}")
 
@@ -237,6 +249,14 @@ class Mesh:
             log.info("peer left: %s (%s)", link.label, link.close_reason or "closed")
             self._notify()
 
+    async def _dial_turn(self) -> None:
+        """Wait for a token of the dial budget that discovered addresses share."""
+        for _ in range(1000):  # one wait normally refills a token; the bound is only a backstop
+            wait = self._budget.take(self._loop.time())
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
     async def _dialer(self, address: PeerAddress, persistent: bool) -> None:
         try:
             await self._dial_loop(address, persistent)
@@ -255,6 +275,8 @@ class Mesh:
                 # Linked some other way (it dialled us): wait for that link to go.
                 await self._link_gone.setdefault(dev, asyncio.Event()).wait()
                 continue
+            if not persistent:
+                await self._dial_turn()
             started = self._loop.time()
             try:
                 transport = self._transports[address.scheme]
@@ -278,6 +300,7 @@ class Mesh:
                 log.info(
                     "forgetting discovered address %s after %d failed attempts", address, failures
                 )
+                self._budget.quarantine(address, self._loop.time())
                 return
             # Full jitter spreads reconnect storms when many peers lose the same network.
             wake = self._wake[address]
