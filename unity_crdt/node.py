@@ -261,6 +261,8 @@ class Node:
         cfg = self.config
         cfg.cache_path.mkdir(parents=True, exist_ok=True)
         self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
+        if not self._keys.salted:
+            log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
         key = await asyncio.to_thread(
             load_or_create_secret_file,
             cfg.cache_path / "device.key",
@@ -477,7 +479,7 @@ class Node:
             mesh.add_address(PeerAddress(peer.host, peer.port, "ws"), persistent=False)
 
         self._discovery = Discovery(
-            beacon=self._keys.beacon,
+            beacon=self._keys.beacons,
             port=self._listener.address.port,
             on_found=found,
             interfaces=self.config.mdns_interfaces,

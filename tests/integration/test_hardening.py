@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import aiohttp
@@ -358,7 +359,7 @@ async def test_f13_a_replayed_announcement_buys_no_extra_dials_and_reaches_no_st
                     SERVICE_TYPE,
                     f"{label}.{SERVICE_TYPE}",
                     port=port,
-                    properties={"v": "1", "g": derive_group_keys(SECRET).beacon},
+                    properties={"v": "1", "g": derive_group_keys(SECRET).beacons(time.time())[0]},
                     server=f"{label}.local.",
                     parsed_addresses=[address],
                 )

@@ -114,6 +114,36 @@ async def test_instances_with_same_beacon_find_each_other_fast() -> None:
         await asyncio.gather(*(d.close() for d in ds))
 
 
+class Clock:
+    """A beacon schedule of windows set by the test (`GroupKeys.beacons` with a movable clock)."""
+
+    def __init__(self, group: str, window: int) -> None:
+        self.group, self.window = group, window
+
+    def beacon(self, window: int) -> str:
+        return f"{self.group}W{window}"
+
+    def __call__(self, now: float) -> tuple[str, frozenset[str]]:
+        return self.beacon(self.window), frozenset(self.beacon(self.window + d) for d in (-1, 0, 1))
+
+
+async def test_f8_beacons_rotate_and_adjacent_windows_are_accepted() -> None:
+    group = _beacon()
+    a_clock, far_clock = Clock(group, 10), Clock(group, 13)
+    a_rec, far_rec = Recorder(), Recorder()
+    a = Discovery(beacon=a_clock, port=9601, on_found=a_rec, requery_interval=0.3)
+    far = Discovery(beacon=far_clock, port=9602, on_found=far_rec, requery_interval=0.3)
+    await asyncio.gather(a.start(), far.start())
+    try:
+        await asyncio.sleep(1.0)
+        assert a_rec.urls == far_rec.urls == set()  # windows 10 and 13: too far apart
+        a_clock.window = 12  # a's clock moves on: it announces the new window's beacon
+        await _until(lambda: "ws://127.0.0.1:9601" in far_rec.urls, within=5.0)
+        await _until(lambda: "ws://127.0.0.1:9602" in a_rec.urls, within=5.0)
+    finally:
+        await asyncio.gather(a.close(), far.close())
+
+
 async def test_other_group_is_never_reported_either_way() -> None:
     mine, theirs = Recorder(), Recorder()
     a = Discovery(beacon=_beacon(), port=9211, on_found=mine)
