@@ -213,6 +213,7 @@ class Node:
             checkpoint_error=cp.last_error if cp else None,
             pending_writes=len(self._pending),
             yjs_url=self._endpoint.base_url if self._endpoint else None,
+            checkpoint_warnings=cp.warnings if cp else (),
         )
 
     def set_presence(self, doc: str, state: Any) -> None:
@@ -508,6 +509,7 @@ class Node:
             sink,
             get_state=lambda name: self._replica.doc(name).get_update(),
             text_of=self._text_of,
+            ledger_path=cfg.cache_path / "checkpoints.json",
         )
         self._checkpointer = cp
         # Docs loaded from the cache may be newer than any checkpoint (offline edits).

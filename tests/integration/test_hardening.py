@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -311,6 +312,32 @@ async def test_f15_failed_handshakes_log_one_warning_per_source_per_minute(
     await a.close()  # the count left in the window is said, not lost
     assert len(lines()) == 2
     assert lines()[1].startswith("49 more failed handshake(s) from 127.0.0.9")
+
+
+# ---------------------------------------------------------------- F10
+
+
+async def test_f10_a_replayed_checkpoint_generation_shows_in_status(
+    tmp_path: Path, make_node: NodeFactory
+) -> None:
+    url = f"dir://{tmp_path / 'store'}"
+    a = await make_node("alice", checkpoint_url=url)
+    b = await make_node("bob", checkpoint_url=url)
+    a.doc("d").get("t", type=pycrdt.Text).insert(0, "revoked soon")
+    await a.checkpoint()
+    assert "d" in await b.restore()
+    shutil.copytree(tmp_path / "store", tmp_path / "old")
+    del a.doc("d").get("t", type=pycrdt.Text)[0:7]
+    await a.checkpoint()
+    await b.restore()
+    assert b.status().checkpoint_warnings == ()
+    shutil.rmtree(tmp_path / "store")
+    shutil.copytree(tmp_path / "old", tmp_path / "store")
+    await b.restore()
+    [warning] = b.status().checkpoint_warnings
+    assert "older checkpoint of doc 'd'" in warning
+    assert (b.config.cache_path / "checkpoints.json").stat().st_mode & 0o777 == 0o600
+    assert list(b.status().to_dict()["checkpoint_warnings"]) == [warning]
 
 
 # ---------------------------------------------------------------- F13

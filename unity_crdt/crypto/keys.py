@@ -55,6 +55,7 @@ MIN_SECRET_BYTES = 8
 _BLOB_VERSION = b"\x01"
 _NONCE = 12
 _TAG = 16
+SEAL_OVERHEAD = len(_BLOB_VERSION) + _NONCE + _TAG  # bytes seal_blob adds to its input
 
 
 @dataclass(frozen=True)

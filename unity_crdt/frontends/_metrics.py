@@ -93,6 +93,11 @@ def render(status: NodeStatus, *, doc_labels: bool = True) -> str:
         "1 when the last checkpoint round failed.",
         int(status.checkpoint_error is not None),
     )
+    out.gauge(
+        "unity_crdt_checkpoint_warnings",
+        "Checkpoint objects the store served older than seen before, or lost.",
+        len(status.checkpoint_warnings),
+    )
 
     peers = [((("peer", p.name), ("device", p.device_id)), p) for p in status.peers]
     per_peer: list[tuple[str, str, str, Callable[[PeerStatus], float | int]]] = [
