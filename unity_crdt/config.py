@@ -11,7 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .ids import PeerAddress, check_doc_id, check_scheme
+from .ids import PeerAddress, check_doc_id, check_scheme, parse_origin
+
+DEFAULT_YJS_ORIGINS = (
+    "file://",
+    "app://",
+    "http://localhost",
+    "http://127.0.0.1",
+    "http://[::1]",
+)
+
+
+def _check_origin_entry(entry: object) -> None:
+    if entry == "null":
+        return
+    if not isinstance(entry, str):
+        raise ConfigError(f"yjs_origins: {entry!r} is not a string")
+    scheme, host, _ = parse_origin(entry)
+    if not host and scheme not in ("file", "app"):
+        raise ConfigError(f"yjs_origins: {entry!r} names no host (only file:// and app:// may)")
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,10 @@ class NodeConfig:
     yjs_host: str = "127.0.0.1"
     yjs_port: int = 0
     yjs_token: str | None = field(default=None, repr=False)
+    # Browser Origins the y-websocket endpoint accepts: "scheme://host[:port]" (no port: any),
+    # "file://" and "app://" (any page of that scheme: Electron), "null" (opaque origins).
+    # Requests without an Origin (Node.js, native apps) are allowed; the token is still needed.
+    yjs_origins: tuple[str, ...] = DEFAULT_YJS_ORIGINS
 
     def __post_init__(self) -> None:
         if (
@@ -76,6 +98,9 @@ class NodeConfig:
         object.__setattr__(self, "searchable", tuple(self.searchable))
         object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
         object.__setattr__(self, "mdns_allow", tuple(self.mdns_allow))
+        object.__setattr__(self, "yjs_origins", tuple(self.yjs_origins))
+        for entry in self.yjs_origins:
+            _check_origin_entry(entry)
         for net in self.mdns_allow:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -126,7 +151,7 @@ class NodeConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         values = dict(data)
-        for key in ("peers", "searchable", "mdns_interfaces", "mdns_allow"):
+        for key in ("peers", "searchable", "mdns_interfaces", "mdns_allow", "yjs_origins"):
             if key in values:
                 values[key] = tuple(values[key])
         try:

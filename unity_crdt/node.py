@@ -319,6 +319,7 @@ class Node:
                 self._replica,
                 cfg.yjs_token,
                 on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
+                origins=cfg.yjs_origins,
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
         if self._sink is None and cfg.checkpoint_url is not None:

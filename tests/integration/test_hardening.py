@@ -340,6 +340,83 @@ async def test_f10_a_replayed_checkpoint_generation_shows_in_status(
     assert list(b.status().to_dict()["checkpoint_warnings"]) == [warning]
 
 
+# ---------------------------------------------------------------- F11
+
+
+async def test_f11_metrics_refuse_rebound_host_names_and_hide_doc_names(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node("alice")
+    a.doc("secret plans").get("t", type=pycrdt.Text).insert(0, "x")
+    plain = ControlServer(a, metrics_port=0, metrics_names=("prom.lan",))
+    await plain.start()
+    try:
+        assert plain.metrics_url is not None
+        port = plain.metrics_url.split(":")[-1].split("/")[0]
+        async with aiohttp.ClientSession() as http:
+
+            async def get(host: str) -> tuple[int, str]:
+                headers = {"Host": f"{host}:{port}"}
+                async with http.get(plain.metrics_url, headers=headers) as resp:
+                    return resp.status, await resp.text()
+
+            # A page on evil.example rebinding its name to 127.0.0.1 sends Host: evil.example.
+            status, body = await get("evil.example")
+            assert status == 421 and "unity_crdt" not in body
+            for host in ("127.0.0.1", "localhost", "prom.lan"):
+                status, body = await get(host)
+                assert status == 200 and "unity_crdt_docs 1" in body, host
+                assert "secret plans" not in body  # doc names only when asked for
+    finally:
+        await plain.close()
+    named = ControlServer(a, metrics_port=0, doc_labels=True)
+    await named.start()
+    try:
+        assert named.metrics_url is not None
+        async with aiohttp.ClientSession() as http, http.get(named.metrics_url) as resp:
+            assert 'doc="secret plans"' in await resp.text()
+    finally:
+        await named.close()
+
+
+# ---------------------------------------------------------------- F12
+
+
+async def test_f12_the_yjs_endpoint_checks_origin_and_host_before_the_token(
+    make_node: NodeFactory,
+) -> None:
+    token = "t" * 32
+    a = await make_node("alice", yjs_endpoint=True, yjs_token=token)
+    b = await make_node(
+        "bob", yjs_endpoint=True, yjs_token=token, yjs_origins=("null", "https://app.example")
+    )
+
+    async def status(node: Node, headers: dict[str, str], key: str = token) -> int:
+        url = node.ywebsocket.url_for("notes") + f"?token={key}"
+        async with aiohttp.ClientSession() as http:
+            try:
+                ws = await http.ws_connect(url, headers=headers)
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+            await ws.close()
+            return 101
+
+    # A page of another site cannot open the socket, token or not.
+    assert await status(a, {"Origin": "http://evil.example"}) == 403
+    assert await status(a, {"Origin": "http://evil.example"}, key="wrong" * 5) == 403
+    assert await status(a, {"Origin": "null"}) == 403
+    # DNS rebinding: the page's own name in Host, even with an allowed-looking Origin.
+    assert await status(a, {"Origin": "http://localhost", "Host": "evil.example"}) == 403
+    for origin in ("http://localhost:5173", "http://127.0.0.1:8080", "file://", "app://bundle"):
+        assert await status(a, {"Origin": origin}) == 101, origin
+    assert await status(a, {}) == 101  # Node.js clients send no Origin
+    assert await status(a, {"Origin": "http://localhost"}, key="wrong" * 5) == 401
+    # The allowlist is the node's config.
+    assert await status(b, {"Origin": "null"}) == 101
+    assert await status(b, {"Origin": "https://app.example"}) == 101
+    assert await status(b, {"Origin": "http://localhost"}) == 403
+
+
 # ---------------------------------------------------------------- F13
 
 

@@ -14,7 +14,9 @@ are cached and gossiped like any edit.
     GET  /docs/{name}/watch?...       JSON lines: the projection now, then after each change
     POST /checkpoint, POST /restore   {"ok": true}, {"docs": [names]}
     GET  /search?q=&limit=            {"hits": [{"doc", "score", "snippet"}]}
-    GET  /metrics                     Prometheus text (also on an optional loopback TCP port)
+    GET  /metrics                     Prometheus text (also on an optional loopback TCP port,
+                                      where only `localhost`, IP addresses and listed names
+                                      are accepted as Host: no DNS rebinding)
 
 The projection and the edits are `frontends._docview` (sans-IO): `text=R`, `map=R`, `array=R`
 type a root, since roots received from peers are untyped until someone names their type.
@@ -31,7 +33,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +45,7 @@ from ..ids import check_doc_id
 from ..serving import GatedSite, ListenLimits, SiteGate
 from . import _metrics as metrics
 from ._docview import KINDS, Conflict, apply_edit, project
+from ._origin import metrics_host
 from .control_client import addressable, socket_path
 
 if TYPE_CHECKING:
@@ -65,6 +68,9 @@ def _json_default(value: object) -> object:
 
 
 _dumps = partial(json.dumps, default=_json_default, ensure_ascii=False)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # -- the socket file ----------------------------------------------------------------------
@@ -157,12 +163,16 @@ class ControlServer:
         *,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = None,
-        doc_labels: bool = True,
+        doc_labels: bool = False,
+        metrics_names: Sequence[str] = (),
     ) -> None:
+        """`doc_labels` adds one series per doc name; `metrics_names` are host names (besides
+        `localhost` and IP addresses) that a scraper may put in its Host header."""
         self.node = node
         self.path = socket_path(node.config.cache_path)
         self._metrics_at = (metrics_host, metrics_port)
         self._doc_labels = doc_labels
+        self._metrics_names = tuple(metrics_names)
         self._runners: list[web.AppRunner] = []
         self._watchers: set[asyncio.Event] = set()
         self._closing = False
@@ -192,7 +202,7 @@ class ControlServer:
         host, port = self._metrics_at
         if port is not None:
             self.metrics_gate = SiteGate(METRICS_LIMITS, "metrics port")
-            mapp = web.Application(middlewares=[self.metrics_gate.middleware])
+            mapp = web.Application(middlewares=[self.metrics_gate.middleware, self._host_check])
             mapp.router.add_get("/metrics", self._metrics)
             mrunner = self._runner(mapp, METRICS_LIMITS)
             await mrunner.setup()
@@ -200,6 +210,13 @@ class ControlServer:
             bound_host, bound_port = mrunner.addresses[0][:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             self.metrics_url = f"http://{shown}:{bound_port}/metrics"
+
+    @web.middleware
+    async def _host_check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a Host that is a domain name nobody listed: DNS rebinding from a web page."""
+        if not metrics_host(request.headers.get("Host"), self._metrics_names):
+            return web.Response(status=421, text="unknown Host (see --metrics-allow-host)\n")
+        return await handler(request)
 
     def _runner(self, app: web.Application, limits: ListenLimits) -> web.AppRunner:
         runner = web.AppRunner(
