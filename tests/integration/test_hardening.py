@@ -479,3 +479,15 @@ async def test_f13_a_replayed_announcement_buys_no_extra_dials_and_reaches_no_st
         allowed.close()
         outside.close()
     assert a.peers == []
+
+
+# ---------------------------------------------------------------- limits (docs/security.md)
+
+
+async def test_limits_the_local_cache_holds_doc_content_in_clear(make_node: NodeFactory) -> None:
+    """Not protected (v1): anyone who can read the cache files reads the docs."""
+    a = await make_node("alice")
+    a.doc("d").get("t", type=pycrdt.Text).insert(0, "CLEARTEXT-IN-THE-CACHE")
+    await a.flush()
+    on_disk = b"".join(p.read_bytes() for p in a.config.cache_path.rglob("*") if p.is_file())
+    assert b"CLEARTEXT-IN-THE-CACHE" in on_disk

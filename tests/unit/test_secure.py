@@ -171,6 +171,18 @@ def test_full_handshake_both_sides() -> None:
     assert b"alice" not in m1 + m2 + m3 and ALICE.device_id.encode() not in m1 + m2 + m3
 
 
+def test_limits_frames_are_not_padded_and_the_prelude_names_the_group() -> None:
+    """What docs/security.md lists as not protected: sizes, and the group's PSK id in clear."""
+    a, _ = sessions()
+    short, long = a.seal(b"x" * 10)[0], a.seal(b"x" * 1000)[0]
+    assert len(long) - len(short) == 990  # a frame's size is its plaintext's size plus 20
+    first, second = pair()[0].initiate(), pair()[0].initiate()
+    assert first[:PRELUDE_LEN] == second[:PRELUDE_LEN]  # links connections of one group
+    assert first[8:PRELUDE_LEN] == KEYS.psk_id
+    assert pair(OTHER_KEYS, OTHER_KEYS)[0].initiate()[:PRELUDE_LEN] != first[:PRELUDE_LEN]
+    assert first[PRELUDE_LEN:] != second[PRELUDE_LEN:]  # message 1 itself is fresh each time
+
+
 def test_interop_with_the_noise_reference_library() -> None:
     """A raw noiseprotocol responder completes the handshake and reads our frames as Noise
     transport messages with the header as AD, including after an in-band Rekey()."""
