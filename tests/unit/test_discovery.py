@@ -149,7 +149,7 @@ async def test_other_group_is_never_reported_either_way() -> None:
     a = Discovery(beacon=_beacon(), port=9211, on_found=mine)
     b = Discovery(beacon=_beacon(), port=9212, on_found=theirs)
     c_rec = Recorder()
-    c = Discovery(beacon=a._beacon.decode(), port=9213, on_found=c_rec)
+    c = Discovery(beacon=a._beacon, port=9213, on_found=c_rec)
     await asyncio.gather(a.start(), b.start(), c.start())
     try:
         await _until(lambda: "ws://127.0.0.1:9213" in mine.urls)
