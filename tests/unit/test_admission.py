@@ -44,22 +44,26 @@ def test_f2_known_addresses_never_evict_each_other() -> None:
 
 def test_f15_one_line_per_source_per_window_then_a_count() -> None:
     log = FailureLog(window=60.0, max_sources=2)
-    first = log.note("10.0.0.9", "handshake failed: different sync group", now=0.0)
+    first = log.note("from 10.0.0.9", "handshake failed: different sync group", now=0.0)
     assert first is not None and "10.0.0.9" in first and "different sync group" in first
-    assert all(log.note("10.0.0.9", "handshake failed: x", now=t) is None for t in range(1, 50))
+    assert all(
+        log.note("from 10.0.0.9", "handshake failed: x", now=t) is None for t in range(1, 50)
+    )
+    assert log.note("to 10.0.0.9", "the peer refused our handshake", now=2.0) is not None
     assert log.flush(now=30.0) == []  # the window is still open
     [summary] = log.flush(now=60.0)
     assert summary.startswith("49 more failed handshake(s) from 10.0.0.9")
     assert "last: handshake failed: x" in summary
-    assert log.note("10.0.0.9", "again", now=61.0) is not None  # a new window logs at once
+    log.flush(now=62.0)
+    assert log.note("from 10.0.0.9", "again", now=61.0) is not None  # a new window logs at once
     # Past max_sources, new sources share one entry, so memory stays bounded.
-    assert log.note("10.0.0.10", "r", now=61.0) is not None
-    assert log.note("10.0.0.11", "r", now=61.0) is not None  # "other addresses", first time
-    assert log.note("10.0.0.12", "r", now=61.0) is None
+    assert log.note("from 10.0.0.10", "r", now=61.0) is not None
+    assert log.note("from 10.0.0.11", "r", now=61.0) is not None  # the shared entry, first time
+    assert log.note("from 10.0.0.12", "r", now=61.0) is None
     assert len(log) == 3
-    assert [
-        line.split(" from ")[1].split(" in ")[0] for line in log.flush(62.0, everything=True)
-    ] == [FailureLog.OTHERS]
+    assert log.flush(62.0, everything=True) == [
+        f"1 more failed handshake(s) {FailureLog.OTHERS} in the last 1 s (last: r)"
+    ]
 
 
 def test_f13_dial_budget_quarantines_bounds_dialers_and_paces_attempts() -> None:

@@ -106,12 +106,14 @@ class _Window:
 class FailureLog:
     """One line per source per `window` seconds for failed handshakes; the rest are counted.
 
-    `note` returns the line to log now (the first failure of a window) or None; `flush`
-    returns one summary line per source whose window ended with failures left unsaid. Past
-    `max_sources` tracked sources, the others share one entry ("other addresses").
+    A source is a label such as "from 10.0.0.9" (handshakes it started) or "to 10.0.0.9" (ours
+    it refused), so one kind never hides the other. `note` returns the line to log now (the
+    first failure of a window) or None; `flush` returns one summary line per source whose
+    window ended with failures left unsaid. Past `max_sources` tracked sources, the others
+    share one entry.
     """
 
-    OTHERS = "other addresses"
+    OTHERS = "from or to other addresses"
 
     def __init__(self, window: float = 60.0, max_sources: int = 256) -> None:
         self.window = window
@@ -132,10 +134,7 @@ class FailureLog:
             return None
         self._sources[source] = _Window(now)
         self._sources.move_to_end(source)
-        return (
-            f"{reason} (from {source}; further failures from it are summarised every "
-            f"{self.window:g} s)"
-        )
+        return f"{reason} ({source}; more like it are summarised every {self.window:g} s)"
 
     def flush(self, now: float, *, everything: bool = False) -> list[str]:
         """Summaries of windows that ended (all of them if `everything`); they are forgotten."""
@@ -146,7 +145,7 @@ class FailureLog:
                 if entry.suppressed:
                     span = now - entry.start
                     out.append(
-                        f"{entry.suppressed} more failed handshake(s) from {source} in the last "
+                        f"{entry.suppressed} more failed handshake(s) {source} in the last "
                         f"{span:.0f} s (last: {entry.last})"
                     )
         return out

@@ -135,7 +135,7 @@ class Mesh:
         ip = channel.remote.host
         slot, evicted = (None, None) if self._closing else self._slots.admit(ip)
         if slot is None:
-            self._note_failure(ip, "refused a connection: too many handshakes in progress")
+            self._note_failure(f"from {ip}", "refused: too many handshakes in progress")
             await channel.close(1013, "try again later")
             return
         if evicted is not None:  # a member seen before takes the slot of a stranger
@@ -194,7 +194,8 @@ class Mesh:
             self._slot_links.pop(slot, None)
 
     def _failed_handshake(self, link: Link, reason: str) -> None:
-        self._note_failure((link.dial_address or link.channel.remote).host, reason)
+        where = "to" if link.initiator else "from"
+        self._note_failure(f"{where} {(link.dial_address or link.channel.remote).host}", reason)
 
     def _note_failure(self, source: str, reason: str) -> None:
         """Log a failed handshake: the first per source and window now, the rest as a count."""
