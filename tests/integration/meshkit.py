@@ -110,6 +110,9 @@ class Attacker:
             return False
 
 
+_KEYS: dict[str, Any] = {}
+
+
 async def member_handshake(
     url: str, *, local_host: str, secret: str = SECRET, timeout: float = 5.0
 ) -> bool:
@@ -124,7 +127,9 @@ async def member_handshake(
     me = DeviceIdentity.generate()
     hello = PeerHello(name="member", device_id=me.device_id, version=1, max_frame=2**20)
     loop = asyncio.get_running_loop()
-    hs = Handshake(derive_group_keys(secret), me, hello, initiator=True, now=loop.time())
+    if secret not in _KEYS:  # scrypt once per secret, not once per attempt
+        _KEYS[secret] = derive_group_keys(secret)
+    hs = Handshake(_KEYS[secret], me, hello, initiator=True, now=loop.time())
     connector = aiohttp.TCPConnector(local_addr=(local_host, 0))
     async with aiohttp.ClientSession(connector=connector) as http:
         try:

@@ -196,19 +196,22 @@ async def test_f2_silent_websockets_do_not_starve_handshake_slots(make_node: Nod
     a = await make_node("alice", first_message_timeout=5.0)
     b = await make_node("bob", peers=(a.url,))  # dials from 127.0.0.1: a knows that address now
     await b.wait_for_peers(1)
+    assert a._mesh is not None
+    slots = a._mesh._slots  # the node's own count of handshakes in progress
     # 8 addresses of one /24 x 8 sockets: they get the subnet's 16 slots, not all 64.
     flood = SilentFlood(a.url, [f"127.0.9.{i}" for i in range(1, 9)], 8)
     try:
         await flood.ready(64)
-        assert flood.held <= 16
+        await eventually(lambda: len(slots) == 16, 10.0, "the /24 holding its 16 slots")
         assert await member_handshake(a.url, local_host="127.0.7.1"), "a stranger was starved"
     finally:
         await flood.stop()
+    await eventually(lambda: len(slots) == 0, 10.0, "the first flood's slots freed")
     # 8 /24s x 8 sockets fill every slot: a stranger waits, an address seen before gets in.
     flood = SilentFlood(a.url, [f"127.0.{n}.1" for n in range(11, 19)], 8)
     try:
         await flood.ready(64)
-        assert flood.held == 64
+        await eventually(lambda: len(slots) == 64, 10.0, "every slot taken")
         assert not await member_handshake(a.url, local_host="127.0.8.1", timeout=2.0)
         assert await member_handshake(a.url, local_host="127.0.0.1"), "a known member was starved"
     finally:
