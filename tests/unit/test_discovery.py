@@ -16,7 +16,8 @@ from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
 from unity_crdt.errors import ConfigError
-from unity_crdt.net.mdns import SERVICE_TYPE, Discovery, Found, _permitted, allowed_networks
+from unity_crdt.net._admission import allowed_networks, permitted
+from unity_crdt.net.mdns import SERVICE_TYPE, Discovery, Found
 
 
 def _beacon() -> str:
@@ -248,19 +249,19 @@ async def test_f13_addresses_outside_the_allowed_networks_are_not_reported(
 
 
 def test_f13_allowed_networks_default_to_the_interfaces_subnets_never_loopback() -> None:
-    lan = allowed_networks(["192.168.1.10"], prefixes=[("192.168.1.10", 24), ("127.0.0.1", 8)])
+    lan = allowed_networks(["192.168.1.10"], None, [("192.168.1.10", 24), ("127.0.0.1", 8)])
     assert [str(n) for n in lan] == ["192.168.1.0/24"]
-    assert _permitted("192.168.1.77", lan, loopback_ok=False)
-    assert not _permitted("192.168.2.77", lan, loopback_ok=False)
+    assert permitted("192.168.1.77", lan, loopback_ok=False)
+    assert not permitted("192.168.2.77", lan, loopback_ok=False)
     # A replayed record pointing at this host's own services is refused on a LAN, even when
     # the user's allow list would cover it; discovery on loopback (tests, one machine) allows it.
-    wide = allowed_networks(["192.168.1.10"], allow=["0.0.0.0/0"])
-    assert not _permitted("127.0.0.1", wide, loopback_ok=False)
-    assert _permitted("127.0.0.1", allowed_networks(["127.0.0.1"], prefixes=[]), loopback_ok=True)
+    wide = allowed_networks(["192.168.1.10"], ["0.0.0.0/0"], [])
+    assert not permitted("127.0.0.1", wide, loopback_ok=False)
+    assert permitted("127.0.0.1", allowed_networks(["127.0.0.1"], None, []), loopback_ok=True)
     # An interface address the host does not list stands for itself alone.
-    assert [str(n) for n in allowed_networks(["10.1.2.3"], prefixes=[])] == ["10.1.2.3/32"]
+    assert [str(n) for n in allowed_networks(["10.1.2.3"], None, [])] == ["10.1.2.3/32"]
     with pytest.raises(ConfigError):
-        allowed_networks(["10.1.2.3"], allow=["not a network"])
+        allowed_networks(["10.1.2.3"], ["not a network"], [])
 
 
 async def _flood(aiozc: AsyncZeroconf, texts: Callable[[int], bytes], n: int = 1000) -> float:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["Ledger", "LedgerEntry"]
 
 log = logging.getLogger(__name__)
+
+MAX_WARNINGS = 32
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,17 @@ class LedgerEntry:
 
 
 class Ledger:
-    """Highest write counter seen per checkpoint object; `path=None` keeps it in memory."""
+    """Highest write counter seen per checkpoint object; `path=None` keeps it in memory.
+
+    It also keeps the warnings about what the store did (an older copy served, an object
+    gone), newest last, each logged once.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.entries: dict[str, LedgerEntry] = {}
         self._dirty = False
+        self._warnings: OrderedDict[tuple[str, str], str] = OrderedDict()
         if path is not None and path.exists():
             try:
                 data = json.loads(path.read_bytes())
@@ -60,6 +69,54 @@ class Ledger:
         if known is None or entry.seq > known.seq:
             self.entries[object_id] = entry
             self._dirty = True
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the store did that it should not have (at most MAX_WARNINGS, newest last)."""
+        return tuple(self._warnings.values())
+
+    def _warn(self, object_id: str, kind: str, text: str) -> None:
+        if (object_id, kind) not in self._warnings:
+            log.warning("checkpoint: %s", text)
+        self._warnings[(object_id, kind)] = text
+        self._warnings.move_to_end((object_id, kind))
+        while len(self._warnings) > MAX_WARNINGS:
+            self._warnings.popitem(last=False)
+
+    def seen(self, object_id: str, entry: LedgerEntry) -> None:
+        """An object was read (or written) at `entry`: remember it; it is no longer missing."""
+        self.note(object_id, entry)
+        self._warnings.pop((object_id, "missing"), None)
+
+    def is_rollback(self, object_id: str, seq: int, doc: str, device: str) -> bool:
+        """Whether a copy at `seq` is older than one seen before (then it is reported)."""
+        known = self.entries.get(object_id)
+        if known is None or seq >= known.seq:
+            return False
+        self._warn(
+            object_id,
+            "rollback",
+            f"the store served an older checkpoint of doc {doc!r} by device {device[:8]} "
+            f"(write {seq}, after write {known.seq} was seen); refused",
+        )
+        return True
+
+    def missing(self, listed: Iterable[str], doc_keys: Iterable[str] | None) -> list[LedgerEntry]:
+        """Report objects seen before that a listing (of `doc_keys`, or all) lacks."""
+        present = set(listed)
+        wanted = None if doc_keys is None else set(doc_keys)
+        gone = []
+        for oid, e in self.entries.items():
+            if oid in present or (wanted is not None and e.doc_key not in wanted):
+                continue
+            self._warn(
+                oid,
+                "missing",
+                f"the checkpoint of doc {e.doc!r} by device {e.device[:8]} (write {e.seq}) "
+                "is gone from the store (deleted?)",
+            )
+            gone.append(e)
+        return gone
 
     def save(self) -> None:
         """Write the file if anything changed (atomic rename, mode 0600)."""

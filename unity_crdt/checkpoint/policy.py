@@ -33,7 +33,6 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
 MAX_HEADER_BYTES = 4096  # a sealed header is ~300 bytes plus the doc name (<= 255)
-MAX_WARNINGS = 32
 
 
 @dataclass
@@ -126,7 +124,6 @@ class Checkpointer:
         self.failures = 0  # consecutive failed rounds of `run()`
         self.last_error: str | None = None
         self._ledger = Ledger(ledger_path)
-        self._warnings: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     # ---- ids -------------------------------------------------------------------------------
     def doc_key(self, doc: str) -> str:
@@ -324,35 +321,10 @@ class Checkpointer:
     @property
     def warnings(self) -> tuple[str, ...]:
         """Signs that the store rolled an object back or lost one (newest last, at most 32)."""
-        return tuple(self._warnings.values())
-
-    def _warn(self, object_id: str, kind: str, text: str) -> None:
-        if (object_id, kind) not in self._warnings:
-            log.warning("checkpoint: %s", text)
-        self._warnings[(object_id, kind)] = text
-        self._warnings.move_to_end((object_id, kind))
-        while len(self._warnings) > MAX_WARNINGS:
-            self._warnings.popitem(last=False)
+        return self._ledger.warnings
 
     def _remember(self, m: Manifest, h: Header) -> None:
-        self._ledger.note(m.object_id, LedgerEntry(h.seq, m.doc_key, h.doc, h.device))
-        self._warnings.pop((m.object_id, "missing"), None)
-
-    def _missing(self, listed: Sequence[Manifest], doc_keys: Sequence[str] | None) -> None:
-        """Warn about objects seen before that the store no longer lists (and rewrite ours)."""
-        present = {m.object_id for m in listed}
-        wanted = None if doc_keys is None else set(doc_keys)
-        for oid, e in self._ledger.entries.items():
-            if oid in present or (wanted is not None and e.doc_key not in wanted):
-                continue
-            self._warn(
-                oid,
-                "missing",
-                f"the checkpoint of doc {e.doc!r} by device {e.device[:8]} (write {e.seq}) "
-                "is gone from the store (deleted?)",
-            )
-            if e.device == self.device_id:
-                self.mark_dirty(e.doc)  # write ours again
+        self._ledger.seen(m.object_id, LedgerEntry(h.seq, m.doc_key, h.doc, h.device))
 
     def _verified(self, todo: Sequence[Manifest]) -> list[tuple[Manifest, Header]]:
         """Manifests whose sealed header checks out and is not older than one seen before.
@@ -366,16 +338,8 @@ class Checkpointer:
             except SecurityError as exc:
                 log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
                 continue
-            known = self._ledger.get(m.object_id)
-            if known is not None and h.seq < known.seq:
-                self._warn(
-                    m.object_id,
-                    "rollback",
-                    f"the store served an older checkpoint of doc {h.doc!r} by device "
-                    f"{h.device[:8]} (write {h.seq}, after write {known.seq} was seen); refused",
-                )
-                continue
-            out.append((m, h))
+            if not self._ledger.is_rollback(m.object_id, h.seq, h.doc, h.device):
+                out.append((m, h))
         return out
 
     async def restore(
@@ -397,7 +361,9 @@ class Checkpointer:
         own = self.device_tag(self.device_id)
         out: dict[str, list[bytes]] = {}
         todo = await self._manifests(doc_keys)
-        self._missing(todo, doc_keys)
+        for gone in self._ledger.missing((m.object_id for m in todo), doc_keys):
+            if gone.device == self.device_id:
+                self.mark_dirty(gone.doc)  # write ours again
         for attempt in range(2):
             todo = [
                 m

@@ -11,16 +11,61 @@ who gets a slot matters more than how many there are:
   seen to authenticate, so known members get in during a flood of strangers.
 
 Failed handshakes are logged once per source per window, with a count of the rest, so a flood
-costs a few log lines instead of one per attempt.
+costs a few log lines instead of one per attempt. Addresses learnt from mDNS are dialled only
+inside the allowed networks (`allowed_networks`, `permitted`) and within a budget (`DialBudget`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DialBudget", "FailureLog", "HandshakeSlots", "subnet_of"]
+from ..errors import ConfigError
+
+__all__ = [
+    "DialBudget",
+    "FailureLog",
+    "HandshakeSlots",
+    "Network",
+    "allowed_networks",
+    "permitted",
+    "subnet_of",
+]
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def allowed_networks(
+    interfaces: Sequence[str], allow: Sequence[str] | None, prefixes: Sequence[tuple[str, int]]
+) -> list[Network]:
+    """Where announced peers may be dialled: `allow`, or else the subnets of `interfaces`.
+
+    `prefixes` lists (address, prefix length) of the host's interfaces; an interface address
+    not found there stands for itself alone.
+    """
+    try:
+        if allow:
+            return [ipaddress.ip_network(net, strict=False) for net in allow]
+        known = dict(prefixes)
+        out: list[Network] = []
+        for ip in interfaces:
+            width = known.get(ip, ipaddress.ip_address(ip).max_prefixlen)
+            out.append(ipaddress.ip_network(f"{ip}/{width}", strict=False))
+        return out
+    except ValueError as exc:
+        raise ConfigError(f"not a network: {exc}") from None
+
+
+def permitted(address: str, networks: Sequence[Network], loopback_ok: bool) -> bool:
+    """Whether an announced address may be dialled: inside `networks`, never loopback unless
+    discovery itself runs on loopback (a replayed record must not reach local services)."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback and not loopback_ok:
+        return False
+    return any(ip in net for net in networks)
 
 
 def subnet_of(host: str) -> str:

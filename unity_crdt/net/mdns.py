@@ -31,8 +31,9 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from ..errors import ConfigError
 from ..sync.codec import PROTOCOL_VERSION
+from ._admission import allowed_networks, permitted
 
-__all__ = ["SERVICE_TYPE", "Discovery", "Found", "allowed_networks"]
+__all__ = ["SERVICE_TYPE", "Discovery", "Found"]
 
 SERVICE_TYPE = "_unity-crdt._tcp.local."
 
@@ -79,9 +80,6 @@ def _ip_list(values: Sequence[str], what: str) -> list[str]:
     return out
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 def _dialable(address: str) -> bool:
     """Whether an advertised address could be a peer (not 0.0.0.0, multicast or broadcast)."""
     try:
@@ -99,38 +97,6 @@ def _host_prefixes() -> list[tuple[str, int]]:
             address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
             out.append((address, int(ip.network_prefix)))
     return out
-
-
-def allowed_networks(
-    interfaces: Sequence[str],
-    allow: Sequence[str] | None = None,
-    prefixes: Sequence[tuple[str, int]] | None = None,
-) -> list[Network]:
-    """Where announced peers may be dialled: `allow`, or else the subnets of `interfaces`.
-
-    `prefixes` lists (address, prefix length) of the host's interfaces (read with ifaddr when
-    None); an interface address not found there stands for itself alone.
-    """
-    if allow:
-        try:
-            return [ipaddress.ip_network(net, strict=False) for net in allow]
-        except ValueError as exc:
-            raise ConfigError(f"mdns_allow: {exc}") from None
-    known = dict(_host_prefixes() if prefixes is None else prefixes)
-    out: list[Network] = []
-    for iface in _ip_list(interfaces, "interfaces"):
-        width = ipaddress.ip_address(iface).max_prefixlen
-        out.append(ipaddress.ip_network(f"{iface}/{known.get(iface, width)}", strict=False))
-    return out
-
-
-def _permitted(address: str, networks: Sequence[Network], loopback_ok: bool) -> bool:
-    """Whether an announced address may be dialled: inside `networks`, never loopback unless
-    discovery itself runs on loopback (a replayed record must not reach local services)."""
-    ip = ipaddress.ip_address(address)
-    if ip.is_loopback and not loopback_ok:
-        return False
-    return any(ip in net for net in networks)
 
 
 def _parse_txt(text: bytes) -> dict[bytes, bytes] | None:
@@ -188,7 +154,7 @@ class Discovery:
         if max_candidates < 1:
             raise ConfigError("max_candidates must be at least 1")
         self._interfaces = _ip_list(interfaces, "interfaces")
-        self._allowed = allowed_networks(self._interfaces, allow)
+        self._allowed = allowed_networks(self._interfaces, allow, _host_prefixes())
         self._loopback_ok = any(ipaddress.ip_address(i).is_loopback for i in self._interfaces)
         self._advertise = _ip_list(
             self._interfaces if advertise_addresses is None else advertise_addresses,
@@ -421,7 +387,7 @@ class Discovery:
             return None
         out: list[Found] = []
         for host in info.parsed_addresses(self._ip_version)[:_MAX_ADDRESSES]:
-            if _dialable(host) and _permitted(host, self._allowed, self._loopback_ok):
+            if _dialable(host) and permitted(host, self._allowed, self._loopback_ok):
                 url_host = f"[{host}]" if ":" in host else host
                 out.append(Found(url=f"ws://{url_host}:{port}", host=host, port=port))
         return tuple(out) or None
