@@ -41,6 +41,26 @@ def node_config(tmp: Path, name: str, **kw: Any) -> NodeConfig:
     return NodeConfig(**values)
 
 
+def _uv(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def string_item(client: int, text: str, parent: tuple[int, int] | str, clock: int = 0) -> bytes:
+    """A one-item Yjs update: `text` at (client, clock) under a root name or an item id."""
+    raw = text.encode()
+    if isinstance(parent, str):
+        where = _uv(1) + _uv(len(parent.encode())) + parent.encode()
+    else:
+        where = _uv(0) + _uv(parent[0]) + _uv(parent[1])
+    struct = b"\x04" + where + _uv(len(raw)) + raw  # String content, no origins
+    return _uv(1) + _uv(1) + _uv(client) + _uv(clock) + struct + _uv(0)
+
+
 class Attacker:
     """A member-turned-attacker: holds the group secret, speaks raw frames to a node."""
 
@@ -91,3 +111,93 @@ class Attacker:
             return True
         except TimeoutError:
             return False
+
+
+_KEYS: dict[str, Any] = {}
+
+
+async def member_handshake(
+    url: str, *, local_host: str, secret: str = SECRET, timeout: float = 5.0
+) -> bool:
+    """Dial `url` from `local_host` and run a genuine handshake; whether it completed."""
+    import aiohttp
+
+    from unity_crdt.crypto.frames import PeerHello
+    from unity_crdt.crypto.handshake import Handshake
+    from unity_crdt.crypto.keys import DeviceIdentity, derive_group_keys
+    from unity_crdt.errors import HandshakeError
+
+    me = DeviceIdentity.generate()
+    hello = PeerHello(name="member", device_id=me.device_id, version=1, max_frame=2**20)
+    loop = asyncio.get_running_loop()
+    if secret not in _KEYS:  # scrypt once per secret, not once per attempt
+        _KEYS[secret] = derive_group_keys(secret)
+    hs = Handshake(_KEYS[secret], me, hello, initiator=True, now=loop.time())
+    connector = aiohttp.TCPConnector(local_addr=(local_host, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        try:
+            async with asyncio.timeout(timeout):
+                ws = await http.ws_connect(url + "/unity-crdt/v1")
+                await ws.send_bytes(hs.initiate())
+                while not hs.complete:
+                    msg = await ws.receive()
+                    if msg.type is not aiohttp.WSMsgType.BINARY:
+                        return False
+                    reply = hs.receive(msg.data, loop.time())
+                    if reply is not None:
+                        await ws.send_bytes(reply)
+                await ws.close()
+                return True
+        except (aiohttp.ClientError, HandshakeError, TimeoutError):
+            return False
+
+
+class SilentFlood:
+    """Websockets that never send a byte, from `hosts` x `per_host`, reopened once cut."""
+
+    def __init__(self, url: str, hosts: list[str], per_host: int) -> None:
+        self.url = url + "/unity-crdt/v1"
+        self.attempts = 0
+        self.held = 0
+        self.cut_after: list[float] = []  # how long the node let each admitted socket sit
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._run(host, per_host)) for host in hosts]
+
+    async def _run(self, host: str, count: int) -> None:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(local_addr=(host, 0), limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            await asyncio.gather(*(self._one(http) for _ in range(count)))
+
+    async def _one(self, http: Any) -> None:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            self.attempts += 1
+            try:
+                ws = await http.ws_connect(self.url)
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+                continue
+            started = loop.time()
+            self.held += 1
+            closed = asyncio.ensure_future(ws.receive())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+            self.held -= 1
+            if closed.done():
+                self.cut_after.append(loop.time() - started)
+            closed.cancel()
+            stop.cancel()
+            await ws.close()
+
+    async def ready(self, sockets: int) -> None:
+        """Wait until `sockets` attempts were made and answered or held."""
+        await eventually(lambda: self.attempts >= sockets, 10.0, "the flood to connect")
+        await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -10,7 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .ids import PeerAddress, check_doc_id, check_scheme
+from .ids import PeerAddress, check_doc_id, check_scheme, parse_origin
+
+DEFAULT_YJS_ORIGINS = (
+    "file://",
+    "app://",
+    "http://localhost",
+    "http://127.0.0.1",
+    "http://[::1]",
+)
+
+
+def _check_origin_entry(entry: object) -> None:
+    if entry == "null":
+        return
+    if not isinstance(entry, str):
+        raise ConfigError(f"yjs_origins: {entry!r} is not a string")
+    scheme, host, _ = parse_origin(entry)
+    if not host and scheme not in ("file", "app"):
+        raise ConfigError(f"yjs_origins: {entry!r} names no host (only file:// and app:// may)")
 
 
 @dataclass(frozen=True)
@@ -28,6 +47,9 @@ class NodeConfig:
     # Loopback by default: never multicast on an interface the user did not choose.
     mdns_interfaces: tuple[str, ...] = ("127.0.0.1",)
     mdns_requery_interval: float = 30.0
+    # Networks (CIDR) where announced peers may be dialled; empty: the subnets of the
+    # mDNS interfaces. Loopback only when discovery itself runs on loopback.
+    mdns_allow: tuple[str, ...] = ()
     # Where checkpoints go, by URL scheme: "weaviate://host:8080?grpc=50051", "dir:///path"
     # (unity_crdt.checkpoint.sinks). `weaviate_url` ("http://host:8080") is an alias.
     checkpoint_url: str | None = None
@@ -44,6 +66,10 @@ class NodeConfig:
     handshake_timeout: float = 5.0
     max_handshakes: int = 64
     max_handshakes_per_ip: int = 8
+    # /24 (IPv4) or /64 (IPv6); addresses that authenticated before are exempt.
+    max_handshakes_per_subnet: int = 16
+    # A socket that sends no handshake message this long is cut (silent sockets hold slots).
+    first_message_timeout: float = 1.0
     reconnect_max: float = 30.0
     send_queue_bytes: int = 8 * 2**20
     # The largest doc a peer may send in one reply, and how many new docs one peer may make
@@ -56,6 +82,10 @@ class NodeConfig:
     yjs_host: str = "127.0.0.1"
     yjs_port: int = 0
     yjs_token: str | None = field(default=None, repr=False)
+    # Browser Origins the y-websocket endpoint accepts: "scheme://host[:port]" (no port: any),
+    # "file://" and "app://" (any page of that scheme: Electron), "null" (opaque origins).
+    # Requests without an Origin (Node.js, native apps) are allowed; the token is still needed.
+    yjs_origins: tuple[str, ...] = DEFAULT_YJS_ORIGINS
 
     def __post_init__(self) -> None:
         if (
@@ -72,6 +102,17 @@ class NodeConfig:
         object.__setattr__(self, "peers", tuple(self.peers))
         object.__setattr__(self, "searchable", tuple(self.searchable))
         object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
+        object.__setattr__(self, "mdns_allow", tuple(self.mdns_allow))
+        object.__setattr__(self, "yjs_origins", tuple(self.yjs_origins))
+        for entry in self.yjs_origins:
+            _check_origin_entry(entry)
+        for net in self.mdns_allow:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"mdns_allow: {net!r} is not a network like 10.0.0.0/24"
+                ) from None
         for url in self.peers:
             PeerAddress.parse(url)
         check_scheme(self.transport)
@@ -91,11 +132,14 @@ class NodeConfig:
             "reconnect_max",
             "mdns_requery_interval",
             "presence_timeout",
+            "first_message_timeout",
         ):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"{knob} must be > 0")
         if self.pull_interval is not None and self.pull_interval <= 0:
             raise ConfigError("pull_interval must be > 0 or None")
+        if min(self.max_handshakes, self.max_handshakes_per_ip, self.max_handshakes_per_subnet) < 1:
+            raise ConfigError("handshake limits must be >= 1")
         if self.idle_timeout <= self.ping_interval:
             raise ConfigError("idle_timeout must be longer than ping_interval")
 
@@ -112,7 +156,7 @@ class NodeConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         values = dict(data)
-        for key in ("peers", "searchable", "mdns_interfaces"):
+        for key in ("peers", "searchable", "mdns_interfaces", "mdns_allow", "yjs_origins"):
             if key in values:
                 values[key] = tuple(values[key])
         try:

@@ -91,3 +91,14 @@ class PeerAddress:
 
     def __str__(self) -> str:
         return self.url
+
+
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]{0,31})://(\[[0-9a-f:.]+\]|[^/:?#@\[\]\s]*)(?::(\d{1,5}))?")
+
+
+def parse_origin(value: str) -> tuple[str, str, int | None]:
+    """Split an HTTP Origin or an allowlist entry `scheme://host[:port]` (lower-cased)."""
+    m = _ORIGIN.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if m is None or (m[3] is not None and not 0 < int(m[3]) < 65536):
+        raise ConfigError(f"an origin looks like scheme://host[:port], got {value!r}")
+    return m[1], m[2], None if m[3] is None else int(m[3])

@@ -213,6 +213,7 @@ class Node:
             checkpoint_error=cp.last_error if cp else None,
             pending_writes=len(self._pending),
             yjs_url=self._endpoint.base_url if self._endpoint else None,
+            checkpoint_warnings=cp.warnings if cp else (),
         )
 
     def set_presence(self, doc: str, state: Any) -> None:
@@ -261,6 +262,8 @@ class Node:
         cfg = self.config
         cfg.cache_path.mkdir(parents=True, exist_ok=True)
         self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
+        if not self._keys.salted:
+            log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
         key = await asyncio.to_thread(
             load_or_create_secret_file,
             cfg.cache_path / "device.key",
@@ -316,6 +319,7 @@ class Node:
                 self._replica,
                 cfg.yjs_token,
                 on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
+                origins=cfg.yjs_origins,
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
         if self._sink is None and cfg.checkpoint_url is not None:
@@ -392,8 +396,14 @@ class Node:
         return session
 
     def _spread_presence(self, doc: str, update: bytes, source: str | None) -> None:
-        """Merge presence from a peer, a front end or this node; relay only what is new."""
-        fresh = self._presence.apply(doc, update, self._now()) if source is not None else update
+        """Merge presence from a peer, a front end or this node; relay only what is new.
+
+        Only for docs this node holds or a front end has open: presence for made-up names is
+        kept aside (bounded) and relayed nowhere.
+        """
+        held = doc in self._replica or bool(self._endpoint and self._endpoint.clients(doc))
+        now = self._now()
+        fresh = self._presence.apply(doc, update, now, held=held) if source is not None else update
         if fresh is None:
             return
         if self._mesh is not None:
@@ -475,11 +485,12 @@ class Node:
             mesh.add_address(PeerAddress(peer.host, peer.port, "ws"), persistent=False)
 
         self._discovery = Discovery(
-            beacon=self._keys.beacon,
+            beacon=self._keys.beacons,
             port=self._listener.address.port,
             on_found=found,
             interfaces=self.config.mdns_interfaces,
             requery_interval=self.config.mdns_requery_interval,
+            allow=self.config.mdns_allow or None,
         )
         await self._discovery.start()
 
@@ -503,6 +514,7 @@ class Node:
             sink,
             get_state=lambda name: self._replica.doc(name).get_update(),
             text_of=self._text_of,
+            ledger_path=cfg.cache_path / "checkpoints.json",
         )
         self._checkpointer = cp
         # Docs loaded from the cache may be newer than any checkpoint (offline edits).
@@ -511,7 +523,7 @@ class Node:
         if cfg.restore_on_start:
             try:
                 await self.restore()
-            except CheckpointError as exc:
+            except Exception as exc:  # the node starts from its cache whatever the store holds
                 log.warning("restore on start failed, continuing from the local cache: %s", exc)
         self.spawn(cp.run(cfg.checkpoint_interval), "checkpoint loop")
         if cfg.pull_interval is not None:

@@ -63,6 +63,8 @@ class NodeStatus:
     checkpoint_error: str | None
     pending_writes: int
     yjs_url: str | None
+    # Signs that the checkpoint store served an older copy of an object or lost one.
+    checkpoint_warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

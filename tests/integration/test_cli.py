@@ -25,7 +25,7 @@ from unity_crdt import Node, NodeConfig
 from unity_crdt.cli import build_parser
 from unity_crdt.cli import main as cli_main
 from unity_crdt.cli._run import node_config
-from unity_crdt.errors import ControlError, NodeAlreadyRunning, NoNodeRunning
+from unity_crdt.errors import ConfigError, ControlError, NodeAlreadyRunning, NoNodeRunning
 from unity_crdt.frontends._docview import Conflict, apply_edit, project
 from unity_crdt.frontends._metrics import escape_label, render
 from unity_crdt.frontends.control import ControlServer
@@ -132,7 +132,9 @@ def pair(short_tmp: Path) -> Iterator[tuple[RunningNode, RunningNode]]:
         if name == "bob":  # a peer in the file that --peer must replace
             text += 'peers = ["ws://127.0.0.1:9"]\n'
         configs[name].write_text(text)
-    alice = RunningNode("--config", str(configs["alice"]), "--metrics-port", "0")
+    alice = RunningNode(
+        "--config", str(configs["alice"]), "--metrics-port", "0", "--metrics-doc-names"
+    )
     url = alice.wait_for(r"listening\s+(ws://\S+)").group(1)
     bob = RunningNode("--config", str(configs["bob"]), "--peer", url)
     try:
@@ -314,6 +316,39 @@ def test_run_flags_override_the_config_file(
     assert node_config(args).group_secret == "from-the-environment"
 
 
+def test_f12_the_yjs_token_comes_from_a_0600_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNITY_CRDT_SECRET", SECRET)
+    monkeypatch.delenv("UNITY_CRDT_YJS_TOKEN", raising=False)
+    base = ["run", "--yjs", "--no-mdns", "--cache-dir", str(tmp_path / "c")]
+    args = build_parser().parse_args(base)
+    made = node_config(args).yjs_token
+    path = tmp_path / "c" / "yjs.token"
+    assert made and path.read_text().strip() == made and path.stat().st_mode & 0o777 == 0o600
+    assert node_config(build_parser().parse_args(base)).yjs_token == made  # stable across runs
+    chosen = tmp_path / "front-end.token"
+    args = build_parser().parse_args([*base, "--yjs-token-file", str(chosen)])
+    assert node_config(args).yjs_token == chosen.read_text().strip() != made
+    chosen.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        node_config(build_parser().parse_args([*base, "--yjs-token-file", str(chosen)]))
+    monkeypatch.setenv("UNITY_CRDT_YJS_TOKEN", "from-the-environment-0123")
+    assert node_config(build_parser().parse_args(base)).yjs_token == "from-the-environment-0123"
+
+
+def test_f12_run_never_prints_the_yjs_token(short_tmp: Path) -> None:
+    cache = short_tmp / "yjs-node"
+    node = RunningNode("--name", "y", "--cache-dir", str(cache), "--no-mdns", "--yjs")
+    try:
+        line = node.wait_for(r"yjs\s+ws://.*").group(0)
+        token = (cache / "yjs.token").read_text().strip()
+        assert f"token in {cache / 'yjs.token'}" in line
+        assert token not in node.output
+    finally:
+        assert node.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -382,7 +417,7 @@ def _status(peer_name: str, doc_name: str) -> NodeStatus:
 
 def test_metrics_render_escapes_label_values() -> None:
     assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
-    text = render(_status('bo"b\\', 'my "doc"\nline2'))
+    text = render(_status('bo"b\\', 'my "doc"\nline2'), doc_labels=True)
     assert text.endswith("\n")
     assert 'unity_crdt_peer_bytes_in_total{peer="bo\\"b\\\\",device="' + "d" * 26 + '"} 10' in text
     assert 'unity_crdt_doc_state_bytes{doc="my \\"doc\\"\\nline2"} 99' in text
@@ -398,8 +433,8 @@ def test_metrics_render_escapes_label_values() -> None:
     assert len(families) == len(set(families)), "each family must be declared once"
 
 
-def test_metrics_render_can_leave_doc_names_out() -> None:
-    text = render(_status("bob", "secret plans"), doc_labels=False)
+def test_f11_metrics_render_leaves_doc_names_out_by_default() -> None:
+    text = render(_status("bob", "secret plans"))
     assert "secret plans" not in text
     assert re.search(r"^unity_crdt_docs_state_bytes 99$", text, re.M)
 

@@ -93,15 +93,21 @@ def unity_crdt_command() -> list[str]:
     return [str(script)]
 
 
-def test_keygen_prints_fresh_43_char_base64url_secrets() -> None:
+def test_keygen_prints_fresh_salted_v1_secrets() -> None:
     argv = [*unity_crdt_command(), "keygen"]
     runs = [subprocess.run(argv, capture_output=True, text=True, timeout=30) for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0]
     secrets = [r.stdout.strip() for r in runs]
     for s in secrets:
-        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", s), s
-        assert len(base64.urlsafe_b64decode(s + "=")) == 32
-    assert secrets[0] != secrets[1]
+        m = re.fullmatch(r"ucg1\.([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{43})", s)
+        assert m, s
+        assert len(base64.urlsafe_b64decode(m[1] + "==")) == 16
+        assert len(base64.urlsafe_b64decode(m[2] + "=")) == 32
+    assert secrets[0].split(".")[1] != secrets[1].split(".")[1]
+    salted = subprocess.run(
+        [*argv, "--passphrase"], input="correct horse battery\n", capture_output=True, text=True
+    )
+    assert re.fullmatch(r"ucg1\.[A-Za-z0-9_-]{22}\.correct horse battery\n", salted.stdout)
 
 
 def test_python_dash_m_runs_the_same_cli() -> None:
@@ -112,7 +118,7 @@ def test_python_dash_m_runs_the_same_cli() -> None:
         timeout=30,
         check=True,
     )
-    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", res.stdout)
+    assert re.fullmatch(r"ucg1\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}\n", res.stdout)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 import pycrdt
 import pytest
@@ -50,7 +51,7 @@ async def test_replayed_announcement_to_a_wrong_address_is_backed_off(
     caplog.set_level(logging.INFO)
     a = await make_node("a", mdns=True, reconnect_max=0.2)
     stranger = await make_node("stranger", group_secret="not the same group at all")
-    beacon = derive_group_keys(SECRET).beacon
+    beacon = derive_group_keys(SECRET).beacons(time.time())[0]
     port = int(stranger.url.rsplit(":", 1)[1])
     aiozc = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
     try:

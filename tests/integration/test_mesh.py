@@ -140,6 +140,9 @@ async def test_presence_crosses_the_mesh_and_expires(make_node: NodeFactory) -> 
     b = await make_node("b", peers=(a.url,), presence_timeout=1.5)
     c = await make_node("c", peers=(b.url,), presence_timeout=1.5)  # c never links to a
     await b.wait_for_peers(2)
+    # Presence is kept and relayed only by nodes that hold the doc.
+    a.doc("notes").get("t", type=pycrdt.Text).insert(0, "held everywhere")
+    await eventually(lambda: "notes" in c.docs, 3.0, "notes reached c")
     a.set_presence("notes", {"user": "alice", "cursor": 3})
     a_id = a.doc("notes").client_id
     await eventually(

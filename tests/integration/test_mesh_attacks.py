@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import psutil
 import pycrdt
 import pytest
-from meshkit import SECRET, Attacker, NodeFactory, eventually
+from meshkit import SECRET, Attacker, NodeFactory, eventually, string_item
 from tcp_proxy import RecordingProxy
 
 from unity_crdt import Node
@@ -167,6 +168,28 @@ async def attack_oversized_frame(m: Attacker) -> None:
     await m.channel.send(b"\x01\x01\x00\x00" + os.urandom(2**20 + 64))
 
 
+async def attack_update_under_a_non_type_parent(m: Attacker) -> None:
+    """F3: an item whose parent is a string item sent in an earlier update (pycrdt raises)."""
+    client = random.randrange(1, 2**31)
+    await m.send_message(codec.encode(codec.Hello(1, {})))
+    await m.send_message(codec.encode(codec.Update("junk", string_item(client, "abc", "t"))))
+    poison = string_item(client + 1, "x", (client, 0))
+    await m.send_message(codec.encode(codec.Update("junk", poison)))
+
+
+async def attack_made_up_presence(m: Attacker) -> None:
+    """F4: presence for 2,000 doc names nobody holds (kept aside, bounded, never relayed)."""
+    from unity_crdt.sync.yprotocol import encode_awareness
+
+    tag = random.randrange(2**32)
+    await m.send_message(codec.encode(codec.Hello(1, {})))
+    parts = [
+        codec.encode(codec.Awareness(f"made-up-{tag}-{i}", encode_awareness([(i + 1, 0, b"1")])))
+        for i in range(2000)
+    ]
+    await m.send_message(codec.encode_batch(parts))
+
+
 ATTACKS: list[Callable[[Attacker], Awaitable[None]]] = [
     attack_garbage,
     attack_allocation_bomb_update,
@@ -175,6 +198,7 @@ ATTACKS: list[Callable[[Attacker], Awaitable[None]]] = [
     attack_tampered_frame,
     attack_replayed_frame,
     attack_oversized_frame,
+    attack_update_under_a_non_type_parent,
 ]
 
 
@@ -259,6 +283,8 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
             attack_bomb_state_vector,
             attack_tampered_frame,
             attack_update_before_hello,
+            attack_update_under_a_non_type_parent,
+            attack_made_up_presence,
         ]
         while not stop.is_set():
             m = await Attacker.connect(target.url)
@@ -293,6 +319,8 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
 
     await eventually(converged, 20.0, "10 honest peers converged")
     assert junk_links > 20
+    # F4: made-up presence left no table behind anywhere but the bounded side table.
+    assert all(len(n._presence) <= 64 + 1 for n in nodes), [len(n._presence) for n in nodes]
     # Flat memory: the second half of the run grows by less than a few MB.
     half = len(rss_samples) // 2
     assert max(rss_samples[half:]) - rss_samples[half] < 20 * 2**20, rss_samples

@@ -368,8 +368,8 @@ def test_node_of_another_group_is_never_linked_and_learns_nothing(
 
     # The responder names who failed: only the stranger at members, only n1 at the stranger.
     for a in agents.values():
-        assert all(m.startswith("link ws://10.77.0.5:") for m in failed_handshakes(a)), a.name
-    assert all(m.startswith("link ws://10.77.0.1:") for m in failed_handshakes(stranger))
+        assert all("(from 10.77.0.5;" in m for m in failed_handshakes(a)), a.name
+    assert all("(from 10.77.0.1;" in m for m in failed_handshakes(stranger))
     time.sleep(FAST["mdns_requery_interval"])  # one more re-query and redial round
     mine = stranger.state()
     assert mine["text"] == "stranger's private text\n" and mine["map"] == {"owner": "stranger"}

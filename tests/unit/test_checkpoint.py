@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,10 +13,16 @@ import pytest
 from pycrdt import Doc, Text
 
 from unity_crdt.checkpoint.directory import DirectorySink
-from unity_crdt.checkpoint.format import Manifest, SinkRecord, chunk_id
+from unity_crdt.checkpoint.format import (
+    Manifest,
+    SinkRecord,
+    chunk_id,
+    encode_header,
+    record_aad,
+)
 from unity_crdt.checkpoint.policy import Checkpointer
 from unity_crdt.checkpoint.sinks import open_sink
-from unity_crdt.crypto.keys import GroupKeys, derive_group_keys, device_id_for
+from unity_crdt.crypto.keys import GroupKeys, derive_group_keys, device_id_for, seal_blob
 from unity_crdt.errors import CheckpointError, ConfigError, SecurityError
 from unity_crdt.testing import check_sink
 
@@ -70,6 +78,22 @@ class CountingSink(DirectorySink):
     async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
         self.puts.append([r.manifest.object_id for r in records])
         await super().put(tenant, records)
+
+
+class RecordingSink(DirectorySink):
+    """DirectorySink that records every manifest restore asked chunks for."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.asked: list[Manifest] = []
+
+    async def chunks(self, tenant: str, manifests: Sequence[Manifest]) -> dict[str, list[bytes]]:
+        self.asked.extend(manifests)
+        return await super().chunks(tenant, manifests)
+
+
+def manifest_file(root: Path, keys: GroupKeys, object_id: str) -> Path:
+    return root / keys.tenant / "manifests" / f"{object_id}.json"
 
 
 def all_bytes(root: Path) -> bytes:
@@ -330,3 +354,90 @@ def test_sink_urls_pick_their_backend_and_unknown_schemes_are_clear(tmp_path: Pa
         open_sink("ftp://host/x")
     with pytest.raises(ConfigError, match="dir:///absolute/path"):
         open_sink("dir://")
+
+
+async def test_f9_clear_parts_are_checked_against_the_sealed_header_before_any_fetch(
+    tmp_path: Path, keys: GroupKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = RecordingSink(tmp_path)
+    dev = Device(keys, sink, chunk_size=4)
+    dev.set("big", b"0123456789")
+    dev.set("ok", b"fine")
+    await dev.cp.checkpoint()
+    path = manifest_file(tmp_path, keys, dev.cp.object_id("big"))
+    honest = json.loads(path.read_bytes())
+    assert honest["parts"] == 3
+    # The store rewrites the clear fields sinks fetch by: a huge part count, a huge size.
+    for lie in ({"parts": 10**12}, {"nbytes": 10**15}, {"parts": 4, "nbytes": 10 + 4 * 29}):
+        path.write_text(json.dumps({**honest, **lie}))
+        sink.asked.clear()
+        with caplog.at_level(logging.WARNING, logger="unity_crdt.checkpoint"):
+            assert await Device(keys, sink).cp.restore() == {"ok": [b"fine"]}
+        assert [m.object_id for m in sink.asked] == [dev.cp.object_id("ok")], lie
+        assert any("refused" in r.getMessage() for r in caplog.records)
+    # A member can seal a header whose part count disagrees with its size: refused as well.
+    doc_key, device, gen, n = (
+        dev.cp.doc_key("forged"),
+        dev.cp.device_tag(dev.cp.device_id),
+        "ab",
+        10**6,
+    )
+    header = encode_header("forged", dev.cp.device_id, b"0123456789", seq=1, chunk=4)
+    aad = record_aad(keys.tenant, b"H", doc_key, device, gen, -1, n)
+    forged = Manifest(
+        dev.cp.object_id("forged"),
+        doc_key,
+        device,
+        gen,
+        n,
+        10 + n * 29,
+        seal_blob(keys.checkpoint_key, header, aad),
+    )
+    await sink.put(keys.tenant, [SinkRecord(forged, (b"junk",))])
+    path.write_text(json.dumps(honest))
+    sink.asked.clear()
+    assert await Device(keys, sink).cp.restore() == {"big": [b"0123456789"], "ok": [b"fine"]}
+    assert forged.object_id not in {m.object_id for m in sink.asked}
+
+
+async def test_f10_an_older_or_deleted_checkpoint_is_detected_and_remembered(
+    tmp_path: Path, keys: GroupKeys
+) -> None:
+    store = tmp_path / "store"
+    sink = DirectorySink(store)
+    writer = Device(keys, sink, ledger_path=tmp_path / "writer.json")
+    writer.set("d", b"v1")
+    await writer.cp.checkpoint()
+    ledger = tmp_path / "reader.json"
+    reader = Device(keys, sink, ledger_path=ledger)
+    assert await reader.cp.restore() == {"d": [b"v1"]}
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    writer.set("d", b"v2")
+    await writer.cp.checkpoint()
+    assert await reader.cp.restore() == {"d": [b"v2"]}
+    assert reader.cp.warnings == ()
+    assert ledger.stat().st_mode & 0o777 == 0o600
+    # The store serves the first write again (its own consistent, sealed copy of it).
+    shutil.rmtree(store)
+    shutil.copytree(old, store)
+    again = Device(keys, sink, ledger_path=ledger)  # the reader, restarted from its cache
+    assert await again.cp.restore() == {}
+    [warning] = again.cp.warnings
+    assert "older checkpoint of doc 'd'" in warning and "refused" in warning
+    # A device with no memory of the newer write cannot tell (docs/security.md says so).
+    assert await Device(keys, sink).cp.restore() == {"d": [b"v1"]}
+    # The store drops the object: the reader says so; the writer, seeing its own gone, rewrites it.
+    manifest_file(store, keys, writer.cp.object_id("d")).unlink()
+    assert await again.cp.restore() == {}
+    assert any("gone from the store" in w for w in again.cp.warnings)
+    writer.cp._dirty.clear()
+    await writer.cp.restore()
+    assert "d" in writer.cp.dirty and any("gone" in w for w in writer.cp.warnings)
+    # The writer's counter keeps rising across restarts, even if its clock stands still.
+    restarted = Device(keys, sink, ledger_path=tmp_path / "writer.json")
+    restarted.cp.device_id = writer.cp.device_id
+    restarted.set("d", b"v3")
+    await restarted.cp.checkpoint()
+    assert await again.cp.restore() == {"d": [b"v3"]}
+    assert not any("gone" in w for w in again.cp.warnings)

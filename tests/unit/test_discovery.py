@@ -16,6 +16,7 @@ from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
 from unity_crdt.errors import ConfigError
+from unity_crdt.net._admission import allowed_networks, permitted
 from unity_crdt.net.mdns import SERVICE_TYPE, Discovery, Found
 
 
@@ -114,12 +115,42 @@ async def test_instances_with_same_beacon_find_each_other_fast() -> None:
         await asyncio.gather(*(d.close() for d in ds))
 
 
+class Clock:
+    """A beacon schedule of windows set by the test (`GroupKeys.beacons` with a movable clock)."""
+
+    def __init__(self, group: str, window: int) -> None:
+        self.group, self.window = group, window
+
+    def beacon(self, window: int) -> str:
+        return f"{self.group}W{window}"
+
+    def __call__(self, now: float) -> tuple[str, frozenset[str]]:
+        return self.beacon(self.window), frozenset(self.beacon(self.window + d) for d in (-1, 0, 1))
+
+
+async def test_f8_beacons_rotate_and_adjacent_windows_are_accepted() -> None:
+    group = _beacon()
+    a_clock, far_clock = Clock(group, 10), Clock(group, 13)
+    a_rec, far_rec = Recorder(), Recorder()
+    a = Discovery(beacon=a_clock, port=9601, on_found=a_rec, requery_interval=0.3)
+    far = Discovery(beacon=far_clock, port=9602, on_found=far_rec, requery_interval=0.3)
+    await asyncio.gather(a.start(), far.start())
+    try:
+        await asyncio.sleep(1.0)
+        assert a_rec.urls == far_rec.urls == set()  # windows 10 and 13: too far apart
+        a_clock.window = 12  # a's clock moves on: it announces the new window's beacon
+        await _until(lambda: "ws://127.0.0.1:9601" in far_rec.urls, within=5.0)
+        await _until(lambda: "ws://127.0.0.1:9602" in a_rec.urls, within=5.0)
+    finally:
+        await asyncio.gather(a.close(), far.close())
+
+
 async def test_other_group_is_never_reported_either_way() -> None:
     mine, theirs = Recorder(), Recorder()
     a = Discovery(beacon=_beacon(), port=9211, on_found=mine)
     b = Discovery(beacon=_beacon(), port=9212, on_found=theirs)
     c_rec = Recorder()
-    c = Discovery(beacon=a._beacon.decode(), port=9213, on_found=c_rec)
+    c = Discovery(beacon=a._beacon, port=9213, on_found=c_rec)
     await asyncio.gather(a.start(), b.start(), c.start())
     try:
         await _until(lambda: "ws://127.0.0.1:9213" in mine.urls)
@@ -198,6 +229,39 @@ async def test_bad_addresses_are_not_reported(injector: AsyncZeroconf) -> None:
         assert rec.urls == {"ws://127.0.0.1:9499"}
     finally:
         await d.close()
+
+
+async def test_f13_addresses_outside_the_allowed_networks_are_not_reported(
+    injector: AsyncZeroconf,
+) -> None:
+    beacon = _beacon()
+    rec = Recorder()
+    d = Discovery(beacon=beacon, port=9500, on_found=rec, allow=["127.0.0.0/24"])
+    await d.start()
+    try:
+        _announce(injector, text=_good_txt(beacon), port=9501, address="127.0.5.5")
+        _announce(injector, text=_good_txt(beacon), port=9502, address="127.0.0.7")
+        await _until(lambda: "ws://127.0.0.7:9502" in rec.urls)
+        await asyncio.sleep(0.2)
+        assert rec.urls == {"ws://127.0.0.7:9502"}
+    finally:
+        await d.close()
+
+
+def test_f13_allowed_networks_default_to_the_interfaces_subnets_never_loopback() -> None:
+    lan = allowed_networks(["192.168.1.10"], None, [("192.168.1.10", 24), ("127.0.0.1", 8)])
+    assert [str(n) for n in lan] == ["192.168.1.0/24"]
+    assert permitted("192.168.1.77", lan, loopback_ok=False)
+    assert not permitted("192.168.2.77", lan, loopback_ok=False)
+    # A replayed record pointing at this host's own services is refused on a LAN, even when
+    # the user's allow list would cover it; discovery on loopback (tests, one machine) allows it.
+    wide = allowed_networks(["192.168.1.10"], ["0.0.0.0/0"], [])
+    assert not permitted("127.0.0.1", wide, loopback_ok=False)
+    assert permitted("127.0.0.1", allowed_networks(["127.0.0.1"], None, []), loopback_ok=True)
+    # An interface address the host does not list stands for itself alone.
+    assert [str(n) for n in allowed_networks(["10.1.2.3"], None, [])] == ["10.1.2.3/32"]
+    with pytest.raises(ConfigError):
+        allowed_networks(["10.1.2.3"], ["not a network"], [])
 
 
 async def _flood(aiozc: AsyncZeroconf, texts: Callable[[int], bytes], n: int = 1000) -> float:

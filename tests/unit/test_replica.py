@@ -6,7 +6,8 @@ import itertools
 from typing import Any
 
 import pytest
-from pycrdt import Array, Doc, Map, Text, UndoManager
+from pycrdt import Array, Doc, Map, Text, UndoManager, merge_updates
+from ydocs import string_item
 
 from unity_crdt.errors import ConfigError, ErrorCode, ProtocolError, StoreError
 from unity_crdt.sync.replica import RemoteOrigin, Replica
@@ -111,6 +112,35 @@ def test_bad_remote_update_raises_bad_update_and_leaves_replica_unchanged(bad: b
     assert replica.names() == ["kept"]
     assert replica.doc("kept").get_update() == before
     assert rec.take() == []
+
+
+def test_f3_an_item_under_a_non_type_parent_is_a_bad_update_and_the_doc_lives_on() -> None:
+    # The parent (1, 0) is a string item applied earlier: no guard sees both, pycrdt raises
+    # RuntimeError after committing the rest of the update.
+    replica, rec = make()
+    replica.apply_remote("d", string_item(1, "abc", "t"), RemoteOrigin("p"))
+    rec.take()
+    good = string_item(3, "G", "t")
+    poison = merge_updates(good, string_item(2, "x", (1, 0)))
+    with pytest.raises(ProtocolError) as info:
+        replica.apply_remote("d", poison, RemoteOrigin("p"))
+    assert info.value.code == ErrorCode.BAD_UPDATE
+    # What pycrdt committed was reported (so it is cached and gossiped), and the doc goes on.
+    assert [(n, o) for n, _, o in rec.take()] == [("d", RemoteOrigin("p"))]
+    assert sorted(text_of(replica, "d")) == sorted("Gabc")
+    replica.apply_remote("d", string_item(1, "d", "t", clock=3), RemoteOrigin("p"))
+    assert "d" in text_of(replica, "d")
+    # Sent before its parent, the item waits; the parent's (valid) update then raises, is
+    # applied all the same, and the waiting item is gone for good.
+    replica.apply_remote("early", string_item(2, "x", (1, 0)), RemoteOrigin("p"))
+    with pytest.raises(ProtocolError):
+        replica.apply_remote("early", string_item(1, "abc", "t"), RemoteOrigin("p"))
+    assert text_of(replica, "early") == "abc"
+    replica.apply_remote("early", string_item(1, "d", "t", clock=3), RemoteOrigin("p"))
+    assert sorted(text_of(replica, "early")) == sorted("abcd")
+    # The cache path: a poisoned cached update is a StoreError, never a RuntimeError.
+    with pytest.raises(StoreError, match="#1"):
+        replica.load("cached", [string_item(1, "abc", "t"), string_item(2, "x", (1, 0))])
 
 
 def test_remote_apply_with_invalid_doc_name_is_a_protocol_error() -> None:

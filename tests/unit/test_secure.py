@@ -6,6 +6,9 @@ import dataclasses
 import struct
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
@@ -86,13 +89,55 @@ def assert_rejected(s: SecureSession, frame: bytes, code: ErrorCode | None = Non
 
 def test_group_keys_are_deterministic_distinct_and_labelled() -> None:
     again = derive_group_keys(SECRET.encode())
-    assert again == KEYS and again.beacon == KEYS.beacon and again.tenant == KEYS.tenant
-    values = [getattr(KEYS, f.name) for f in dataclasses.fields(KEYS)]
+    assert again == KEYS and again.beacon_for(7) == KEYS.beacon_for(7)
+    assert again.tenant == KEYS.tenant
+    values = [getattr(KEYS, f.name) for f in dataclasses.fields(KEYS) if f.name != "salted"]
     assert len(set(values)) == len(values) and len(KEYS.psk_id) == 8
-    assert KEYS.noise_psk != OTHER_KEYS.noise_psk and KEYS.beacon != OTHER_KEYS.beacon
+    assert KEYS.noise_psk != OTHER_KEYS.noise_psk
+    assert KEYS.beacon_for(7) != OTHER_KEYS.beacon_for(7)
     assert KEYS.object_key("doc", "dev") != KEYS.object_key("doc", "dev2")
     with pytest.raises(ConfigError):
         derive_group_keys("short")
+
+
+def test_f8_group_secrets_carry_a_random_salt_and_beacons_rotate() -> None:
+    # Two groups choosing the same passphrase get unrelated keys: no shared precomputed table.
+    a, b = keys.make_group_secret("same passphrase"), keys.make_group_secret("same passphrase")
+    assert a != b and a.startswith("ucg1.") and a.endswith(".same passphrase")
+    ka, kb = derive_group_keys(a), derive_group_keys(b)
+    assert ka.salted and kb.salted
+    for f in ("noise_psk", "psk_id", "checkpoint_key", "beacon_key", "tenant_key"):
+        assert getattr(ka, f) != getattr(kb, f), f
+    plain = derive_group_keys("same passphrase")
+    assert not plain.salted and plain.psk_id not in (ka.psk_id, kb.psk_id)
+    # Plain secrets keep the fixed salt, so existing groups keep their keys.
+    master = Scrypt(salt=b"unity-crdt/v1/group-secret", length=32, n=2**15, r=8, p=1).derive(
+        SECRET.encode()
+    )
+    expected = HKDF(hashes.SHA256(), 8, None, b"unity-crdt/v1/psk-id").derive(master)
+    assert KEYS.psk_id == expected and not KEYS.salted
+    # keygen's strings: 16 random bytes of salt, 32 of secret; any dots after the salt are
+    # part of a passphrase; a newer version or a mangled salt is a clear error.
+    fresh = keys.make_group_secret()
+    assert len(fresh) == 4 + 1 + 22 + 1 + 43 and derive_group_keys(fresh).salted
+    assert derive_group_keys(a.replace(".same passphrase", ".same.pass.phrase")).salted
+    for bad in (
+        "ucg2." + fresh[5:],
+        "ucg1.tooshort.secretsecret",
+        "ucg1." + "!" * 22 + ".secret!!",
+    ):
+        with pytest.raises(ConfigError):
+            derive_group_keys(bad)
+    with pytest.raises(ConfigError):
+        keys.make_group_secret("short")
+    # The beacon changes every window; members accept the windows either side of theirs.
+    now = 1_700_000_000.0
+    current, accepted = KEYS.beacons(now)
+    later, _ = KEYS.beacons(now + keys.BEACON_WINDOW)
+    assert current != later and later in accepted
+    assert KEYS.beacons(now + 2 * keys.BEACON_WINDOW)[0] not in accepted
+    assert current == KEYS.beacon_for(keys.beacon_window(now))
+    assert current not in derive_group_keys(a).beacons(now)[1]
 
 
 def test_sealed_blobs_detect_tampering_and_wrong_key() -> None:
@@ -124,6 +169,18 @@ def test_full_handshake_both_sides() -> None:
     assert b.open(a.seal(b"ping")[0]) == b"ping"
     assert a.open(b.seal(b"pong")[0]) == b"pong"
     assert b"alice" not in m1 + m2 + m3 and ALICE.device_id.encode() not in m1 + m2 + m3
+
+
+def test_limits_frames_are_not_padded_and_the_prelude_names_the_group() -> None:
+    """What docs/security.md lists as not protected: sizes, and the group's PSK id in clear."""
+    a, _ = sessions()
+    short, long = a.seal(b"x" * 10)[0], a.seal(b"x" * 1000)[0]
+    assert len(long) - len(short) == 990  # a frame's size is its plaintext's size plus 20
+    first, second = pair()[0].initiate(), pair()[0].initiate()
+    assert first[:PRELUDE_LEN] == second[:PRELUDE_LEN]  # links connections of one group
+    assert first[8:PRELUDE_LEN] == KEYS.psk_id
+    assert pair(OTHER_KEYS, OTHER_KEYS)[0].initiate()[:PRELUDE_LEN] != first[:PRELUDE_LEN]
+    assert first[PRELUDE_LEN:] != second[PRELUDE_LEN:]  # message 1 itself is fresh each time
 
 
 def test_interop_with_the_noise_reference_library() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pycrdt import Doc, Text, merge_updates
-from ydocs import edit_session, uv, vs
+from pycrdt import Doc, Map, Text, merge_updates
+from ydocs import edit_session, string_item, uv, vs
 
 from unity_crdt.errors import ConfigError, DecodeError, ErrorCode
 from unity_crdt.sync.lib0 import put_varuint
@@ -196,6 +196,37 @@ def test_guard_accepts_nesting_up_to_its_limit() -> None:
     Doc().apply_update(ok)
     with pytest.raises(DecodeError, match="nested"):
         check_update(_item(uv(1) + b"\x75\x01" * 129 + b"\x7e", 8))
+
+
+def test_f3_guard_rejects_an_item_whose_parent_is_not_a_shared_type() -> None:
+    # yrs applies the rest of such an update, then raises RuntimeError (InvalidParent).
+    base = string_item(1, "abc", "t")
+    for clock in (0, 1, 2):  # any clock inside the string item is that item
+        poison = merge_updates(base, string_item(2, "x", (1, clock)))
+        with pytest.raises(DecodeError, match="not a shared type") as info:
+            check_update(poison)
+        assert info.value.code == ErrorCode.BAD_UPDATE
+        with pytest.raises(RuntimeError, match="must be deleted or shared ref type"):
+            Doc().apply_update(poison)
+    # Non-ASCII strings span UTF-16 units: the item after "é😀" starts at clock 3.
+    wide = merge_updates(string_item(1, "é😀", "t"), string_item(1, "z", "t", clock=3))
+    check_update(merge_updates(wide, string_item(2, "x", (3, 0))))
+    with pytest.raises(DecodeError, match="not a shared type"):
+        check_update(merge_updates(wide, string_item(2, "x", (1, 3))))
+    # Children of a nested type, and ids this update does not hold, pass (the replica
+    # catches what yrs raises for the latter).
+    doc = Doc()
+    doc.get("m", type=Map)["inner"] = Map({"k": "v"})
+    check_update(doc.get_update())
+    Doc().apply_update(doc.get_update())
+    check_update(string_item(2, "x", (1, 0)))
+    # An item under a deleted item is dropped by yrs, not refused: the guard lets it through.
+    gone = Doc(client_id=1)
+    gone.get("t", type=Text).insert(0, "abc")
+    del gone.get("t", type=Text)[0:3]
+    under_deleted = merge_updates(gone.get_update(), string_item(2, "x", (1, 1)))
+    check_update(under_deleted)
+    Doc().apply_update(under_deleted)
 
 
 RSS_SCRIPT = textwrap.dedent(

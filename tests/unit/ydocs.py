@@ -81,3 +81,11 @@ def edit_session(seed: int, steps: int = 60) -> tuple[Doc, list[bytes]]:
         arr.append(Array(["nested", "array"]))
         mp["txt"] = Text("nested text")
     return doc, updates
+
+
+def string_item(client: int, text: str, parent: tuple[int, int] | str, clock: int = 0) -> bytes:
+    """A one-item Yjs update: `text` at (client, clock) under a root name or an item id."""
+    by_id = not isinstance(parent, str)
+    where = uv(0) + uv(parent[0]) + uv(parent[1]) if by_id else uv(1) + vs(str(parent))
+    struct = b"\x04" + where + vs(text)  # String content, no origins
+    return uv(1) + uv(1) + uv(client) + uv(clock) + struct + uv(0)

@@ -20,6 +20,7 @@ __all__ = [
     "PUT_BUDGET",
     "CheckpointSink",
     "DocHit",
+    "Header",
     "Manifest",
     "SearchHit",
     "SinkRecord",
@@ -49,7 +50,7 @@ class Manifest:
     generation: str  # random hex naming this write's chunks
     parts: int
     nbytes: int  # total sealed chunk bytes (lets sinks batch fetches)
-    header: bytes  # sealed JSON: doc name, device id, size, sha256, time
+    header: bytes  # sealed JSON: doc name, device id, size, sha256, write counter, chunk size
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,49 @@ def record_aad(
     return b"\x00".join([_AAD, kind, *(f.encode() for f in fields)])
 
 
-def encode_header(doc: str, device_id: str, state: bytes) -> bytes:
-    """The JSON header sealed into a manifest: doc name, device id, state size and SHA-256."""
+@dataclass(frozen=True)
+class Header:
+    """The sealed part of a manifest, opened: what the object holds and which write it is."""
+
+    doc: str
+    device: str  # the writing device's id
+    size: int  # state bytes
+    sha256: str
+    seq: int = 0  # the device's write counter for this object; 0 in v1 headers
+    chunk: int | None = None  # the chunk size the state was cut with (None in v1 headers)
+
+    def expected_parts(self) -> int | None:
+        """How many chunks this header implies, or None when it cannot say (v1)."""
+        if self.chunk is None:
+            return None
+        return max(1, -(-self.size // self.chunk))
+
+
+def encode_header(
+    doc: str, device_id: str, state: bytes, *, seq: int = 0, chunk: int | None = None
+) -> bytes:
+    """The JSON header sealed into a manifest (v2): doc, device, size, SHA-256, seq, chunk."""
     digest = hashlib.sha256(state).hexdigest()
-    return json.dumps(
-        {"v": 1, "doc": doc, "device": device_id, "size": len(state), "sha256": digest}
-    ).encode()
+    fields = {"v": 2, "doc": doc, "device": device_id, "size": len(state), "sha256": digest}
+    fields.update(seq=seq, chunk=chunk)
+    return json.dumps(fields).encode()
 
 
-def decode_header(raw: bytes) -> tuple[str, str, int, str]:
-    """Parse an opened header -> (doc, device id, size, sha256); SecurityError if malformed."""
+def decode_header(raw: bytes) -> Header:
+    """Parse an opened header (v1 or v2); SecurityError if malformed."""
     try:
         h = json.loads(raw)
-        doc, device, size, digest = str(h["doc"]), str(h["device"]), int(h["size"]), h["sha256"]
-    except (ValueError, KeyError, TypeError):
+        version = int(h.get("v", 1))
+        header = Header(
+            str(h["doc"]),
+            str(h["device"]),
+            int(h["size"]),
+            str(h["sha256"]),
+            int(h["seq"]) if version >= 2 else 0,
+            int(h["chunk"]) if version >= 2 and h.get("chunk") is not None else None,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise SecurityError("header is not valid checkpoint JSON") from None
-    return doc, device, size, str(digest)
+    if header.size < 0 or header.seq < 0 or (header.chunk is not None and header.chunk < 1):
+        raise SecurityError("header holds a negative size, counter or chunk size")
+    return header

@@ -5,10 +5,16 @@ checkpoints never overwrite each other (stores like Weaviate have no compare-and
 returns every device's state and the node applies them all (a CRDT merge). An object is a
 *manifest* plus its *chunks*: the state is split into `chunk_size` parts, each sealed with
 ChaCha20-Poly1305 under the group's checkpoint key, and the manifest carries a sealed header
-(doc name, device id, size, SHA-256). A write stores every chunk under a fresh random
-*generation* first and the manifest LAST; only then are older generations' chunks dropped, so a
-reader never sees a half-written checkpoint. The AEAD associated data binds tenant, doc key,
-device tag, generation and chunk index, so swapping chunks or objects is detected.
+(doc name, device id, size, SHA-256, chunk size, and a write counter that only rises). A write
+stores every chunk under a fresh random *generation* first and the manifest LAST; only then are
+older generations' chunks dropped, so a reader never sees a half-written checkpoint. The AEAD
+associated data binds tenant, doc key, device tag, generation and chunk index, so swapping
+chunks or objects is detected.
+
+Restore trusts nothing in clear: it opens every header first and fetches chunks only for
+manifests whose clear `parts`/`nbytes` are what their header implies. The highest write
+counter seen per object is kept in a ledger file in the local cache, so an older copy served
+again, or an object that vanished, is refused or reported (`warnings`).
 
 What a store sees in clear: the tenant (a keyed hash of the group), the object id (keyed hash
 of doc name + device), the doc key (keyed hash of the doc name), a device tag (keyed hash of
@@ -29,13 +35,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..crypto.keys import GroupKeys, open_blob, seal_blob
+from ..crypto.keys import SEAL_OVERHEAD, GroupKeys, open_blob, seal_blob
 from ..errors import CheckpointError, SecurityError
+from ._ledger import Ledger, LedgerEntry
 from .format import (
     PUT_BUDGET,
     CheckpointSink,
     DocHit,
+    Header,
     Manifest,
     SinkRecord,
     check_tenant,
@@ -49,6 +58,7 @@ __all__ = ["CHUNK_SIZE", "CheckpointReport", "CheckpointState", "Checkpointer"]
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
+MAX_HEADER_BYTES = 4096  # a sealed header is ~300 bytes plus the doc name (<= 255)
 
 
 @dataclass
@@ -93,6 +103,7 @@ class Checkpointer:
         *,
         chunk_size: int = CHUNK_SIZE,
         clock: Callable[[], float] = time.time,
+        ledger_path: Path | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -112,6 +123,7 @@ class Checkpointer:
         self.status: dict[str, CheckpointState] = {}
         self.failures = 0  # consecutive failed rounds of `run()`
         self.last_error: str | None = None
+        self._ledger = Ledger(ledger_path)
 
     # ---- ids -------------------------------------------------------------------------------
     def doc_key(self, doc: str) -> str:
@@ -132,6 +144,12 @@ class Checkpointer:
         return record_aad(self.tenant, kind, doc_key, device, gen, index, n)
 
     # ---- sealing ---------------------------------------------------------------------------
+    def _next_seq(self, object_id: str) -> int:
+        # Above every counter seen, and above the clock in ms, so the counter keeps rising even
+        # if the ledger file is lost.
+        known = self._ledger.get(object_id)
+        return max(int(self._clock() * 1000), (known.seq if known else 0) + 1)
+
     def seal(self, doc: str, state: bytes, text: str | None = None) -> SinkRecord:
         """Encrypt one doc state as this device's object (chunked)."""
         key = self._keys.checkpoint_key
@@ -144,30 +162,44 @@ class Checkpointer:
             seal_blob(key, p, self._aad(b"C", doc_key, device, generation, i, n))
             for i, p in enumerate(pieces)
         )
-        header = encode_header(doc, self.device_id, state)
+        seq = self._next_seq(self.object_id(doc))
+        header = encode_header(doc, self.device_id, state, seq=seq, chunk=self.chunk_size)
         sealed = seal_blob(key, header, self._aad(b"H", doc_key, device, generation, -1, n))
         manifest = Manifest(
             self.object_id(doc), doc_key, device, generation, n, sum(map(len, chunks)), sealed
         )
         return SinkRecord(manifest, chunks, text)
 
-    def _header(self, m: Manifest) -> tuple[str, str, int, str]:
-        """Open and check a manifest's sealed header -> (doc, device id, size, sha256)."""
+    def header(self, m: Manifest) -> Header:
+        """Open and check a manifest's sealed header, and the clear fields against it.
+
+        SecurityError if it was tampered with, belongs to another object, or if the clear
+        `parts` and `nbytes` (which sinks use to fetch) are not what the header implies.
+        """
+        if len(m.header) > MAX_HEADER_BYTES:
+            raise SecurityError("sealed header is implausibly large")
         aad = self._aad(b"H", m.doc_key, m.device, m.generation, -1, m.parts)
-        raw = open_blob(self._keys.checkpoint_key, m.header, aad)
-        doc, device, size, digest = decode_header(raw)
+        h = decode_header(open_blob(self._keys.checkpoint_key, m.header, aad))
         if (
-            self.doc_key(doc) != m.doc_key
-            or self.device_tag(device) != m.device
-            or self.object_id(doc, device) != m.object_id
+            self.doc_key(h.doc) != m.doc_key
+            or self.device_tag(h.device) != m.device
+            or self.object_id(h.doc, h.device) != m.object_id
         ):
             raise SecurityError("header does not belong to this object (swapped)")
-        return doc, device, size, digest
+        expected = h.expected_parts()
+        if (expected is not None and m.parts != expected) or not 1 <= m.parts <= max(1, h.size):
+            raise SecurityError(f"{m.parts} parts do not fit a state of {h.size} bytes")
+        if m.nbytes != h.size + m.parts * SEAL_OVERHEAD:
+            raise SecurityError("the sealed size does not match the header")
+        return h
 
-    def open(self, m: Manifest, chunks: Sequence[bytes]) -> tuple[str, bytes]:
+    def open(
+        self, m: Manifest, chunks: Sequence[bytes], h: Header | None = None
+    ) -> tuple[str, bytes]:
         """Verify and decrypt one object -> (doc name, state); SecurityError if tampered."""
         key = self._keys.checkpoint_key
-        doc, _, size, digest = self._header(m)
+        h = h or self.header(m)
+        doc, size, digest = h.doc, h.size, h.sha256
         if len(chunks) != m.parts:
             raise CheckpointError(f"incomplete: {len(chunks)} of {m.parts} chunks present")
         state = b"".join(
@@ -229,7 +261,9 @@ class Checkpointer:
                     written.append(name)
                     if self._dirty.get(name) == seqs[name]:  # no edit since we read it
                         self._dirty.pop(name, None)
+                    self._remember(rec.manifest, self.header(rec.manifest))
                 batch.clear()
+                await asyncio.to_thread(self._ledger.save)
 
             try:
                 for name in names:
@@ -284,6 +318,30 @@ class Checkpointer:
                 batch = []
         return out
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Signs that the store rolled an object back or lost one (newest last, at most 32)."""
+        return self._ledger.warnings
+
+    def _remember(self, m: Manifest, h: Header) -> None:
+        self._ledger.seen(m.object_id, LedgerEntry(h.seq, m.doc_key, h.doc, h.device))
+
+    def _verified(self, todo: Sequence[Manifest]) -> list[tuple[Manifest, Header]]:
+        """Manifests whose sealed header checks out and is not older than one seen before.
+
+        Runs before any chunk is fetched: a store can make the clear `parts` say anything.
+        """
+        out = []
+        for m in todo:
+            try:
+                h = self.header(m)
+            except SecurityError as exc:
+                log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
+                continue
+            if not self._ledger.is_rollback(m.object_id, h.seq, h.doc, h.device):
+                out.append((m, h))
+        return out
+
     async def restore(
         self,
         doc_names: Iterable[str] | None = None,
@@ -294,14 +352,18 @@ class Checkpointer:
         """Every device's verified state per doc (all docs of the group by default).
 
         `changed_only` skips objects already returned by an earlier call (for periodic pulls).
-        A tampered or incomplete object is refused with a log line naming its object id; the
-        other objects are still returned. Raises CheckpointError when the store fails.
+        A tampered or incomplete object is refused with a log line naming its object id; an
+        object older than one seen before, or gone, is reported in `warnings`; the other
+        objects are still returned. Raises CheckpointError when the store fails.
         """
         names = None if doc_names is None else sorted(set(doc_names))
         doc_keys = None if names is None else [self.doc_key(n) for n in names]
         own = self.device_tag(self.device_id)
         out: dict[str, list[bytes]] = {}
         todo = await self._manifests(doc_keys)
+        for gone in self._ledger.missing((m.object_id for m in todo), doc_keys):
+            if gone.device == self.device_id:
+                self.mark_dirty(gone.doc)  # write ours again
         for attempt in range(2):
             todo = [
                 m
@@ -309,11 +371,12 @@ class Checkpointer:
                 if (include_own or m.device != own)
                 and not (changed_only and self._seen.get(m.object_id) == m.generation)
             ]
-            chunks = await self._chunks(todo)
+            checked = self._verified(todo)
+            chunks = await self._chunks([m for m, _ in checked])
             retry: list[Manifest] = []
-            for m in todo:
+            for m, h in checked:
                 try:
-                    doc, state = self.open(m, chunks.get(m.object_id, []))
+                    doc, state = self.open(m, chunks.get(m.object_id, []), h)
                 except SecurityError as exc:
                     log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
                     continue
@@ -326,11 +389,13 @@ class Checkpointer:
                 out.setdefault(doc, []).append(state)
                 self._seen[m.object_id] = m.generation
                 self._names[m.doc_key] = doc
+                self._remember(m, h)
             if not retry:
                 break
             ids = {m.object_id for m in retry}
             fresh = await self._manifests(sorted({m.doc_key for m in retry}))
             todo = [m for m in fresh if m.object_id in ids]
+        await asyncio.to_thread(self._ledger.save)
         return out
 
     # ---- search ----------------------------------------------------------------------------
@@ -346,7 +411,7 @@ class Checkpointer:
         if unknown:  # learn names from the sealed headers
             for m in await self._manifests(unknown):
                 try:
-                    self._names[m.doc_key] = self._header(m)[0]
+                    self._names[m.doc_key] = self.header(m).doc
                 except SecurityError:
                     continue
         best: dict[str, DocHit] = {}

@@ -11,7 +11,6 @@ do, with exit code 2. The group secret is never printed.
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,17 +39,33 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def keygen() -> str:
-    """A strong group secret: 32 random bytes, base64url without padding (43 characters)."""
-    return secrets.token_urlsafe(32)
+def keygen(passphrase: str | None = None) -> str:
+    """A new group secret string "ucg1.<salt>.<secret>": a random salt, 32 random bytes
+    (or `passphrase`), each base64url; see `crypto.keys.make_group_secret`."""
+    from ..crypto.keys import make_group_secret
+
+    return make_group_secret(passphrase)
 
 
 def _configure_keygen(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options
+    parser.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="salt a passphrase read from stdin instead of drawing 32 random bytes",
+    )
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
-    print(keygen())
+    if not args.passphrase:
+        print(keygen())
+        return 0
+    if sys.stdin.isatty():
+        import getpass
+
+        phrase = getpass.getpass("passphrase: ")
+    else:
+        phrase = sys.stdin.readline().rstrip("\r\n")
+    print(keygen(phrase))
     return 0
 
 

@@ -101,6 +101,8 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         + (f", yjs {st['yjs_url']}" if st["yjs_url"] else ""),
         f"peers   {len(st['peers'])}",
     ]
+    for warning in st.get("checkpoint_warnings", ()):
+        lines.insert(2, f"        warning: {warning}")
     n_docs = len(st["docs"])
     if st["peers"]:
         lines += table(

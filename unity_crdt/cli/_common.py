@@ -21,6 +21,7 @@ __all__ = [
     "EXIT_USAGE",
     "PROG",
     "SECRET_ENV",
+    "YJS_TOKEN_ENV",
     "Parser",
     "default_cache_dir",
     "human_bytes",
@@ -35,6 +36,7 @@ __all__ = [
 PROG = "unity-crdt"
 EXIT_USAGE = 2
 SECRET_ENV = "UNITY_CRDT_SECRET"
+YJS_TOKEN_ENV = "UNITY_CRDT_YJS_TOKEN"
 CACHE_ENV = "UNITY_CRDT_CACHE_DIR"
 
 

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from ..errors import CacheLockedError, ConfigError
 from ._common import (
     PROG,
     SECRET_ENV,
+    YJS_TOKEN_ENV,
     default_cache_dir,
     human_bytes,
     plural,
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from ..frontends.control import ControlServer
     from ..node import Node
 
-__all__ = ["configure", "node_config", "run"]
+__all__ = ["configure", "node_config", "run", "token_file"]
 
 PEER_POLL = 0.2
 
@@ -87,6 +89,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--yjs-port", type=int, metavar="PORT")
     p.add_argument(
+        "--yjs-token-file",
+        metavar="FILE",
+        help=f"read the y-websocket token from FILE (0600), made if missing "
+        f"(default: ${YJS_TOKEN_ENV}, yjs_token in --config, else <cache-dir>/yjs.token)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
@@ -94,9 +102,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR")
     p.add_argument(
-        "--metrics-no-doc-names",
+        "--metrics-doc-names",
         action="store_true",
-        help="publish doc totals only, not one series per doc name",
+        help="publish one series per doc name (default: totals only)",
+    )
+    p.add_argument("--metrics-no-doc-names", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--metrics-allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name scrapers use in Host (localhost and IP addresses always work)",
     )
     p.add_argument(
         "--status-interval",
@@ -124,6 +140,38 @@ def _secret(args: argparse.Namespace, from_file: Any) -> Any:
         )
         return args.secret
     return os.environ.get(SECRET_ENV) or from_file
+
+
+def token_file(path: Path) -> str:
+    """The token in `path` (refused if others may read it), or a new one written there 0600."""
+    try:
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                raise ConfigError(f"{path} may be read by other users: chmod 600 {path}")
+            token = path.read_text(encoding="utf-8").strip()
+            if len(token) < 16:
+                raise ConfigError(f"the token in {path} must be at least 16 characters")
+            return token
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+        return token
+    except OSError as exc:
+        raise ConfigError(f"cannot use the token file {path}: {exc.strerror}") from None
+
+
+def _yjs_token(args: argparse.Namespace, values: dict[str, Any]) -> tuple[str, str]:
+    """(token, where it comes from): --yjs-token-file, the environment, the config, a file."""
+    if args.yjs_token_file:
+        return token_file(Path(args.yjs_token_file)), f"in {args.yjs_token_file}"
+    if os.environ.get(YJS_TOKEN_ENV):
+        return os.environ[YJS_TOKEN_ENV], f"from ${YJS_TOKEN_ENV}"
+    if values.get("yjs_token"):
+        return str(values["yjs_token"]), "from yjs_token in your config"
+    path = Path(values["cache_dir"]) / "yjs.token"
+    return token_file(path), f"in {path}"
 
 
 def node_config(args: argparse.Namespace) -> NodeConfig:
@@ -160,10 +208,13 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         )
     values.setdefault("name", socket.gethostname()[:64] or "node")
     values.setdefault("cache_dir", str(default_cache_dir()))
+    if values.get("yjs_endpoint"):
+        # Never printed: front ends read it from the file (or the environment it came from).
+        values["yjs_token"], args.yjs_token_where = _yjs_token(args, values)
     return NodeConfig.from_mapping(values)
 
 
-def _banner(node: Node, control: ControlServer) -> None:
+def _banner(node: Node, control: ControlServer, args: argparse.Namespace) -> None:
     cfg = node.config
     cache = cfg.cache_path
     lines = [
@@ -183,12 +234,8 @@ def _banner(node: Node, control: ControlServer) -> None:
     ]
     if cfg.yjs_endpoint:
         yjs = node.ywebsocket
-        hint = (
-            "token from your config (yjs_token)"
-            if cfg.yjs_token
-            else f"token for this run: {yjs.token}"
-        )
-        lines.append(f"  yjs         {yjs.base_url + '/<doc>'}?token=...  ({hint})")
+        where = getattr(args, "yjs_token_where", "from yjs_token")
+        lines.append(f"  yjs         {yjs.base_url + '/<doc>'}?token=...  (token {where})")
     if control.metrics_url:
         lines.append(f"  metrics     {control.metrics_url}")
     lines.append("Ctrl-C to stop.")
@@ -240,7 +287,8 @@ async def _serve(cfg: NodeConfig, args: argparse.Namespace) -> int:
         node,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
-        doc_labels=not args.metrics_no_doc_names,
+        doc_labels=args.metrics_doc_names and not args.metrics_no_doc_names,
+        metrics_names=args.metrics_allow_host,
     )
     try:
         try:
@@ -250,7 +298,7 @@ async def _serve(cfg: NodeConfig, args: argparse.Namespace) -> int:
                 f"{exc}: stop that node (Ctrl-C) or use another --cache-dir"
             ) from None
         await control.start()
-        _banner(node, control)
+        _banner(node, control, args)
         reporter = loop.create_task(_report(node, args.status_interval))
         await stop.wait()
         reporter.cancel()

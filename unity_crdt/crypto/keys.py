@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from ..errors import ConfigError, SecurityError
 
 # Every derivation label lives in this one block, so no two uses can ever share a key.
-_SCRYPT_SALT = b"unity-crdt/v1/group-secret"
+LABEL_LEGACY_SALT = b"unity-crdt/v1/group-secret"  # the scrypt salt of plain (v0) secrets
+LABEL_GROUP_SALT = b"unity-crdt/v1/group-salt"  # prefixed to a v1 secret's random salt
 LABEL_NOISE_PSK = b"unity-crdt/v1/noise-psk"
 LABEL_PSK_ID = b"unity-crdt/v1/psk-id"
 LABEL_CHECKPOINT = b"unity-crdt/v1/checkpoint-key"
@@ -30,6 +31,21 @@ LABEL_OBJECT_ID = b"unity-crdt/v1/object-id-key"
 LABEL_BEACON = b"unity-crdt/v1/mdns-beacon-key"
 LABEL_TENANT = b"unity-crdt/v1/weaviate-tenant"
 LABEL_DEVICE_ID = b"unity-crdt/v1/device-id"
+LABEL_BEACON_WINDOW = b"unity-crdt/v1/beacon-window"
+
+# The secret string (what `unity-crdt keygen` prints): "ucg1.<salt>.<secret>", the salt 16
+# random bytes in unpadded base64url (22 characters), the secret 32 random bytes the same way
+# (43 characters) or any passphrase. Any other string is a plain (v0) secret: it keeps the
+# fixed salt above, so groups made before v1 secrets existed keep working.
+SECRET_PREFIX = "ucg"
+SECRET_VERSION = 1
+_SALT_BYTES = 16
+_SALT_CHARS = 22
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+# The mDNS beacon changes every window, so it neither tracks a group over time nor serves as
+# a long-lived target for offline guessing; members accept the windows either side of theirs.
+BEACON_WINDOW = 900.0
 
 # scrypt cost: ~0.1 s and 32 MiB once per process, so a stolen beacon or checkpoint cannot be
 # brute-forced cheaply back to a passphrase.
@@ -39,6 +55,7 @@ MIN_SECRET_BYTES = 8
 _BLOB_VERSION = b"\x01"
 _NONCE = 12
 _TAG = 16
+SEAL_OVERHEAD = len(_BLOB_VERSION) + _NONCE + _TAG  # bytes seal_blob adds to its input
 
 
 @dataclass(frozen=True)
@@ -51,14 +68,20 @@ class GroupKeys:
     object_id_key: bytes = field(repr=False)
     beacon_key: bytes = field(repr=False)
     tenant_key: bytes = field(repr=False)
+    salted: bool = True  # False for a plain (v0) secret, stretched with the fixed salt
 
     def __repr__(self) -> str:
         return "GroupKeys(<redacted>)"
 
-    @property
-    def beacon(self) -> str:
-        """The group's mDNS beacon: lets members recognise each other without naming the group."""
-        return _b32(hmac.digest(self.beacon_key, b"beacon", "sha256")[:10])
+    def beacon_for(self, window: int) -> str:
+        """The group's mDNS beacon in one time window (`beacon_window(now)`)."""
+        msg = LABEL_BEACON_WINDOW + window.to_bytes(8, "big", signed=True)
+        return _b32(hmac.digest(self.beacon_key, msg, "sha256")[:10])
+
+    def beacons(self, now: float) -> tuple[str, frozenset[str]]:
+        """(the beacon to announce at wall-clock `now`, the beacons to accept: +-1 window)."""
+        window = beacon_window(now)
+        return self.beacon_for(window), frozenset(self.beacon_for(window + d) for d in (-1, 0, 1))
 
     @property
     def tenant(self) -> str:
@@ -79,15 +102,55 @@ def _b32(data: bytes) -> str:
     return base64.b32encode(data).decode("ascii").rstrip("=").lower()
 
 
-def derive_group_keys(secret: str | bytes) -> GroupKeys:
-    """Run the slow KDF once over the group secret, then derive every purpose key by label."""
+def beacon_window(now: float) -> int:
+    """The beacon window of wall-clock time `now` (seconds since the epoch)."""
+    return int(now // BEACON_WINDOW)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def make_group_secret(passphrase: str | None = None) -> str:
+    """A new v1 secret string: a fresh random salt and 32 random bytes (or `passphrase`)."""
+    body = _b64url(secrets.token_bytes(32)) if passphrase is None else passphrase
+    if len(body.encode("utf-8")) < MIN_SECRET_BYTES:
+        raise ConfigError(f"a passphrase must be at least {MIN_SECRET_BYTES} bytes")
+    salt = _b64url(secrets.token_bytes(_SALT_BYTES))
+    return f"{SECRET_PREFIX}{SECRET_VERSION}.{salt}.{body}"
+
+
+def parse_group_secret(secret: str | bytes) -> tuple[bytes, bytes, bool]:
+    """-> (scrypt salt, secret bytes, whether it is a salted v1 secret); see SECRET_PREFIX."""
     raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    head, dot, rest = raw.partition(b".")
+    if dot and head[:3] == SECRET_PREFIX.encode() and head[3:].isdigit():
+        if int(head[3:]) != SECRET_VERSION:
+            raise ConfigError(
+                f"this group secret is format {head.decode()}, made by a newer unity-crdt"
+            )
+        salt, dot, body = rest.partition(b".")
+        text = salt.decode("ascii", "replace")
+        if not dot or len(salt) != _SALT_CHARS or not set(text) <= _B64URL:
+            raise ConfigError(
+                f"a {head.decode()} group secret looks like ucg1.<22-char salt>.<secret>"
+            )
+        raw, salted = body, LABEL_GROUP_SALT + base64.urlsafe_b64decode(salt + b"==")
+        is_v1 = True
+    else:
+        salted, is_v1 = LABEL_LEGACY_SALT, False
     if len(raw) < MIN_SECRET_BYTES:
         raise ConfigError(
             f"group secret must be at least {MIN_SECRET_BYTES} bytes "
             "(make a strong one with `unity-crdt keygen`)"
         )
-    master = Scrypt(salt=_SCRYPT_SALT, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(raw)
+    return salted, raw, is_v1
+
+
+def derive_group_keys(secret: str | bytes) -> GroupKeys:
+    """Run the slow KDF once over the group secret, then derive every purpose key by label."""
+    salt, raw, salted = parse_group_secret(secret)
+    master = Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(raw)
     return GroupKeys(
         noise_psk=_hkdf(master, LABEL_NOISE_PSK),
         psk_id=_hkdf(master, LABEL_PSK_ID, 8),
@@ -95,6 +158,7 @@ def derive_group_keys(secret: str | bytes) -> GroupKeys:
         object_id_key=_hkdf(master, LABEL_OBJECT_ID),
         beacon_key=_hkdf(master, LABEL_BEACON),
         tenant_key=_hkdf(master, LABEL_TENANT),
+        salted=salted,
     )
 
 

@@ -5,8 +5,7 @@
     unity_crdt_doc_state_bytes{doc="trip"} 812
 
 Peers are labelled by name and device id (names need not be unique). Doc names are user data:
-they are labels by default, because the endpoint listens on loopback only; pass
-`doc_labels=False` (`unity-crdt run --metrics-no-doc-names`) to publish only totals.
+only totals are published unless `doc_labels=True` (`unity-crdt run --metrics-doc-names`).
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ class _Exposition:
         self.family(name, "gauge", help_text, [((), value)])
 
 
-def render(status: NodeStatus, *, doc_labels: bool = True) -> str:
+def render(status: NodeStatus, *, doc_labels: bool = False) -> str:
     """The whole exposition for one status snapshot, ending with a newline."""
     out = _Exposition()
     node: Labels = (("name", status.name), ("device", status.device_id))
@@ -92,6 +91,11 @@ def render(status: NodeStatus, *, doc_labels: bool = True) -> str:
         "unity_crdt_checkpoint_failing",
         "1 when the last checkpoint round failed.",
         int(status.checkpoint_error is not None),
+    )
+    out.gauge(
+        "unity_crdt_checkpoint_warnings",
+        "Checkpoint objects the store served older than seen before, or lost.",
+        len(status.checkpoint_warnings),
     )
 
     peers = [((("peer", p.name), ("device", p.device_id)), p) for p in status.peers]

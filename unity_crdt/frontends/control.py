@@ -14,7 +14,9 @@ are cached and gossiped like any edit.
     GET  /docs/{name}/watch?...       JSON lines: the projection now, then after each change
     POST /checkpoint, POST /restore   {"ok": true}, {"docs": [names]}
     GET  /search?q=&limit=            {"hits": [{"doc", "score", "snippet"}]}
-    GET  /metrics                     Prometheus text (also on an optional loopback TCP port)
+    GET  /metrics                     Prometheus text (also on an optional loopback TCP port,
+                                      where only `localhost`, IP addresses and listed names
+                                      are accepted as Host: no DNS rebinding)
 
 The projection and the edits are `frontends._docview` (sans-IO): `text=R`, `map=R`, `array=R`
 type a root, since roots received from peers are untyped until someone names their type.
@@ -31,7 +33,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,8 +42,10 @@ from aiohttp import web
 
 from ..errors import ControlError, NodeAlreadyRunning, UnityCrdtError
 from ..ids import check_doc_id
+from ..serving import GatedSite, ListenLimits, SiteGate
 from . import _metrics as metrics
 from ._docview import KINDS, Conflict, apply_edit, project
+from ._origin import metrics_host
 from .control_client import addressable, socket_path
 
 if TYPE_CHECKING:
@@ -51,6 +55,10 @@ __all__ = ["ControlServer"]
 
 HEARTBEAT = 10.0  # an idle watch stream writes a blank line this often to notice a gone client
 MAX_BODY = 16 * 2**20
+# Raw connections, capped at accept (unity_crdt.serving): the socket is the owner's only;
+# the metrics port is scraped by one or two collectors.
+CONTROL_LIMITS = ListenLimits(max_connections=128, max_per_ip=128, request_timeout=5.0)
+METRICS_LIMITS = ListenLimits(max_connections=64, max_per_ip=16, request_timeout=5.0)
 
 
 def _json_default(value: object) -> object:
@@ -60,6 +68,9 @@ def _json_default(value: object) -> object:
 
 
 _dumps = partial(json.dumps, default=_json_default, ensure_ascii=False)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # -- the socket file ----------------------------------------------------------------------
@@ -152,21 +163,28 @@ class ControlServer:
         *,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = None,
-        doc_labels: bool = True,
+        doc_labels: bool = False,
+        metrics_names: Sequence[str] = (),
     ) -> None:
+        """`doc_labels` adds one series per doc name; `metrics_names` are host names (besides
+        `localhost` and IP addresses) that a scraper may put in its Host header."""
         self.node = node
         self.path = socket_path(node.config.cache_path)
         self._metrics_at = (metrics_host, metrics_port)
         self._doc_labels = doc_labels
+        self._metrics_names = tuple(metrics_names)
         self._runners: list[web.AppRunner] = []
         self._watchers: set[asyncio.Event] = set()
         self._closing = False
         self._inode: int | None = None
         self.metrics_url: str | None = None
+        self.gate: SiteGate | None = None
+        self.metrics_gate: SiteGate | None = None
 
     async def start(self) -> None:
         """Bind the socket (clearing a stale one) and, if asked, the metrics port."""
-        app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
+        self.gate = SiteGate(CONTROL_LIMITS, "control socket")
+        app = web.Application(middlewares=[self.gate.middleware, _guard], client_max_size=MAX_BODY)
         app.router.add_get("/status", self._status)
         app.router.add_get("/docs", self._docs)
         app.router.add_get("/docs/{name}", self._get_doc)
@@ -178,21 +196,34 @@ class ControlServer:
         app.router.add_get("/metrics", self._metrics)
         sock = _bind_private(self.path)
         self._inode = os.stat(self.path).st_ino
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        self._runners.append(runner)
+        runner = self._runner(app, CONTROL_LIMITS)
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        await GatedSite(runner, self.gate, sock=sock).start()
         host, port = self._metrics_at
         if port is not None:
-            mapp = web.Application()
+            self.metrics_gate = SiteGate(METRICS_LIMITS, "metrics port")
+            mapp = web.Application(middlewares=[self.metrics_gate.middleware, self._host_check])
             mapp.router.add_get("/metrics", self._metrics)
-            mrunner = web.AppRunner(mapp, access_log=None, shutdown_timeout=1.0)
-            self._runners.append(mrunner)
+            mrunner = self._runner(mapp, METRICS_LIMITS)
             await mrunner.setup()
-            await web.TCPSite(mrunner, host, port).start()
+            await GatedSite(mrunner, self.metrics_gate, host=host, port=port).start()
             bound_host, bound_port = mrunner.addresses[0][:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             self.metrics_url = f"http://{shown}:{bound_port}/metrics"
+
+    @web.middleware
+    async def _host_check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse a Host that is a domain name nobody listed: DNS rebinding from a web page."""
+        if not metrics_host(request.headers.get("Host"), self._metrics_names):
+            return web.Response(status=421, text="unknown Host (see --metrics-allow-host)\n")
+        return await handler(request)
+
+    def _runner(self, app: web.Application, limits: ListenLimits) -> web.AppRunner:
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=limits.request_timeout
+        )
+        self._runners.append(runner)
+        return runner
 
     async def close(self) -> None:
         """Stop serving: end watch streams, close the sites, remove our socket file."""

@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import secrets
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from ..config import DEFAULT_YJS_ORIGINS
 from ..errors import ConfigError, DecodeError, LimitExceeded, ProtocolError
 from ..ids import check_doc_id
+from ..serving import GatedSite, ListenLimits, SiteGate
 from ..sync.yjs import check_state_vector, check_update, is_empty_update
 from ..sync.yprotocol import (
     MSG_AWARENESS,
@@ -35,6 +38,7 @@ from ..sync.yprotocol import (
     parse_message,
     sync_message,
 )
+from ._origin import OriginPolicy, loopback_host
 
 __all__ = [
     "CLOSE_BAD_MESSAGE",
@@ -67,7 +71,7 @@ class DocHost(Protocol):
         ...
 
     def apply_remote(self, name: str, update: bytes, origin: Any) -> object:
-        """Apply `update` to doc `name` in one transaction carrying `origin`."""
+        """Apply `update` to doc `name` with `origin`; ProtocolError if pycrdt refuses it."""
         ...
 
 
@@ -90,6 +94,11 @@ class YWebsocketLimits:
     awareness_timeout_s: float = 30.0
     heartbeat_s: float = 30.0
     close_timeout_s: float = 1.0
+    # Raw TCP connections, reset at accept over these (unity_crdt.serving); every front end
+    # comes from the same loopback address, so the per-address cap only bounds the total.
+    max_tcp: int = 512
+    max_tcp_per_ip: int = 320
+    request_timeout_s: float = 5.0
 
 
 class _Client:
@@ -159,6 +168,15 @@ class _Room:
         self.awareness = AwarenessTable(max_entries)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class YWebsocketEndpoint:
     """Serves y-websocket rooms (one per doc) over a token-protected loopback aiohttp server."""
 
@@ -170,8 +188,10 @@ class YWebsocketEndpoint:
         limits: YWebsocketLimits | None = None,
         on_awareness: Callable[[str, bytes], None] | None = None,
         origin_factory: Callable[[str], Hashable] = ClientOrigin,
+        origins: Iterable[str] = DEFAULT_YJS_ORIGINS,
     ) -> None:
-        """`token=None` makes a random token; `on_awareness(doc, update)` sees client presence."""
+        """`token=None` makes a random token; `on_awareness(doc, update)` sees client presence;
+        `origins` is the browser Origin allowlist (see `_origin.OriginPolicy`)."""
         if token is not None and len(token) < 16:
             raise ConfigError("the y-websocket token must be at least 16 characters")
         self._host = host
@@ -180,12 +200,16 @@ class YWebsocketEndpoint:
         self.limits = limits or YWebsocketLimits()
         self._on_awareness = on_awareness
         self._origin_factory = origin_factory
+        self.origins = OriginPolicy(origins)
+        self._loopback_only = True  # set from the bound host by start()
+        self._refused_origins: set[str] = set()
         self._rooms: dict[str, _Room] = {}
         self._clients: set[_Client] = set()
         self._runner: web.AppRunner | None = None
         self._writers: set[asyncio.Task[None]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self._next_id = 0
+        self.gate: SiteGate | None = None
         self.host = ""
         self.port = 0
 
@@ -195,23 +219,35 @@ class YWebsocketEndpoint:
         """Listen on `host:port` (loopback by default; port 0 picks a free one)."""
         if self._runner is not None:
             raise ConfigError("the y-websocket endpoint is already started")
-        app = web.Application()
+        lim = self.limits
+        self.gate = SiteGate(
+            ListenLimits(lim.max_tcp, lim.max_tcp_per_ip, lim.request_timeout_s), "y-websocket"
+        )
+        app = web.Application(middlewares=[self.gate.middleware])
         app.router.add_get("/{doc:.*}", self._handle)
         # access_log=None: the query string may hold the token and must never reach a log.
         self._runner = web.AppRunner(
             app,
             access_log=None,
             handle_signals=False,
-            shutdown_timeout=self.limits.close_timeout_s,
+            shutdown_timeout=lim.close_timeout_s,
+            keepalive_timeout=lim.request_timeout_s,
         )
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            await GatedSite(self._runner, self.gate, host=host, port=port).start()
         except OSError:
             await self._runner.cleanup()
             self._runner = None
             raise
         self.host, self.port = host, int(self._runner.addresses[0][1])
+        self._loopback_only = _is_loopback(host)
+        if not self._loopback_only:
+            log.warning(
+                "the y-websocket endpoint listens on %s, beyond this machine: whoever reaches "
+                "it with the token can read and edit every doc; Host is not checked there",
+                host,
+            )
         self._maintenance = asyncio.create_task(self._maintain())
 
     @property
@@ -300,7 +336,25 @@ class YWebsocketEndpoint:
             return False
         return hmac.compare_digest(offered.encode("utf-8", "surrogatepass"), self._token_bytes)
 
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """403 for a browser page that must not reach this endpoint (before the token check)."""
+        if self._loopback_only and not loopback_host(request.headers.get("Host")):
+            return web.Response(status=403, text="this endpoint answers to loopback names only\n")
+        origin = request.headers.get("Origin")
+        if self.origins.allows(origin):
+            return None
+        if origin not in self._refused_origins and len(self._refused_origins) < 64:
+            self._refused_origins.add(str(origin))
+            log.warning(
+                "y-websocket: refused a page from origin %r (allow it in NodeConfig.yjs_origins)",
+                origin,
+            )
+        return web.Response(status=403, text="origin not allowed (NodeConfig.yjs_origins)\n")
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         if not self._authorized(request):
             return web.Response(
                 status=401, text="missing or wrong token\n", headers={"WWW-Authenticate": "Bearer"}
@@ -379,10 +433,8 @@ class YWebsocketEndpoint:
             if is_empty_update(message.payload):
                 return
             check_update(message.payload)
-            try:
-                self._host.apply_remote(client.doc, message.payload, client.origin)
-            except ValueError as exc:
-                raise DecodeError("the Yjs update was rejected by pycrdt") from exc
+            # A ProtocolError (pycrdt refused the update) closes this client only.
+            self._host.apply_remote(client.doc, message.payload, client.origin)
         elif message.kind == MSG_AWARENESS:
             now = asyncio.get_running_loop().time()
             accepted = room.awareness.apply(message.payload, now, owner=client.awareness_ids)

@@ -62,6 +62,8 @@ class Link:
         handshake_timeout: float = 5.0,
         max_queue_bytes: int = 8 * 2**20,
         dial_address: PeerAddress | None = None,
+        first_message_timeout: float | None = None,
+        on_failed_handshake: Callable[[Link, str], None] | None = None,
     ) -> None:
         self.channel = channel
         self.initiator = initiator
@@ -74,6 +76,9 @@ class Link:
         self._clock = clock
         self._accept = accept
         self._handshake_timeout = handshake_timeout
+        # A responder cuts a socket that sends nothing this long: silent sockets hold slots.
+        self._first_message_timeout = first_message_timeout
+        self._on_failed_handshake = on_failed_handshake
         self._max_queue = max_queue_bytes
         self._outbox: Outbox | None = None  # made with the session (it computes replies)
         self._early: list[Message | Reply] = []
@@ -148,7 +153,9 @@ class Link:
                 tg.create_task(self._ticker())
         except* ChannelClosed as group:
             self.close_reason = self.close_reason or f"connection closed ({group.exceptions[0]})"
-            if HANDSHAKE_REFUSED in self.close_reason and self.remote is None:
+            if self.remote is None and self._on_failed_handshake is not None:
+                self._on_failed_handshake(self, self._failure_text())
+            elif HANDSHAKE_REFUSED in self.close_reason and self.remote is None:
                 log.warning(
                     "link %s: the peer refused our handshake (%s); is it in our sync "
                     "group, with the same group secret?",
@@ -161,7 +168,10 @@ class Link:
             hs_exc = group.exceptions[0]
             assert isinstance(hs_exc, HandshakeError)
             self.close_reason = f"handshake failed: {hs_exc}"
-            log.warning("link %s: %s", self.label, self.close_reason)
+            if self._on_failed_handshake is not None:
+                self._on_failed_handshake(self, self.close_reason)
+            else:
+                log.warning("link %s: %s", self.label, self.close_reason)
             # Tell the dialler why in the websocket close: only the error class, no details.
             self._ws_close = (CLOSE_HANDSHAKE_REFUSED, f"{HANDSHAKE_REFUSED} ({hs_exc.code.name})")
         except* ProtocolError as group:
@@ -176,6 +186,14 @@ class Link:
         finally:
             await self.channel.close(*self._ws_close)
 
+    def _failure_text(self) -> str:
+        if HANDSHAKE_REFUSED in self.close_reason:
+            return (
+                f"the peer refused our handshake ({self.close_reason}); is it in our sync "
+                "group, with the same group secret?"
+            )
+        return f"handshake did not complete: {self.close_reason}"
+
     async def _handshake(self) -> None:
         hs = Handshake(
             self._keys,
@@ -188,14 +206,21 @@ class Link:
         deadline = self._clock() + self._handshake_timeout
         if self.initiator:
             await self.channel.send(hs.initiate())
+        silent = None if self.initiator else self._first_message_timeout
         while not hs.complete:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise HandshakeError("no handshake within deadline", ErrorCode.TIMEOUT)
             try:
-                data = await asyncio.wait_for(self.channel.recv(), remaining)
+                wait = remaining if silent is None else min(remaining, silent)
+                data = await asyncio.wait_for(self.channel.recv(), wait)
             except TimeoutError:
+                if silent is not None and wait == silent:
+                    raise HandshakeError(
+                        f"no handshake message within {silent:g} s", ErrorCode.TIMEOUT
+                    ) from None
                 raise HandshakeError("no handshake within deadline", ErrorCode.TIMEOUT) from None
+            silent = None
             reply = hs.receive(data, self._clock())
             if reply is not None:
                 await self.channel.send(reply)

@@ -1,10 +1,15 @@
 """LAN discovery over mDNS: announce this node and report peers of the same group.
 
 The only module importing zeroconf. A node announces `_unity-crdt._tcp.local.` under a random
-instance name with a TXT record of exactly `v=1` and `g=<beacon>` (the group's keyed beacon), so
-nothing on the LAN learns names, device ids or documents. Services of other groups, malformed
+instance name with a TXT record of exactly `v=1` and `g=<beacon>`: the group's keyed beacon of
+the current 15-minute window (re-announced at the first re-query after the window turns; the
+windows either side are accepted), so nothing on the LAN learns names, device ids or documents,
+nor recognises a group from one window to the next. Services of other groups, malformed
 records and floods are dropped silently with bounded memory. Candidates are only hints: the
-handshake decides who is a peer, so a forged announcement costs the node one failed dial.
+handshake decides who is a peer. An announced address is reported only inside the allowed
+networks (`allow`, by default the subnets of the mDNS interfaces) and never on loopback unless
+discovery runs on loopback, so a replayed record cannot point the node at any host or local
+service; the mesh bounds how often the addresses it does report are dialled.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ifaddr
 from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..errors import ConfigError
+from ._admission import allowed_networks, permitted
 
 __all__ = ["SERVICE_TYPE", "Discovery", "Found"]
 
@@ -44,6 +51,10 @@ _MAX_ADDRESSES = 4  # per service; more is a flood vector, not a real host
 _REPORT_INTERVAL = 5.0  # seconds between two reports of the same url (refresh() resets)
 _BUCKET_SIZE = 64  # on_found burst; then _BUCKET_RATE per second
 _BUCKET_RATE = 16.0
+
+
+BeaconSchedule = Callable[[float], tuple[str, frozenset[str]]]
+"""Wall-clock time -> (the beacon to announce, the beacons to accept); see GroupKeys.beacons."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,16 @@ def _dialable(address: str) -> bool:
     return not (ip.is_unspecified or ip.is_multicast or address == "255.255.255.255")
 
 
+def _host_prefixes() -> list[tuple[str, int]]:
+    """(address, prefix length) of every interface of this host, from ifaddr."""
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            address = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            out.append((address, int(ip.network_prefix)))
+    return out
+
+
 def _parse_txt(text: bytes) -> dict[bytes, bytes] | None:
     """Strict TXT parse: small, ASCII `key=value` entries, no duplicates, no truncation."""
     if len(text) > _MAX_TXT_BYTES:
@@ -109,7 +130,7 @@ class Discovery:
     def __init__(
         self,
         *,
-        beacon: str,
+        beacon: str | BeaconSchedule,
         port: int,
         on_found: Callable[[Found], None],
         interfaces: Sequence[str] = ("127.0.0.1",),
@@ -117,8 +138,15 @@ class Discovery:
         advertise_addresses: Sequence[str] | None = None,
         requery_interval: float = 30.0,
         max_candidates: int = 1024,
+        allow: Sequence[str] | None = None,
     ) -> None:
-        if not beacon or len(beacon) > 64 or not beacon.isascii() or not beacon.isprintable():
+        if isinstance(beacon, str):
+            fixed = beacon
+            self._schedule: BeaconSchedule = lambda now: (fixed, frozenset((fixed,)))
+        else:
+            self._schedule = beacon
+        current = self._schedule(time.time())[0]
+        if not current or len(current) > 64 or not current.isascii() or not current.isprintable():
             raise ConfigError("beacon must be 1-64 printable ASCII characters")
         if not 1 <= port <= 65535:
             raise ConfigError(f"port must be in 1..65535, got {port}")
@@ -127,6 +155,8 @@ class Discovery:
         if max_candidates < 1:
             raise ConfigError("max_candidates must be at least 1")
         self._interfaces = _ip_list(interfaces, "interfaces")
+        self._allowed = allowed_networks(self._interfaces, allow, _host_prefixes())
+        self._loopback_ok = any(ipaddress.ip_address(i).is_loopback for i in self._interfaces)
         self._advertise = _ip_list(
             self._interfaces if advertise_addresses is None else advertise_addresses,
             "advertise_addresses",
@@ -134,7 +164,7 @@ class Discovery:
         self._instance = instance if instance is not None else secrets.token_hex(8)
         if not 1 <= len(self._instance) <= 63 or "." in self._instance:
             raise ConfigError("instance must be 1-63 characters without dots")
-        self._beacon = beacon.encode("ascii")
+        self._beacon = current  # the one announced now
         self._port = port
         self._on_found = on_found
         self._requery_interval = requery_interval
@@ -190,16 +220,7 @@ class Discovery:
                 exc.errno, f"mDNS cannot open interfaces {self._interfaces}: {exc.strerror}"
             ) from exc
         self._aiozc = aiozc
-        self._info = AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{self._instance}.{SERVICE_TYPE}",
-            port=self._port,
-            properties={"v": TXT_VERSION, "g": self._beacon.decode("ascii")},
-            server=f"{self._instance}.local.",
-            parsed_addresses=list(self._advertise),
-            host_ttl=_RECORD_TTL,
-            other_ttl=_RECORD_TTL,
-        )
+        self._info = self._service_info()
         try:
             # Names are random per run, so skipping the ~1 s of conflict probing is safe.
             self._track(await aiozc.async_register_service(self._info, cooperating_responders=True))
@@ -208,6 +229,27 @@ class Discovery:
             await self.close()
             raise
         self._ticker = asyncio.create_task(self._requery_loop(), name="discovery-requery")
+
+    def _service_info(self) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{self._instance}.{SERVICE_TYPE}",
+            port=self._port,
+            properties={"v": TXT_VERSION, "g": self._beacon},
+            server=f"{self._instance}.local.",
+            parsed_addresses=list(self._advertise),
+            host_ttl=_RECORD_TTL,
+            other_ttl=_RECORD_TTL,
+        )
+
+    async def _rotate(self) -> None:
+        """Announce the beacon of the current window once it changed."""
+        current = self._schedule(time.time())[0]
+        if current == self._beacon or self._aiozc is None or self._closed:
+            return
+        self._beacon = current
+        self._info = self._service_info()
+        self._track(await self._aiozc.async_update_service(self._info))
 
     async def refresh(self) -> None:
         """Re-announce and re-query now, and let every candidate be reported again."""
@@ -277,6 +319,7 @@ class Discovery:
         while True:
             await asyncio.sleep(self._requery_interval)
             try:
+                await self._rotate()
                 await self._restart_browser()
             except Exception as exc:
                 log.warning("mDNS re-query failed: %s", type(exc).__name__)
@@ -337,14 +380,15 @@ class Discovery:
         props = _parse_txt(info.text or b"")
         if props is None or props.get(b"v") != TXT_VERSION.encode():
             return None
-        if props.get(b"g") != self._beacon:
-            return None  # another group, or a stranger: never dialled
+        beacon = props.get(b"g", b"").decode("ascii")  # _parse_txt admits ASCII only
+        if beacon not in self._schedule(time.time())[1]:
+            return None  # another group, a stranger, or a clock far off: never dialled
         port = info.port
         if not isinstance(port, int) or not 1 <= port <= 65535:
             return None
         out: list[Found] = []
         for host in info.parsed_addresses(self._ip_version)[:_MAX_ADDRESSES]:
-            if _dialable(host):
+            if _dialable(host) and permitted(host, self._allowed, self._loopback_ok):
                 url_host = f"[{host}]" if ":" in host else host
                 out.append(Found(url=f"ws://{url_host}:{port}", host=host, port=port))
         return tuple(out) or None

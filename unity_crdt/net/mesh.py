@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..ids import PeerAddress
 from ..status import PeerInfo
 from ..sync.codec import Message
 from ..sync.session import SyncSession
+from ._admission import DialBudget, FailureLog, HandshakeSlots
 from .channel import Channel, Transport
 from .link import Link
 
@@ -32,6 +32,7 @@ MIN_BACKOFF = 0.1
 # A link that lived this long counts as healthy: the next failure starts backing off afresh.
 HEALTHY_AFTER = 10.0
 DISCOVERED_MAX_FAILURES = 5
+FAILURE_LOG_WINDOW = 60.0  # one line per source per window for failed handshakes
 
 
 class Mesh:
@@ -56,8 +57,15 @@ class Mesh:
         self._spawn = spawn
         self._on_joined = on_joined
         self.links: dict[str, Link] = {}
-        self._handshaking: Counter[str] = Counter()
-        self._in_handshake: dict[Link, str] = {}
+        self._slots = HandshakeSlots(
+            config.max_handshakes, config.max_handshakes_per_ip, config.max_handshakes_per_subnet
+        )
+        self._in_handshake: dict[Link, int] = {}  # link -> its handshake slot
+        self._slot_links: dict[int, Link] = {}
+        self._failures = FailureLog(FAILURE_LOG_WINDOW)
+        self._budget = DialBudget()
+        self._static: set[PeerAddress] = set()
+        self._flush_at: asyncio.TimerHandle | None = None
         self._dialers: dict[PeerAddress, asyncio.Task[None]] = {}
         self._url_device: dict[PeerAddress, str] = {}
         self._link_gone: dict[str, asyncio.Event] = {}
@@ -98,8 +106,9 @@ class Mesh:
     def add_address(self, address: PeerAddress, *, persistent: bool = True) -> None:
         """Keep a link to this address: dial now, and redial whenever it drops.
 
-        A discovered (non-persistent) address is dropped after a few failed dials in a row;
-        mDNS reports it again if it comes back. Static peers are dialled forever.
+        A discovered (non-persistent) address is dropped after a few failed dials in a row
+        and ignored for a while after that (`DialBudget`); discovered addresses share a dial
+        rate and a cap on how many are dialled at once. Static peers are dialled forever.
         """
         if self._closing:
             return
@@ -107,26 +116,36 @@ class Mesh:
             have = ", ".join(sorted(self._transports))
             raise ConfigError(f"no transport for {address.scheme}:// (have: {have})")
         if address in self._dialers:
-            self._wake[address].set()  # seen again: cut its backoff short
+            # A static peer given again means "now"; a re-announcement means nothing new
+            # (replaying one must not buy a stranger's address more attempts).
+            if persistent:
+                self._wake[address].set()
             return
+        if not persistent:
+            discovered = sum(1 for a in self._dialers if a not in self._static)
+            if not self._budget.may_dial(address, discovered, self._loop.time()):
+                return
+        else:
+            self._static.add(address)
         self._wake[address] = asyncio.Event()
         self._dialers[address] = self._spawn(self._dialer(address, persistent), f"dial {address}")
 
     async def accept(self, channel: Channel) -> None:
         """Transport handler for an inbound connection; admission limits apply before crypto."""
         ip = channel.remote.host
-        total = sum(self._handshaking.values())
-        if (
-            self._closing
-            or total >= self._cfg.max_handshakes
-            or self._handshaking[ip] >= self._cfg.max_handshakes_per_ip
-        ):
-            log.warning("refusing a connection from %s: too many handshakes in progress", ip)
+        slot, evicted = (None, None) if self._closing else self._slots.admit(ip)
+        if slot is None:
+            self._note_failure(f"from {ip}", "refused: too many handshakes in progress")
             await channel.close(1013, "try again later")
             return
-        self._handshaking[ip] += 1
+        if evicted is not None:  # a member seen before takes the slot of a stranger
+            victim = self._slot_links.pop(evicted, None)
+            if victim is not None:
+                self._in_handshake.pop(victim, None)
+                self._spawn(victim.channel.close(1013, "try again later"), "evict handshake")
         link = self._new_link(channel, initiator=False, dial_address=None)
-        self._in_handshake[link] = ip
+        self._in_handshake[link] = slot
+        self._slot_links[slot] = link
         try:
             await link.run()
         finally:
@@ -136,6 +155,10 @@ class Mesh:
     async def close(self) -> None:
         """Say goodbye on every link, give them a moment to flush, then stop dialling."""
         self._closing = True
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+        for line in self._failures.flush(self._loop.time(), everything=True):
+            log.warning("%s", line)
         for link in list(self.links.values()):
             link.close_soon(ErrorCode.SHUTDOWN, "node shutting down")
         with contextlib.suppress(TimeoutError):
@@ -160,14 +183,34 @@ class Mesh:
             handshake_timeout=self._cfg.handshake_timeout,
             max_queue_bytes=self._cfg.send_queue_bytes,
             dial_address=dial_address,
+            first_message_timeout=self._cfg.first_message_timeout,
+            on_failed_handshake=self._failed_handshake,
         )
 
     def _release_slot(self, link: Link) -> None:
-        ip = self._in_handshake.pop(link, None)
-        if ip is not None:
-            self._handshaking[ip] -= 1
-            if self._handshaking[ip] <= 0:
-                del self._handshaking[ip]
+        slot = self._in_handshake.pop(link, None)
+        if slot is not None:
+            self._slots.release(slot)
+            self._slot_links.pop(slot, None)
+
+    def _failed_handshake(self, link: Link, reason: str) -> None:
+        where = "to" if link.initiator else "from"
+        self._note_failure(f"{where} {(link.dial_address or link.channel.remote).host}", reason)
+
+    def _note_failure(self, source: str, reason: str) -> None:
+        """Log a failed handshake: the first per source and window now, the rest as a count."""
+        line = self._failures.note(source, reason, self._loop.time())
+        if line is not None:
+            log.warning("%s", line)
+        if self._flush_at is None and not self._closing:
+            self._flush_at = self._loop.call_later(self._failures.window, self._flush_failures)
+
+    def _flush_failures(self) -> None:
+        self._flush_at = None
+        for line in self._failures.flush(self._loop.time()):
+            log.warning("%s", line)
+        if len(self._failures) and not self._closing:
+            self._flush_at = self._loop.call_later(self._failures.window, self._flush_failures)
 
     def _admit(self, link: Link) -> SyncSession | None:
         assert link.remote is not None
@@ -175,6 +218,7 @@ class Mesh:
         if link.dial_address is not None:
             self._url_device[link.dial_address] = dev
         self._release_slot(link)  # the handshake is over: its admission slot is free again
+        self._slots.remember(link.channel.remote.host)  # preferred in the next flood
         if dev == self._identity.device_id:
             log.info("address %s is this node itself; not dialling it again", link.dial_address)
             return None
@@ -208,6 +252,14 @@ class Mesh:
             log.info("peer left: %s (%s)", link.label, link.close_reason or "closed")
             self._notify()
 
+    async def _dial_turn(self) -> None:
+        """Wait for a token of the dial budget that discovered addresses share."""
+        for _ in range(1000):  # one wait normally refills a token; the bound is only a backstop
+            wait = self._budget.take(self._loop.time())
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
     async def _dialer(self, address: PeerAddress, persistent: bool) -> None:
         try:
             await self._dial_loop(address, persistent)
@@ -226,6 +278,8 @@ class Mesh:
                 # Linked some other way (it dialled us): wait for that link to go.
                 await self._link_gone.setdefault(dev, asyncio.Event()).wait()
                 continue
+            if not persistent:
+                await self._dial_turn()
             started = self._loop.time()
             try:
                 transport = self._transports[address.scheme]
@@ -249,6 +303,7 @@ class Mesh:
                 log.info(
                     "forgetting discovered address %s after %d failed attempts", address, failures
                 )
+                self._budget.quarantine(address, self._loop.time())
                 return
             # Full jitter spreads reconnect storms when many peers lose the same network.
             wake = self._wake[address]

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from ..errors import ChannelClosed, ConfigError, LimitExceeded
 from ..ids import PeerAddress
+from ..serving import GatedSite, ListenLimits, SiteGate
 from .channel import Channel, OnChannel
 
 __all__ = [
@@ -46,9 +47,13 @@ class TransportLimits:
 
     max_message: int = 1 * 2**20 + 64  # one sealed frame: 1 MiB plaintext + header and tag
     heartbeat: float = 10.0  # idle seconds before a ping; no pong within half of it = dead
-    max_connections: int = 256
+    max_connections: int = 256  # websockets, refused with HTTP 503 before the upgrade
     max_connections_per_ip: int = 32
     close_timeout: float = 1.0  # bound on a close handshake and on server shutdown
+    # Raw TCP connections (any state), reset at accept time over these; see unity_crdt.serving.
+    max_tcp: int = 512
+    max_tcp_per_ip: int = 48
+    request_timeout: float = 5.0  # from accept to the upgrade request's headers
 
     def __post_init__(self) -> None:
         if self.max_message < 1:
@@ -59,6 +64,7 @@ class TransportLimits:
             raise ConfigError("connection limits must be >= 1")
         if self.close_timeout <= 0:
             raise ConfigError("close_timeout must be > 0")
+        ListenLimits(self.max_tcp, self.max_tcp_per_ip, self.request_timeout)  # validates
 
 
 def _peername(peer: object, scheme: str) -> PeerAddress:
@@ -202,6 +208,7 @@ class Server:
         self._closing = False
         self._scheme = scheme
         self.address = PeerAddress("unknown", 0, scheme)
+        self.gate: SiteGate | None = None
 
     @property
     def connection_count(self) -> int:
@@ -209,13 +216,23 @@ class Server:
         return self._active
 
     async def _start(self, host: str, port: int) -> None:
-        app = web.Application()
+        limits = self._limits
+        self.gate = SiteGate(
+            ListenLimits(limits.max_tcp, limits.max_tcp_per_ip, limits.request_timeout),
+            "peer port",
+        )
+        app = web.Application(middlewares=[self.gate.middleware])
         app.router.add_get(self._path, self._handle)
         app.on_shutdown.append(self._on_shutdown)
         # shutdown_timeout is only a backstop: _on_shutdown already ends every channel.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._limits.close_timeout)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=limits.close_timeout,
+            keepalive_timeout=limits.request_timeout,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = GatedSite(runner, self.gate, host=host, port=port)
         try:
             await site.start()
         except BaseException:

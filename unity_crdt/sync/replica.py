@@ -40,6 +40,8 @@ from .yjs import (
 log = logging.getLogger(__name__)
 
 EMPTY_STATE_VECTOR = b"\x00"
+# Exceptions that are not about the bytes applied, so never turned into a protocol error.
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 OnUpdate = Callable[[str, bytes, object | None], None]
 
@@ -122,7 +124,9 @@ class Replica:
                 try:
                     with doc.transaction(origin=_LOADING):
                         doc.apply_update(update)
-                except ValueError as exc:
+                except _NOT_OURS:
+                    raise
+                except BaseException as exc:  # ValueError, RuntimeError, a Rust panic
                     raise StoreError(
                         f"cached update #{index} of document {name!r} is not a valid Yjs update"
                     ) from exc
@@ -148,13 +152,20 @@ class Replica:
         try:
             with doc.transaction(origin=origin):
                 doc.apply_update(update)
-        except ValueError as exc:
-            if created:  # leave the replica exactly as it was
+        except _NOT_OURS:
+            raise
+        except BaseException as exc:
+            # pycrdt raises ValueError for bytes it cannot decode, and RuntimeError (after
+            # committing the rest of the update) for an item it cannot integrate, such as one
+            # whose parent is not a shared type. Whatever was committed was reported and is
+            # kept; a doc this update created and left empty is forgotten again.
+            if created and doc.get_state() == EMPTY_STATE_VECTOR:
                 del self._docs[name]
                 self._bucket_names[bucket_of(name)].remove(name)
                 self._stale.discard(name)
+                self._digests.pop(name, None)
             raise ProtocolError(
-                f"invalid update for document {name!r}: pycrdt rejected it",
+                f"invalid update for document {name!r}: pycrdt rejected it ({type(exc).__name__})",
                 ErrorCode.BAD_UPDATE,
             ) from exc
         finally:

@@ -7,6 +7,7 @@ unchecked. Stdlib only: no pycrdt, no I/O, no clock.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections.abc import Callable
 
 from ..errors import DecodeError, ErrorCode
@@ -118,11 +119,31 @@ def _yid(data: bytes, pos: int) -> int:
     return _yvar(data, _yvar(data, pos)[1])[1]
 
 
-def _ystruct(data: bytes, pos: int) -> int:
+# Struct kinds a parent id may point at: yrs integrates a child of a Type item, or drops it
+# under a Deleted item or a GC struct; any other item as a parent raises InvalidParent after
+# the rest of the update was applied (block.rs, Item::repair), which pycrdt turns into a
+# RuntimeError. Skip structs are never integrated, so they are not parents either way.
+_REF_GC, _REF_DELETED, _REF_JSON, _REF_STRING, _REF_TYPE, _REF_SKIP = 0, 1, 2, 4, 7, 10
+_PARENT_OK = frozenset((_REF_GC, _REF_DELETED, _REF_TYPE))
+
+
+def _utf16_len(data: bytes, pos: int) -> tuple[int, int]:
+    """Skip a String content and return (its length in UTF-16 units, as clocks count it, end)."""
+    start = _yvar(data, pos)[1]
+    end = _yskip(data, pos, True)
+    chunk = data[start:end]
+    if chunk.isascii():
+        return end - start, end
+    return len(chunk.decode("utf-8").encode("utf-16-le")) // 2, end
+
+
+def _ystruct(data: bytes, pos: int, parents: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """Skip one struct -> (end, kind, clock length; -1 if unknown); parent ids go to `parents`."""
     info = data[pos]
     pos += 1
     if info in (0, 10):  # GC, Skip
-        return _yvar(data, pos)[1]
+        length, pos = _yvar(data, pos)
+        return pos, info, length
     ref = info & 0x1F
     if not 1 <= ref <= 9:
         raise _Bad(f"unknown struct type {ref}")
@@ -135,34 +156,40 @@ def _ystruct(data: bytes, pos: int) -> int:
         if parent == 1:
             pos = _yskip(data, pos, True)
         elif parent == 0:
-            pos = _yid(data, pos)
+            client, pos = _yvar(data, pos)
+            clock, pos = _yvar(data, pos)
+            parents.append((client, clock))
         else:
             raise _Bad("invalid parent info")
         if info & 0x20:
             pos = _yskip(data, pos, True)
     if ref == 1:  # Deleted
-        return _yvar(data, pos)[1]
-    if ref == 2:  # JSON: yrs reads count + 1 strings
+        length, pos = _yvar(data, pos)
+        return pos, ref, length
+    if ref == 2:  # JSON: yrs reads count + 1 strings (its clock length is not Yjs's)
         n, pos = _ycount(data, pos, 1)
         for _ in range(n + 1):
             pos = _yskip(data, pos, True)
-        return pos
-    if ref in (3, 4, 5):  # Binary, String, Embed
-        return _yskip(data, pos, ref != 3)
+        return pos, ref, -1
+    if ref == 4:  # String: clocks count UTF-16 units
+        length, pos = _utf16_len(data, pos)
+        return pos, ref, length
+    if ref in (3, 5):  # Binary, Embed
+        return _yskip(data, pos, ref != 3), ref, 1
     if ref == 6:  # Format
-        return _yskip(data, _yskip(data, pos, True), True)
+        return _yskip(data, _yskip(data, pos, True), True), ref, 1
     if ref == 7:  # Type
         type_ref = data[pos]
         pos += 1
         if type_ref == 3:  # XmlElement carries its tag name
-            return _yskip(data, pos, True)
+            return _yskip(data, pos, True), ref, 1
         if type_ref in (0, 1, 2, 4, 5, 6, 9, 15):
-            return pos
+            return pos, ref, 1
         raise _Bad(f"unknown type ref {type_ref}")
     if ref == 8:  # Any
         n, pos = _ycount(data, pos, 1)
-        return _yany(data, pos, n)
-    return _yany(data, _yskip(data, pos, True), 1)  # Doc: guid, options
+        return _yany(data, pos, n), ref, n
+    return _yany(data, _yskip(data, pos, True), 1), ref, 1  # Doc: guid, options
 
 
 def _ydelete_set(data: bytes, pos: int, out: dict[int, list[tuple[int, int]]] | None) -> int:
@@ -182,15 +209,42 @@ def _ydelete_set(data: bytes, pos: int, out: dict[int, list[tuple[int, int]]] | 
 def _walk_update(data: bytes) -> None:
     # Every client entry is at least 3 bytes (struct count, client, clock).
     clients, pos = _ycount(data, 0, 3)
+    parents: list[tuple[int, int]] = []
+    # client -> (start clocks, kinds) of its structs in this update, in clock order; None once
+    # a clock length is unknown (JSON content), so no verdict is ever based on a guess.
+    spans: dict[int, tuple[list[int], list[int]] | None] = {}
     for _ in range(clients):
         structs, pos = _yvar(data, pos)
-        pos = _yid(data, pos)
+        client, pos = _yvar(data, pos)
+        clock, pos = _yvar(data, pos)
         if structs * 2 > len(data) - pos:  # a struct is at least 2 bytes
             raise _Bad("struct count exceeds the bytes left")
+        starts: list[int] = []
+        kinds: list[int] = []
+        known = client not in spans
         for _ in range(structs):
-            pos = _ystruct(data, pos)
+            pos, kind, length = _ystruct(data, pos, parents)
+            starts.append(clock)
+            kinds.append(kind)
+            if length < 0:
+                known = False
+            clock += length
+        starts.append(clock)  # the end of the last struct
+        spans[client] = (starts, kinds) if known else None
     if _ydelete_set(data, pos, None) != len(data):
         raise _Bad("trailing bytes")
+    for client, clock in parents:
+        _check_parent(spans.get(client), clock)
+
+
+def _check_parent(span: tuple[list[int], list[int]] | None, clock: int) -> None:
+    """Reject a parent id that falls inside an item of this update that is not a type."""
+    if span is None:
+        return  # not in this update (or unknowable here): the replica catches what yrs raises
+    starts, kinds = span
+    i = bisect_right(starts, clock) - 1
+    if 0 <= i < len(kinds) and kinds[i] not in _PARENT_OK and kinds[i] != _REF_SKIP:
+        raise _Bad("an item's parent is an item that is not a shared type")
 
 
 def _guarded(what: str, data: bytes, fn: Callable[[bytes], object]) -> None:

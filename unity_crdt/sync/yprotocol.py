@@ -105,9 +105,10 @@ class _Presence:
 class AwarenessTable:
     """The awareness states of one room, merged with the y-protocols clock rules."""
 
-    def __init__(self, max_entries: int = 1024) -> None:
+    def __init__(self, max_entries: int = 1024, max_state_bytes: int = 64 * 1024) -> None:
         self._entries: dict[int, _Presence] = {}
         self._max = max_entries
+        self._max_state = max_state_bytes  # cursors and names, not documents
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -130,6 +131,8 @@ class AwarenessTable:
             cid, pos = _read_js_varuint(update, pos)
             clock, pos = _read_js_varuint(update, pos)
             raw, pos = read_varbytes(update, pos)
+            if len(raw) > self._max_state:
+                raise LimitExceeded(f"an awareness state over {self._max_state} bytes")
             try:
                 state = json.loads(raw.decode("utf-8"))
             except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
