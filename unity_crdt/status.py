@@ -51,6 +51,18 @@ class DocStatus:
 
 
 @dataclass(frozen=True)
+class RelayStatus:
+    """The cloud channel (NATS): where, whether it is up and why not, how far behind."""
+
+    url: str  # the configured URL(s), comma-separated, without credentials
+    connected: bool
+    server: str | None  # the server this node is connected to right now
+    error: str | None  # why it is not connected (or the last failure)
+    lag: int  # stream messages not yet applied here
+    outbox: int  # sealed messages made here that the stream has not acknowledged yet
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     """Everything a status view shows, taken at one moment."""
 
@@ -64,6 +76,7 @@ class NodeStatus:
     checkpoint_error: str | None
     pending_writes: int
     yjs_url: str | None
+    relay: RelayStatus | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

@@ -93,6 +93,7 @@ class Checkpointer:
         *,
         chunk_size: int = CHUNK_SIZE,
         clock: Callable[[], float] = time.time,
+        on_written: Callable[[str, str], None] | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -104,6 +105,7 @@ class Checkpointer:
         self._text_of = text_of
         self.chunk_size = chunk_size
         self._clock = clock
+        self._on_written = on_written  # (doc, generation) after each successful write
         self._dirty: dict[str, int] = {}
         self._seq = 0
         self._names: dict[str, str] = {}  # doc_key -> doc name, for search results
@@ -229,6 +231,8 @@ class Checkpointer:
                     written.append(name)
                     if self._dirty.get(name) == seqs[name]:  # no edit since we read it
                         self._dirty.pop(name, None)
+                    if self._on_written is not None:
+                        self._on_written(name, rec.manifest.generation)
                 batch.clear()
 
             try:

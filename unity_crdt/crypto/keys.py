@@ -30,6 +30,8 @@ LABEL_OBJECT_ID = b"unity-crdt/v1/object-id-key"
 LABEL_BEACON = b"unity-crdt/v1/mdns-beacon-key"
 LABEL_TENANT = b"unity-crdt/v1/weaviate-tenant"
 LABEL_DEVICE_ID = b"unity-crdt/v1/device-id"
+LABEL_RELAY = b"unity-crdt/v1/relay-key"
+LABEL_RELAY_NAMES = b"unity-crdt/v1/relay-name-key"
 
 # scrypt cost: ~0.1 s and 32 MiB once per process, so a stolen beacon or checkpoint cannot be
 # brute-forced cheaply back to a passphrase.
@@ -51,6 +53,8 @@ class GroupKeys:
     object_id_key: bytes = field(repr=False)
     beacon_key: bytes = field(repr=False)
     tenant_key: bytes = field(repr=False)
+    relay_key: bytes = field(repr=False)
+    relay_name_key: bytes = field(repr=False)
 
     def __repr__(self) -> str:
         return "GroupKeys(<redacted>)"
@@ -95,6 +99,8 @@ def derive_group_keys(secret: str | bytes) -> GroupKeys:
         object_id_key=_hkdf(master, LABEL_OBJECT_ID),
         beacon_key=_hkdf(master, LABEL_BEACON),
         tenant_key=_hkdf(master, LABEL_TENANT),
+        relay_key=_hkdf(master, LABEL_RELAY),
+        relay_name_key=_hkdf(master, LABEL_RELAY_NAMES),
     )
 
 

@@ -44,6 +44,7 @@ class MsgType(IntEnum):
     PING = 3
     PONG = 4
     BATCH = 7
+    NOTICE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +102,26 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """A commit notice: `device` checkpointed `doc` (write `generation`) at this state."""
+
+    doc: str
+    device: str
+    generation: str
+    state_vector: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Several messages in one; never nested."""
 
     messages: tuple[Message, ...]
 
 
-Message: TypeAlias = Hello | SyncStep1 | SyncStep2 | Update | Awareness | Ping | Pong | Batch
+Message: TypeAlias = (
+    Hello | SyncStep1 | SyncStep2 | Update | Awareness | Ping | Pong | Batch | Notice
+)
 
 
 class _Reader:
@@ -258,6 +272,35 @@ def _dec_batch(r: _Reader) -> Batch:
     return Batch(tuple(messages))
 
 
+_MAX_NOTICE_FIELD = 64  # device ids are 26 characters, generations 16 hex digits
+
+
+def _enc_notice(out: bytearray, msg: Notice) -> None:
+    if len(msg.digest) != DIGEST_SIZE:
+        raise ConfigError(f"digest must be {DIGEST_SIZE} bytes, got {len(msg.digest)}")
+    for field in (msg.device, msg.generation):
+        if not 0 < len(field.encode()) <= _MAX_NOTICE_FIELD or not field.isascii():
+            raise ConfigError("notice device and generation must be 1-64 ASCII characters")
+    _put_doc(out, msg.doc)
+    put_varbytes(out, msg.device.encode())
+    put_varbytes(out, msg.generation.encode())
+    put_varbytes(out, msg.state_vector)
+    out += msg.digest
+
+
+def _dec_notice(r: _Reader) -> Notice:
+    doc = r.doc_id()
+    fields = []
+    for _ in range(2):
+        raw = r.varbytes()
+        if not 0 < len(raw) <= _MAX_NOTICE_FIELD or not raw.isascii():
+            raise DecodeError("notice device or generation is malformed")
+        fields.append(raw.decode("ascii"))
+    state_vector = r.varbytes()
+    check_state_vector(state_vector)
+    return Notice(doc, fields[0], fields[1], state_vector, r.take(DIGEST_SIZE))
+
+
 _Encoder = Callable[[bytearray, Any], None]
 _Decoder = Callable[[_Reader], Message]
 _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
@@ -269,6 +312,7 @@ _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
     Ping: (MsgType.PING, _enc_nonce),
     Pong: (MsgType.PONG, _enc_nonce),
     Batch: (MsgType.BATCH, _enc_batch),
+    Notice: (MsgType.NOTICE, _enc_notice),
 }
 _DECODERS: dict[int, _Decoder] = {
     MsgType.HELLO: _dec_hello,
@@ -276,6 +320,7 @@ _DECODERS: dict[int, _Decoder] = {
     MsgType.PING: lambda r: Ping(r.varuint()),
     MsgType.PONG: lambda r: Pong(r.varuint()),
     MsgType.BATCH: _dec_batch,
+    MsgType.NOTICE: _dec_notice,
 }
 
 

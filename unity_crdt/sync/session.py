@@ -68,6 +68,7 @@ from .codec import (
     Batch,
     Hello,
     Message,
+    Notice,
     Ping,
     Pong,
     SyncStep1,
@@ -146,6 +147,7 @@ class SyncSession:
         ack_delay: float = 0.5,
         allow: Callable[[str], bool] | None = None,
         on_awareness: Callable[[str, bytes], None] | None = None,
+        on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         self.replica = replica
         self.peer = peer
@@ -158,6 +160,7 @@ class SyncSession:
         self.stats = SessionStats()
         self._allow = allow if allow is not None else _allow_all
         self._on_awareness = on_awareness
+        self._on_notice = on_notice
         self._last_heard = now
         self._last_hello = now
         self._last_ping = now
@@ -273,6 +276,9 @@ class SyncSession:
         elif isinstance(msg, Awareness):
             if self._allow(msg.doc) and self._on_awareness is not None:
                 self._on_awareness(msg.doc, msg.payload)
+        elif isinstance(msg, Notice):
+            if self._allow(msg.doc) and self._on_notice is not None:
+                self._on_notice(msg)
         else:  # pragma: no cover - the codec only produces the types above
             raise ProtocolError(f"unexpected message {type(msg).__name__}")
 
