@@ -101,3 +101,31 @@ async def stream_messages(
         return total
     finally:
         await nc.close()
+
+
+async def stream_msg_ids(url: str | tuple[str, ...]) -> list[str]:
+    """The Nats-Msg-Id of every message in the group streams (read with a raw client)."""
+    import nats
+    from nats.js.api import DeliverPolicy
+
+    nc = await nats.connect(url if isinstance(url, str) else list(url))
+    ids: list[str] = []
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if not name.startswith("UCRDT_") or not info.state.messages:
+                continue
+            sub = await js.subscribe(
+                (info.config.subjects or [""])[0],
+                stream=name,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+            for _ in range(info.state.messages):
+                msg = await sub.next_msg(timeout=10)
+                ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+            await sub.unsubscribe()
+        return ids
+    finally:
+        await nc.close()

@@ -155,6 +155,7 @@ class Relay:
         self._caught_up = False
         self._gap = False
         self._answered = False
+        self._ask_due = False
         self._inbox = ""
         self._consumer: _Unsubscribe | None = None
         self._wake = asyncio.Event()
@@ -267,13 +268,14 @@ class Relay:
             if s.deltas:
                 await b.subscribe(self._sealer.sync_subject, self._on_plain)
         cursor = self._outbox.consumed
+        first = max(1, stream.first_seq)  # an empty stream reports 0
         if self._outbox.stream_created != stream.created:
             # A stream we never read, or one recreated since: read all it has.
-            self._gap = cursor > 0 or stream.first_seq > 1
-            cursor = stream.first_seq - 1
-        elif cursor + 1 < stream.first_seq:
+            self._gap = cursor > 0 or first > 1
+            cursor = first - 1
+        elif cursor + 1 < first:
             self._gap = True  # retention dropped messages we never applied
-            cursor = stream.first_seq - 1
+            cursor = first - 1
         self._stream_created = stream.created
         self._outbox.set_cursor(cursor, stream.created)
         self._lag = max(0, stream.last_seq - cursor)
@@ -350,6 +352,7 @@ class Relay:
         self._dirty.set()
         if not self._outbox.entries:
             self._notify()
+            self._ask()
 
     async def _syncer(self) -> None:
         while True:
@@ -433,8 +436,15 @@ class Relay:
     def _on_caught_up(self) -> None:
         self._caught_up = True
         self._notify()
-        if not self.settings.deltas:
+        if self.settings.deltas:
+            self._ask_due = True
+            self._ask()
+
+    def _ask(self) -> None:
+        """Ask the group for what we lack, once our own queued parts are out (fewer races)."""
+        if not self._ask_due or self._outbox.entries or not self._ready:
             return
+        self._ask_due = False
         names = self._replica.names()
         ask: list[codec.Message] = [Hello(codec.PROTOCOL_VERSION, self._replica.inventory())]
         ask += [SyncStep1(d, self._replica.state_vector(d)) for d in names]
