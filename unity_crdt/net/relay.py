@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 RELAY_ORIGIN = RemoteOrigin("relay")  # the source of every update that came through the relay
 _EMPTY_SV = b"\x00"
 _HEADER_ROOM = 512  # the Nats-Msg-Id header and protocol line count against max_payload
+SYNC_DELAY = 0.25  # seconds between outbox writes while parts and cursor move
 
 
 class _Unsubscribe(Protocol):
@@ -357,7 +358,9 @@ class Relay:
     async def _syncer(self) -> None:
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(0.05)  # gather a burst into one write
+            # Gather a burst into one write; a part acknowledged meanwhile is never written
+            # (flush() writes at once when a caller needs durability now).
+            await asyncio.sleep(SYNC_DELAY)
             self._dirty.clear()
             try:
                 await self._outbox.sync()
