@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .ids import PeerAddress, check_doc_id, check_scheme, parse_origin
@@ -86,6 +87,14 @@ class NodeConfig:
     # "file://" and "app://" (any page of that scheme: Electron), "null" (opaque origins).
     # Requests without an Origin (Node.js, native apps) are allowed; the token is still needed.
     yjs_origins: tuple[str, ...] = DEFAULT_YJS_ORIGINS
+    # The cloud channel: NATS JetStream server URL(s) ("nats://h:4222", "tls://...", a tuple or
+    # comma-separated list for a cluster); None keeps the node LAN-only. Credentials are
+    # "user:password", a token, or the path of a .creds file.
+    relay_url: tuple[str, ...] | str | None = None
+    relay_credentials: str | None = field(default=None, repr=False)
+    relay_deltas: bool = True  # False: only commit notices travel through the relay
+    relay_max_age: float = 7 * 86400.0  # how long the group's stream keeps sealed deltas
+    relay_max_bytes: int = 2**30  # ... and at most this many bytes of them
 
     def __post_init__(self) -> None:
         if (
@@ -140,6 +149,9 @@ class NodeConfig:
             raise ConfigError("pull_interval must be > 0 or None")
         if min(self.max_handshakes, self.max_handshakes_per_ip, self.max_handshakes_per_subnet) < 1:
             raise ConfigError("handshake limits must be >= 1")
+        object.__setattr__(self, "relay_url", _relay_urls(self.relay_url))
+        if self.relay_max_age <= 0 or self.relay_max_bytes <= 0:
+            raise ConfigError("relay_max_age and relay_max_bytes must be > 0")
         if self.idle_timeout <= self.ping_interval:
             raise ConfigError("idle_timeout must be longer than ping_interval")
 
@@ -159,6 +171,8 @@ class NodeConfig:
         for key in ("peers", "searchable", "mdns_interfaces", "mdns_allow", "yjs_origins"):
             if key in values:
                 values[key] = tuple(values[key])
+        if isinstance(values.get("relay_url"), list):
+            values["relay_url"] = tuple(values["relay_url"])
         try:
             return cls(**values)
         except TypeError as exc:
@@ -194,3 +208,27 @@ class NodeConfig:
                 values[f.name] = raw
         values.update(overrides)
         return cls.from_mapping(values)
+
+
+RELAY_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def _relay_urls(value: object) -> tuple[str, ...] | None:
+    """relay_url as a tuple of validated URLs (a comma-separated string is split), or None."""
+    if value is None:
+        return None
+    urls = tuple(u.strip() for u in value.split(",")) if isinstance(value, str) else value
+    if not isinstance(urls, tuple) or not urls or not all(isinstance(u, str) for u in urls):
+        raise ConfigError("relay_url must be a URL, a comma-separated list or a tuple of URLs")
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"invalid relay URL {url!r}: {exc}") from None
+        if parts.scheme not in RELAY_SCHEMES or not parts.hostname:
+            raise ConfigError(
+                f"relay URL must look like nats://host:4222 ({', '.join(RELAY_SCHEMES)}), "
+                f"got {url!r}"
+            )
+    return urls

@@ -102,3 +102,7 @@ class NoNodeRunning(ControlError):
 
 class NodeAlreadyRunning(ControlError):
     """A live node already serves this cache dir's control socket."""
+
+
+class RelayError(UnityCrdtError):
+    """The cloud channel (NATS) could not be reached, refused us, or broke its contract."""

@@ -20,26 +20,36 @@ import pycrdt
 from .config import NodeConfig
 from .crypto.frames import PeerHello
 from .crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
-from .errors import CheckpointError, ConfigError, ProtocolError, StoreError, UnityCrdtError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ProtocolError,
+    RelayError,
+    StoreError,
+    UnityCrdtError,
+)
 from .ids import PeerAddress, check_doc_id
 from .net.channel import Listener, Transport, resolve_transports
 from .net.link import Link
 from .net.mesh import Mesh
+from .net.relay import RELAY_ORIGIN
 from .status import DocStatus, NodeStatus, PeerInfo, PeerStatus
 from .store.base import Store
 from .store.files import load_or_create_secret_file
 from .store.sqlite import SqliteStore
-from .sync.codec import PROTOCOL_VERSION, Awareness
+from .sync.codec import PROTOCOL_VERSION, Awareness, Notice
 from .sync.presence import Presence
 from .sync.replica import RemoteOrigin, Replica
 from .sync.router import Router
 from .sync.session import PullGate, SeenFilter, SyncSession
+from .sync.yjs import read_state_vector
 
 if TYPE_CHECKING:
     from .checkpoint.format import CheckpointSink, DocHit
     from .checkpoint.policy import Checkpointer
     from .frontends.ywebsocket import YWebsocketEndpoint
     from .net.mdns import Discovery
+    from .net.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +100,8 @@ class Node:
         self._checkpointer: Checkpointer | None = None
         self._endpoint: YWebsocketEndpoint | None = None
         self._discovery: Discovery | None = None
+        self._relay: Relay | None = None
+        self._pulling: set[str] = set()  # docs a commit notice is pulling from the sink
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -135,6 +147,8 @@ class Node:
         self._drain()
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+        if self._relay is not None:
+            await self._relay.flush()
 
     async def checkpoint(self) -> None:
         """Push every doc changed since its last checkpoint to Weaviate now."""
@@ -214,6 +228,7 @@ class Node:
             pending_writes=len(self._pending),
             yjs_url=self._endpoint.base_url if self._endpoint else None,
             checkpoint_warnings=cp.warnings if cp else (),
+            relay=self._relay.status() if self._relay else None,
         )
 
     def set_presence(self, doc: str, state: Any) -> None:
@@ -328,6 +343,8 @@ class Node:
             self._sink = open_sink(cfg.checkpoint_url, cfg)
         if self._sink is not None:
             await self._start_checkpoints(self._sink)
+        if cfg.relay_url:
+            await self._start_relay(tuple(cfg.relay_url))
         log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
 
     async def close(self) -> None:
@@ -351,6 +368,8 @@ class Node:
         await self.flush()
         if self._checkpointer is not None:
             await self._final_checkpoint(self._checkpointer)
+        if self._relay is not None:
+            await self._relay.close()
         await self._store.close()
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -388,6 +407,7 @@ class Node:
             max_doc_bytes=cfg.max_doc_bytes,
             new_docs_burst=cfg.new_docs_burst,
             new_docs_rate=cfg.new_docs_rate,
+            on_notice=self._on_notice,
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
         snapshot = [Awareness(doc, snap) for doc, snap in self._presence.snapshot(self._now())]
@@ -435,9 +455,11 @@ class Node:
             self._endpoint.publish(doc, update, origin)
 
     def _drain(self) -> None:
-        """Cache each merged update, and send it to every link but the one it came from."""
+        """Cache each merged update, and send it to every link (and the relay) but its source."""
         for routed in self._router.drain():
             self._persist(routed.doc, routed.update)
+            if self._relay is not None and Router.forwards(routed, RELAY_ORIGIN.peer):
+                self._relay.send(routed.doc, routed.update)
             if self._mesh is not None:
                 mesh = self._mesh
                 for peer, msgs in Router.fan_out(routed, mesh.sessions).items():
@@ -515,6 +537,7 @@ class Node:
             get_state=lambda name: self._replica.doc(name).get_update(),
             text_of=self._text_of,
             ledger_path=cfg.cache_path / "checkpoints.json",
+            on_written=self._send_notice,
         )
         self._checkpointer = cp
         # Docs loaded from the cache may be newer than any checkpoint (offline edits).
@@ -560,3 +583,79 @@ class Node:
             )
         finally:
             await cp.close()
+
+    # -- the cloud channel and commit notices -----------------------------------------------
+
+    async def _start_relay(self, urls: tuple[str, ...]) -> None:
+        from .crypto.envelope import RelaySealer
+        from .net._outbox import Outbox
+        from .net.nats import NatsBroker, public_url
+        from .net.relay import Relay, RelaySettings
+
+        cfg = self.config
+        assert self._keys is not None
+        settings = RelaySettings(
+            url=",".join(public_url(u) for u in urls),
+            deltas=cfg.relay_deltas,
+            max_age=cfg.relay_max_age,
+            max_bytes=cfg.relay_max_bytes,
+            replicas=3 if len(urls) >= 3 else 1,  # a cluster keeps three copies (Raft)
+        )
+        try:
+            broker = NatsBroker(urls, cfg.relay_credentials)
+        except RelayError as exc:  # the LAN side runs; status says why the relay does not
+            log.error("relay off: %s", exc)
+            return
+        self._relay = Relay(
+            broker=broker,
+            sealer=RelaySealer(self._keys, self.device_id),
+            outbox=Outbox(cfg.cache_path / "relay.sqlite3"),
+            replica=self._replica,
+            seen=self._seen,
+            settings=settings,
+            spawn=self.spawn,
+            on_notice=self._on_notice,
+            on_gap=self._pull_everything if self._checkpointer else None,
+        )
+        await self._relay.start()
+
+    def _send_notice(self, doc: str, generation: str) -> None:
+        """Tell linked peers and the relay that `doc` was just checkpointed at this state."""
+        sv, digest = self._replica.state_vector(doc), self._replica.digest(doc)
+        notice = Notice(doc, self.device_id, generation, sv, digest)
+        if self._mesh is not None:
+            for peer in self._mesh.sessions:
+                self._mesh.send(peer, [notice])
+        if self._relay is not None:
+            self._relay.notify(notice)
+
+    def _on_notice(self, notice: Notice) -> None:
+        """A member checkpointed a doc: if our copy is behind it, pull that doc now."""
+        if self._checkpointer is None or notice.device == self.device_id:
+            return
+        ours = read_state_vector(self._replica.state_vector(notice.doc))
+        theirs = read_state_vector(notice.state_vector)
+        behind = any(clock > ours.get(client, 0) for client, clock in theirs.items())
+        if not behind and (ours != theirs or self._replica.digest(notice.doc) == notice.digest):
+            return
+        if notice.doc not in self._pulling:
+            self._pulling.add(notice.doc)
+            self.spawn(self._pull_doc(notice.doc), "pull on notice")
+
+    async def _pull_doc(self, doc: str) -> None:
+        assert self._checkpointer is not None
+        try:
+            self._apply_checkpoints(await self._checkpointer.restore([doc], include_own=False))
+        except CheckpointError as exc:
+            log.warning("a commit notice's pull failed (the next pull repairs it): %s", exc)
+        finally:
+            self._pulling.discard(doc)
+
+    def _pull_everything(self) -> None:
+        async def pull() -> None:
+            try:
+                await self.restore()
+            except CheckpointError as exc:
+                log.warning("restore after a relay gap failed: %s", exc)
+
+        self.spawn(pull(), "restore after relay gap")

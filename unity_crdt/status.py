@@ -50,6 +50,18 @@ class DocStatus:
 
 
 @dataclass(frozen=True)
+class RelayStatus:
+    """The cloud channel (NATS): where, whether it is up and why not, how far behind."""
+
+    url: str  # the configured URL(s), comma-separated, without credentials
+    connected: bool
+    server: str | None  # the server this node is connected to right now
+    error: str | None  # why it is not connected (or the last failure)
+    lag: int  # stream messages not yet applied here
+    outbox: int  # sealed messages made here that the stream has not acknowledged yet
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     """Everything a status view shows, taken at one moment."""
 
@@ -65,6 +77,7 @@ class NodeStatus:
     yjs_url: str | None
     # Signs that the checkpoint store served an older copy of an object or lost one.
     checkpoint_warnings: tuple[str, ...] = ()
+    relay: RelayStatus | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

@@ -2,7 +2,8 @@
 
     ip netns exec H python tests/lan/node_agent.py '<json config>'   (secret in $UC_LAN_SECRET)
 
-Config keys: name, cache, ip; optional port (9001), peers (static URLs), mdns (true), and any
+Config keys: name, cache, ip; optional port (9001), peers (static URLs), mdns (true), relay (a
+NATS URL: the cloud channel), and any
 NodeConfig interval (mdns_requery_interval, ping_interval, idle_timeout, anti_entropy_interval,
 reconnect_max, handshake_timeout). The secret never goes on the command line (`ps` shows it).
 
@@ -162,6 +163,7 @@ def make_config(cfg: dict[str, Any]) -> NodeConfig:
         peers=tuple(cfg.get("peers", ())),
         mdns=bool(cfg.get("mdns", True)),
         mdns_interfaces=(cfg["ip"],),
+        relay_url=cfg.get("relay"),
         **knobs,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ import pytest
 from unity_crdt import Node, NodeConfig
 
 NodeMaker = Callable[..., Awaitable[Node]]
+NATS_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nats.py"
 
 
 @pytest.fixture
@@ -166,3 +168,25 @@ async def test_weaviate_down_at_start_the_node_still_syncs(
     status = a.status()
     assert status.checkpoints and status.docs[0].dirty
     assert "restore on start failed" in caplog.text
+
+
+async def test_commit_notice_over_nats_pulls_from_weaviate_at_once(make_node: NodeMaker) -> None:
+    """B gets no deltas (relay_deltas=False), never polls (pull_interval=None), has no mesh link:
+    only A's commit notice over NATS makes it pull A's checkpoint from Weaviate."""
+    script = importlib.util.spec_from_file_location("unity_crdt_nats_script", NATS_SCRIPT)
+    assert script is not None and script.loader is not None
+    nats_script = importlib.util.module_from_spec(script)
+    script.loader.exec_module(nats_script)
+    with nats_script.NatsServer() as server:
+        kw = dict(relay_url=server.url, relay_deltas=False, checkpoint_interval=3600.0)
+        a = await make_node("a", **kw)
+        b = await make_node("b", **kw)
+        await until(lambda: all(n.status().relay.connected for n in (a, b)), 15.0, "relays")  # type: ignore[union-attr]
+        a.doc("notes").get("t", type=pycrdt.Text).insert(0, "canonical now")
+        await asyncio.sleep(0.5)
+        assert text(b) == ""
+        await a.checkpoint()
+        started = asyncio.get_running_loop().time()
+        await until(lambda: text(b) == "canonical now", 10.0, "b to pull on the notice")
+        took = asyncio.get_running_loop().time() - started
+        print(f"notice -> Weaviate pull -> content at b: {took * 1000:.0f} ms")

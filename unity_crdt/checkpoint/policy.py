@@ -104,6 +104,7 @@ class Checkpointer:
         chunk_size: int = CHUNK_SIZE,
         clock: Callable[[], float] = time.time,
         ledger_path: Path | None = None,
+        on_written: Callable[[str, str], None] | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -115,6 +116,7 @@ class Checkpointer:
         self._text_of = text_of
         self.chunk_size = chunk_size
         self._clock = clock
+        self._on_written = on_written  # (doc, generation) after each successful write
         self._dirty: dict[str, int] = {}
         self._seq = 0
         self._names: dict[str, str] = {}  # doc_key -> doc name, for search results
@@ -262,6 +264,8 @@ class Checkpointer:
                     if self._dirty.get(name) == seqs[name]:  # no edit since we read it
                         self._dirty.pop(name, None)
                     self._remember(rec.manifest, self.header(rec.manifest))
+                    if self._on_written is not None:
+                        self._on_written(name, rec.manifest.generation)
                 batch.clear()
                 await asyncio.to_thread(self._ledger.save)
 

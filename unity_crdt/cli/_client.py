@@ -99,6 +99,7 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         f"up {human_duration(st['uptime'])}",
         f"        pending writes {st['pending_writes']}, checkpoints {cp}"
         + (f", yjs {st['yjs_url']}" if st["yjs_url"] else ""),
+        f"relay   {_relay_line(st.get('relay'))}",
         f"peers   {len(st['peers'])}",
     ]
     for warning in st.get("checkpoint_warnings", ()):
@@ -143,6 +144,16 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             ],
         )
     return lines
+
+
+def _relay_line(relay: dict[str, Any] | None) -> str:
+    if relay is None:
+        return "off"
+    if relay["connected"]:
+        state = f"connected to {relay['server']}, lag {relay['lag']}"
+    else:
+        state = f"NOT connected ({relay['error'] or 'connecting'})"
+    return f"{relay['url']}  {state}, outbox {relay['outbox']}"
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -70,6 +70,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weaviate-grpc-port", type=int, metavar="PORT")
     p.add_argument("--checkpoint-interval", type=float, metavar="SECONDS")
     p.add_argument(
+        "--relay",
+        action="append",
+        metavar="URL",
+        help="NATS JetStream server of the group's cloud channel (repeat for a cluster)",
+    )
+    p.add_argument(
+        "--relay-credentials",
+        metavar="CREDS",
+        help="a .creds file (or user:password; prefer $UNITY_CRDT_RELAY_CREDENTIALS)",
+    )
+    p.add_argument(
         "--restore-on-start",
         action="store_true",
         default=None,
@@ -194,10 +205,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         "searchable": args.searchable,
         "yjs_endpoint": args.yjs,
         "yjs_port": args.yjs_port,
+        "relay_url": tuple(args.relay) if args.relay else None,
+        "relay_credentials": args.relay_credentials,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.no_mdns:
         values["mdns"] = False
+    if os.environ.get("UNITY_CRDT_RELAY_CREDENTIALS") and not args.relay_credentials:
+        values["relay_credentials"] = os.environ["UNITY_CRDT_RELAY_CREDENTIALS"]
     if os.environ.get("UNITY_CRDT_WEAVIATE_API_KEY"):
         values["weaviate_api_key"] = os.environ["UNITY_CRDT_WEAVIATE_API_KEY"]
     values["group_secret"] = _secret(args, values.get("group_secret"))
@@ -232,6 +247,11 @@ def _banner(node: Node, control: ControlServer, args: argparse.Namespace) -> Non
             else "off (--weaviate-url to turn on)"
         ),
     ]
+    relay = node.status().relay
+    lines.append(
+        "  relay       "
+        + (f"{relay.url} (connecting in the background)" if relay else "off (--relay to turn on)")
+    )
     if cfg.yjs_endpoint:
         yjs = node.ywebsocket
         where = getattr(args, "yjs_token_where", "from yjs_token")

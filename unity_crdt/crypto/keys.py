@@ -46,6 +46,8 @@ _B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 # The mDNS beacon changes every window, so it neither tracks a group over time nor serves as
 # a long-lived target for offline guessing; members accept the windows either side of theirs.
 BEACON_WINDOW = 900.0
+LABEL_RELAY = b"unity-crdt/v1/relay-key"
+LABEL_RELAY_NAMES = b"unity-crdt/v1/relay-name-key"
 
 # scrypt cost: ~0.1 s and 32 MiB once per process, so a stolen beacon or checkpoint cannot be
 # brute-forced cheaply back to a passphrase.
@@ -68,6 +70,8 @@ class GroupKeys:
     object_id_key: bytes = field(repr=False)
     beacon_key: bytes = field(repr=False)
     tenant_key: bytes = field(repr=False)
+    relay_key: bytes = field(repr=False)
+    relay_name_key: bytes = field(repr=False)
     salted: bool = True  # False for a plain (v0) secret, stretched with the fixed salt
 
     def __repr__(self) -> str:
@@ -158,6 +162,8 @@ def derive_group_keys(secret: str | bytes) -> GroupKeys:
         object_id_key=_hkdf(master, LABEL_OBJECT_ID),
         beacon_key=_hkdf(master, LABEL_BEACON),
         tenant_key=_hkdf(master, LABEL_TENANT),
+        relay_key=_hkdf(master, LABEL_RELAY),
+        relay_name_key=_hkdf(master, LABEL_RELAY_NAMES),
         salted=salted,
     )
 

@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 from ..errors import ConfigError, DecodeError, LimitExceeded
 from ..ids import check_doc_id
 from .lib0 import put_varbytes, put_varuint, read_varuint
-from .yjs import DIGEST_SIZE
+from .yjs import DIGEST_SIZE, check_state_vector
 
 PROTOCOL_VERSION = 2
 # Smallest encoded inventory entry: doc-id length byte, one doc-id byte, the digest.
@@ -52,6 +52,7 @@ class MsgType(IntEnum):
     ADVERT = 11
     PART = 12
     BUCKETS = 13
+    NOTICE = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,17 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """A commit notice: `device` checkpointed `doc` (write `generation`) at this state."""
+
+    doc: str
+    device: str
+    generation: str
+    state_vector: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Several messages in one; never nested."""
 
@@ -186,6 +198,7 @@ Message: TypeAlias = (
     | Ping
     | Pong
     | Batch
+    | Notice
 )
 
 
@@ -449,6 +462,35 @@ def _dec_batch(r: _Reader) -> Batch:
     return Batch(tuple(messages))
 
 
+_MAX_NOTICE_FIELD = 64  # device ids are 26 characters, generations 16 hex digits
+
+
+def _enc_notice(out: bytearray, msg: Notice) -> None:
+    if len(msg.digest) != DIGEST_SIZE:
+        raise ConfigError(f"digest must be {DIGEST_SIZE} bytes, got {len(msg.digest)}")
+    for field in (msg.device, msg.generation):
+        if not 0 < len(field.encode()) <= _MAX_NOTICE_FIELD or not field.isascii():
+            raise ConfigError("notice device and generation must be 1-64 ASCII characters")
+    _put_doc(out, msg.doc)
+    put_varbytes(out, msg.device.encode())
+    put_varbytes(out, msg.generation.encode())
+    put_varbytes(out, msg.state_vector)
+    out += msg.digest
+
+
+def _dec_notice(r: _Reader) -> Notice:
+    doc = r.doc_id()
+    fields = []
+    for _ in range(2):
+        raw = r.varbytes()
+        if not 0 < len(raw) <= _MAX_NOTICE_FIELD or not raw.isascii():
+            raise DecodeError("notice device or generation is malformed")
+        fields.append(raw.decode("ascii"))
+    state_vector = r.varbytes()
+    check_state_vector(state_vector)
+    return Notice(doc, fields[0], fields[1], state_vector, r.take(DIGEST_SIZE))
+
+
 _Encoder = Callable[[bytearray, Any], None]
 _Decoder = Callable[[_Reader], Message]
 _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
@@ -466,6 +508,7 @@ _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
     Ping: (MsgType.PING, _enc_nonce),
     Pong: (MsgType.PONG, _enc_nonce),
     Batch: (MsgType.BATCH, _enc_batch),
+    Notice: (MsgType.NOTICE, _enc_notice),
 }
 _DECODERS: dict[int, _Decoder] = {
     MsgType.HELLO: _dec_hello,
@@ -479,6 +522,7 @@ _DECODERS: dict[int, _Decoder] = {
     MsgType.PING: lambda r: Ping(r.varuint()),
     MsgType.PONG: lambda r: Pong(r.varuint()),
     MsgType.BATCH: _dec_batch,
+    MsgType.NOTICE: _dec_notice,
 }
 
 

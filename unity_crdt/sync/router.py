@@ -68,6 +68,11 @@ class Router:
         ]
 
     @staticmethod
+    def forwards(routed: Routed, destination: str) -> bool:
+        """Whether `routed` goes to `destination` (a peer or the relay): not back to its source."""
+        return routed.source != destination
+
+    @staticmethod
     def fan_out(routed: Routed, sessions: Mapping[str, SyncSession]) -> dict[str, list[Message]]:
         """The messages each linked peer gets for `routed`: every peer but its source; none
         for what was pulled."""
@@ -75,7 +80,7 @@ class Router:
         if routed.pulled:
             return out
         for peer, session in sessions.items():
-            if peer != routed.source:
+            if Router.forwards(routed, peer):
                 msgs = session.local_update(routed.doc, routed.update)
                 if msgs:
                     out[peer] = msgs

@@ -77,6 +77,7 @@ from .codec import (
     Inventory,
     InventoryRequest,
     Message,
+    Notice,
     Part,
     Ping,
     Pong,
@@ -215,6 +216,7 @@ class SyncSession:
         max_doc_bytes: int = 256 * 2**20,
         new_docs_burst: int = 50_000,
         new_docs_rate: float = 1000.0,
+        on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         self.replica = replica
         self.peer = peer
@@ -230,6 +232,7 @@ class SyncSession:
         self.stats = SessionStats()
         self._allow = allow
         self._on_awareness = on_awareness
+        self._on_notice = on_notice
         self._last_heard = self._last_summary = self._last_ping = now
         self._ping_nonce = 0
         self._ping_sent: tuple[int, float] | None = None
@@ -405,6 +408,8 @@ class SyncSession:
             isinstance(msg, Awareness) and self._allowed(msg.doc) and self._on_awareness is not None
         ):
             self._on_awareness(msg.doc, msg.payload)
+        elif isinstance(msg, Notice) and self._allowed(msg.doc) and self._on_notice is not None:
+            self._on_notice(msg)
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
