@@ -588,7 +588,6 @@ class Node:
 
     async def _start_relay(self, urls: tuple[str, ...]) -> None:
         from .crypto.envelope import RelaySealer
-        from .net._outbox import Outbox
         from .net.nats import NatsBroker, public_url
         from .net.relay import Relay, RelaySettings
 
@@ -609,7 +608,7 @@ class Node:
         self._relay = Relay(
             broker=broker,
             sealer=RelaySealer(self._keys, self.device_id),
-            outbox=Outbox(cfg.cache_path / "relay.sqlite3"),
+            outbox=RelayOutbox(cfg.cache_path / "relay.sqlite3"),
             replica=self._replica,
             seen=self._seen,
             settings=settings,

@@ -95,7 +95,7 @@ def test_a_device_id_of_the_wrong_size_is_a_config_error() -> None:
 
 def test_notice_has_exact_bytes_and_round_trips() -> None:
     data = codec.encode(NOTICE)
-    assert data[0] == MsgType.NOTICE == 8
+    assert data[0] == MsgType.NOTICE == 14
     expected = (
         b"\x08"
         + b"\x05notes"

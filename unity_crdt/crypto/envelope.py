@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, SecurityError
 from .keys import GroupKeys, open_blob, seal_blob
 
-__all__ = ["ENVELOPE_OVERHEAD", "Part", "Reassembler", "RelaySealer"]
+__all__ = ["ENVELOPE_OVERHEAD", "Reassembler", "RelaySealer", "SealedPart"]
 
 _VERSION = 1
 _SENDER = 26
@@ -36,7 +36,7 @@ _MAX_PARTS = 2**16 - 1
 
 
 @dataclass(frozen=True, slots=True)
-class Part:
+class SealedPart:
     """One opened part: who sealed it, which body it belongs to, where it goes."""
 
     sender: str
@@ -92,7 +92,7 @@ class RelaySealer:
             for i, chunk in enumerate(chunks)
         ]
 
-    def open(self, subject: str, data: bytes) -> Part:
+    def open(self, subject: str, data: bytes) -> SealedPart:
         """Authenticate and parse one part; SecurityError for anything else."""
         raw = open_blob(self._key, data, subject.encode())
         pos = 1 + _FRAG + 4
@@ -106,7 +106,7 @@ class RelaySealer:
         sender = raw[pos : pos + _SENDER]
         if len(sender) != _SENDER or not sender.isascii():
             raise SecurityError("relay envelope sender is malformed")
-        return Part(sender.decode("ascii"), frag_id, index, count, raw[pos + _SENDER :])
+        return SealedPart(sender.decode("ascii"), frag_id, index, count, raw[pos + _SENDER :])
 
 
 class Reassembler:
@@ -119,7 +119,7 @@ class Reassembler:
         self._size = 0
         self.dropped = 0
 
-    def add(self, part: Part) -> bytes | None:
+    def add(self, part: SealedPart) -> bytes | None:
         """The whole body once its last part arrived, else None."""
         if part.count == 1:
             return part.chunk

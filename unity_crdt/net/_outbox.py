@@ -41,7 +41,7 @@ class Entry:
     ack: Any = field(default=None, repr=False)  # the broker's pending acknowledgement
 
 
-class Outbox:
+class RelayOutbox:
     """Unacknowledged parts in order, plus the relay cursor, persisted in one SQLite file."""
 
     def __init__(self, path: Path) -> None:

@@ -9,7 +9,7 @@ Theory of operation
 ===================
 
 Outbound. Each update is encoded (`sync.codec.Update`), sealed (`crypto.envelope`), queued in
-the durable `Outbox` and published to the group's stream with a keyed `Nats-Msg-Id`. A part
+the durable `RelayOutbox` and published to the group's stream with a keyed `Nats-Msg-Id`. A part
 leaves the outbox only when the stream acknowledged it; while the broker is unreachable parts
 wait (on disk), and after a reconnect every unacknowledged part is re-sent under its old id,
 which the stream's duplicate window turns into a no-op if it had arrived after all.
@@ -47,7 +47,7 @@ from ..sync.codec import Batch, Hello, Notice, SyncStep1, SyncStep2, Update
 from ..sync.replica import RemoteOrigin, Replica
 from ..sync.session import SeenFilter
 from ..sync.yjs import is_empty_update
-from ._outbox import Entry, Outbox
+from ._outbox import Entry, RelayOutbox
 
 __all__ = ["RELAY_ORIGIN", "Broker", "Relay", "RelaySettings"]
 
@@ -134,7 +134,7 @@ class Relay:
         *,
         broker: Broker,
         sealer: RelaySealer,
-        outbox: Outbox,
+        outbox: RelayOutbox,
         replica: Replica,
         seen: SeenFilter,
         settings: RelaySettings,
