@@ -588,6 +588,7 @@ class Node:
 
     async def _start_relay(self, urls: tuple[str, ...]) -> None:
         from .crypto.envelope import RelaySealer
+        from .net._outbox import RelayOutbox
         from .net.nats import NatsBroker, public_url
         from .net.relay import Relay, RelaySettings
 

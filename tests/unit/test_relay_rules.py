@@ -97,7 +97,7 @@ def test_notice_has_exact_bytes_and_round_trips() -> None:
     data = codec.encode(NOTICE)
     assert data[0] == MsgType.NOTICE == 14
     expected = (
-        b"\x08"
+        b"\x0e"
         + b"\x05notes"
         + bytes([26])
         + DEV.encode()
