@@ -68,7 +68,7 @@ class CountingSink(DirectorySink):
         self.puts: list[list[str]] = []
 
     async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
-        self.puts.append([r.manifest.object_id for r in records])
+        self.puts.append([r.manifest.doc_key for r in records])
         await super().put(tenant, records)
 
 
@@ -89,7 +89,7 @@ async def test_only_dirty_docs_are_written(tmp_path: Path, keys: GroupKeys) -> N
     assert len(sink.puts) == 1
     dev.set("b", b"state b2")
     assert (await dev.cp.checkpoint()).written == ("b",)
-    assert sink.puts[-1] == [dev.cp.object_id("b")]
+    assert sink.puts[-1] == [dev.cp.doc_key("b")]
     assert (await dev.cp.checkpoint(["a"], force=True)).written == ("a",)
     assert (await dev.cp.checkpoint(["a"])).written == ()
     assert dev.cp.status["b"].writes == 2 and dev.cp.status["a"].writes == 2
@@ -140,19 +140,26 @@ async def test_devices_each_write_own_object_and_restore_merges(
     assert sorted(str(text).split("device ")[1:]) == ["0 ", "1 ", "2 "]
 
 
-async def test_chunked_roundtrip_and_stale_chunks_removed(tmp_path: Path, keys: GroupKeys) -> None:
+async def test_chunked_roundtrip_and_older_objects_removed(tmp_path: Path, keys: GroupKeys) -> None:
     dev = Device(keys, DirectorySink(tmp_path), chunk_size=1000)
-    big = os.urandom(10_500)
+    doc: Doc = Doc()
+    doc["t"] = text = Text()
+    text += os.urandom(5_250).hex()
+    big = doc.get_update()
     dev.set("big", big)
     await dev.cp.checkpoint()
-    oid = dev.cp.object_id("big")
-    chunk_dir = tmp_path / keys.tenant / "chunks" / oid
-    assert len(list(chunk_dir.iterdir())) == 11
+    chunk_root = tmp_path / keys.tenant / "chunks"
+    (first,) = chunk_root.iterdir()
+    assert len(list(first.iterdir())) == len(big) // 1000 + 1
     assert (await dev.cp.restore())["big"] == [big]
-    dev.set("big", big[:2500])
-    await dev.cp.checkpoint()
-    assert len(list(chunk_dir.iterdir())) == 3  # the old generation is gone
-    assert (await dev.cp.restore())["big"] == [big[:2500]]
+    del text[100:]
+    small = doc.get_update()
+    dev.set("big", small)
+    report = await dev.cp.checkpoint()
+    assert report.written == ("big",) and report.pruned == 1
+    (second,) = chunk_root.iterdir()  # the older object, dominated, is gone whole
+    assert second != first and len(list(second.iterdir())) == len(small) // 1000 + 1
+    assert (await Device(keys, DirectorySink(tmp_path)).cp.restore())["big"] == [small]
     dev.set("empty", b"")
     await dev.cp.checkpoint()
     assert (await dev.cp.restore(["empty"]))["empty"] == [b""]
@@ -188,7 +195,11 @@ async def test_flipped_byte_refused_with_object_id_others_kept(
     b.set("notes", b"from b")
     await a.cp.checkpoint()
     await b.cp.checkpoint()
-    victim = a.cp.object_id("notes")
+    (victim,) = [
+        m.object_id
+        for m in await sink.manifests(keys.tenant)
+        if m.device == a.cp.device_tag(a.cp.device_id)
+    ]
     (chunk,) = (tmp_path / keys.tenant / "chunks" / victim).iterdir()
     data = bytearray(chunk.read_bytes())
     data[-3] ^= 0x40
@@ -229,7 +240,7 @@ async def test_missing_chunk_is_refused(
     dev.set("b", b"fine")
     await dev.cp.checkpoint()
     m = next(
-        x for x in await dev.cp.sink.manifests(keys.tenant) if x.object_id == dev.cp.object_id("a")
+        x for x in await dev.cp.sink.manifests(keys.tenant) if x.doc_key == dev.cp.doc_key("a")
     )
     (tmp_path / keys.tenant / "chunks" / m.object_id / f"{m.generation}.1").unlink()
     with caplog.at_level(logging.WARNING, logger="unity_crdt.checkpoint"):
