@@ -6,7 +6,7 @@ Three multi-tenant collections, one tenant per sync group (`GroupKeys.tenant`):
 - `UnityCrdtCheckpointChunk`: the sealed chunks, id = `chunk_id(object, gen, index)`;
   properties owner, gen, idx, blob.
 - `UnityCrdtPassage`: the passages of searchable docs, id = `passage_id(doc_key, pid)`;
-  properties doc_key, pid (FIELD), text (WORD, BM25) and the app's vector (HNSW index).
+  properties doc_key, pid (FIELD), text (WORD, BM25) and the app's vector (flat index: exact).
 The first two have no vector index (no vectorizer, no index cost). Every query passes a limit
 or pages, and every request stays under the ~100 MiB gRPC cap.
 
@@ -297,7 +297,9 @@ class WeaviateSink:
                     _field("pid"),
                     Property(name="text", data_type=DataType.TEXT, tokenization=Tokenization.WORD),
                 ],
-                Configure.Vectors.self_provided(),
+                # Exact (flat) search: a group's passages are few enough, and ranking then
+                # follows the embedder exactly (HNSW can miss a lone match among look-alikes).
+                Configure.Vectors.self_provided(vector_index_config=Configure.VectorIndex.flat()),
             ),
         }
         replication = None
