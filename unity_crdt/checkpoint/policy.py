@@ -569,7 +569,7 @@ class Checkpointer:
             (vector,) = await embed(self.embedder, [query])
         q = SearchQuery(query, mode, vector, alpha, limit)
         hits = await self._sink("search", self.sink.search(self.tenant, q))
-        unknown = sorted({h.doc_key for h in hits} - set(self._names))
+        unknown = sorted({h.doc_key for h in hits if h.doc_key not in self._names})
         if unknown:  # learn names from the sealed headers
             self._group(await self._manifests(unknown))
         return [

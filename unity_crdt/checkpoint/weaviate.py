@@ -143,6 +143,7 @@ class WeaviateSink:
         self._client: weaviate.WeaviateAsyncClient | None = None
         self._schema_ready = False
         self._tenants: set[str] = set()
+        self._handles: dict[str, tuple[Any, Any, Any]] = {}  # tenant -> QUORUM handles
         self._connect_lock = asyncio.Lock()
         self.failovers = 0  # times the sink moved to another server
 
@@ -200,6 +201,7 @@ class WeaviateSink:
                 raise CheckpointError(f"Weaviate at {url} is unreachable during {what}") from exc
             if "tenant not found" in text:
                 self._tenants.clear()
+                self._handles.clear()
             if "timed out" in text or "DEADLINE_EXCEEDED" in text:
                 await self._drop(failover=True)
                 raise CheckpointError(f"Weaviate at {url} timed out during {what}") from exc
@@ -210,6 +212,7 @@ class WeaviateSink:
         client, self._client = self._client, None
         self._schema_ready = False
         self._tenants.clear()
+        self._handles.clear()
         if failover and len(self.endpoints) > 1:
             self._at = (self._at + 1) % len(self.endpoints)
             self.failovers += 1
@@ -242,6 +245,9 @@ class WeaviateSink:
         first: the client retries an unreachable server for ~15 s on its own, while the
         Checkpointer should see the failure at once, fail over, and apply its own backoff.
         """
+        handles = self._handles.get(tenant)
+        if handles is not None and not write and self._client is not None:
+            return handles  # the hot path of queries: no lock, no new handle objects
         check_tenant(tenant)
         async with self._connect_lock:
             if self._client is None:
@@ -263,10 +269,13 @@ class WeaviateSink:
                 for col in cols:
                     await self._call("tenant setup", col.tenants.create([Tenant(name=tenant)]))
                 self._tenants.add(tenant)
-        man, chk, pas = (
-            c.with_tenant(tenant).with_consistency_level(ConsistencyLevel.QUORUM) for c in cols
-        )
-        return man, chk, pas
+        handles = self._handles.get(tenant)
+        if handles is None:
+            man, chk, pas = (
+                c.with_tenant(tenant).with_consistency_level(ConsistencyLevel.QUORUM) for c in cols
+            )
+            handles = self._handles[tenant] = (man, chk, pas)
+        return handles
 
     async def _ensure_schema(self, client: weaviate.WeaviateAsyncClient) -> None:
         no_index = Configure.Vectors.self_provided(vector_index_config=Configure.VectorIndex.none())
