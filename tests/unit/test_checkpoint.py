@@ -341,3 +341,31 @@ def test_sink_urls_pick_their_backend_and_unknown_schemes_are_clear(tmp_path: Pa
         open_sink("ftp://host/x")
     with pytest.raises(ConfigError, match="dir:///absolute/path"):
         open_sink("dir://")
+
+
+def test_a_cluster_is_a_tuple_of_urls_each_with_its_grpc_port(tmp_path: Path) -> None:
+    from unity_crdt.checkpoint.weaviate import WeaviateSink
+    from unity_crdt.config import NodeConfig
+
+    urls = ("http://10.0.0.1:8080?grpc=50051", "weaviate://10.0.0.2:8081", "https://db.example")
+    cfg = NodeConfig(name="n", cache_dir=tmp_path, group_secret="s" * 16, weaviate_url=list(urls))  # type: ignore[arg-type]
+    assert cfg.checkpoint_url == cfg.weaviate_url == urls  # lists from TOML become tuples
+    sink = open_sink(urls, cfg)
+    assert isinstance(sink, WeaviateSink)
+    assert [(e.url, e.port, e.grpc_port, e.secure) for e in sink.endpoints] == [
+        ("http://10.0.0.1:8080", 8080, 50051, False),
+        ("http://10.0.0.2:8081", 8081, cfg.weaviate_grpc_port, False),
+        ("https://db.example", 443, cfg.weaviate_grpc_port, True),
+    ]
+    single = NodeConfig(name="n", cache_dir=tmp_path, group_secret="s" * 16, weaviate_url=[urls[0]])  # type: ignore[arg-type]
+    assert single.checkpoint_url == urls[0]
+    with pytest.raises(ConfigError, match="non-empty list"):
+        NodeConfig(name="n", cache_dir=tmp_path, group_secret="s" * 16, weaviate_url=())
+    with pytest.raises(ConfigError, match="grpc port must be a number"):
+        open_sink(("http://h:1?grpc=x", "http://h:2"))
+    with pytest.raises(ConfigError, match="share a scheme"):
+        open_sink(("http://h:1", f"dir://{tmp_path}"))
+    env = NodeConfig.from_env(
+        prefix="UC_TEST_", name="n", cache_dir=tmp_path, group_secret="s" * 16
+    )
+    assert env.checkpoint_url is None

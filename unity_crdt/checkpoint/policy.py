@@ -268,7 +268,23 @@ class Checkpointer:
         self._names[m.doc_key] = head.doc
         return o
 
-    def _group(self, manifests: Iterable[Manifest]) -> dict[str, list[Listed]]:
+    def _group(
+        self, manifests: Sequence[Manifest], scope: Iterable[str] | None = ()
+    ) -> dict[str, list[Listed]]:
+        """Opened objects per doc key. The listing is complete for the doc keys in `scope`
+        (None: every doc), so cached objects of those docs missing from it are forgotten."""
+        present = {m.object_id for m in manifests}
+        keys = None if scope is None else set(scope)
+        gone = [
+            oid
+            for oid, o in self._opened.items()
+            if oid not in present and (keys is None or o.m.doc_key in keys)
+        ]
+        for oid in gone:
+            del self._opened[oid]
+            self._seen.discard(oid)
+        if keys is None:
+            self._seen &= present
         out: dict[str, list[Listed]] = {}
         for m in manifests:
             o = self._opened_obj(m)
@@ -386,7 +402,8 @@ class Checkpointer:
 
     async def _write(self, batch: list[_Doc], tally: _Tally) -> list[str]:
         """Checkpoint one batch of docs: skip, write, prune, index. Returns the docs done."""
-        listed = self._group(await self._manifests(sorted({d.key for d in batch})))
+        keys = sorted({d.key for d in batch})
+        listed = self._group(await self._manifests(keys), keys)
         # A doc whose state a stored object already holds needs no new object.
         holders: dict[str, Listed] = {}
         for d in batch:
@@ -502,9 +519,10 @@ class Checkpointer:
                 progress(self.progress)
 
         try:
+            scope: Sequence[str] | None = doc_keys
             for attempt in range(RESTORE_ROUNDS):
                 todo: list[Listed] = []
-                for key, group in self._group(listing).items():
+                for key, group in self._group(listing, scope).items():
                     held = got.get(key, []) + (self._known.get(key, []) if changed_only else [])
                     for o in maximal(group):
                         if (
@@ -539,7 +557,8 @@ class Checkpointer:
                         self._remember(o.m.doc_key, o.cover)
                 if not again:
                     break
-                listing = await self._manifests(sorted(again))
+                scope = sorted(again)
+                listing = await self._manifests(scope)
         finally:
             self.progress = None
         return out

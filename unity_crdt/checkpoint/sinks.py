@@ -68,14 +68,14 @@ def open_sink(url: str | Sequence[str], config: NodeConfig | None = None) -> Che
     urls = (url,) if isinstance(url, str) else tuple(url)
     if not urls:
         raise ConfigError("no checkpoint URL given")
-    schemes = {urlsplit(u).scheme.lower() for u in urls}
-    if len(schemes) > 1:
+    schemes = [urlsplit(u).scheme.lower() for u in urls]
+    for scheme in schemes:
+        if scheme not in _REGISTRY:
+            raise ConfigError(
+                f"no checkpoint sink for {scheme or 'a URL without a scheme'}:// in {url!r} "
+                f"(known: {', '.join(registered_schemes())})"
+            )
+    factory = _REGISTRY[schemes[0]]
+    if any(_REGISTRY[s] is not factory for s in schemes):
         raise ConfigError(f"the URLs of one checkpoint store must share a scheme: {urls!r}")
-    scheme = schemes.pop()
-    factory = _REGISTRY.get(scheme)
-    if factory is None:
-        raise ConfigError(
-            f"no checkpoint sink for {scheme or 'a URL without a scheme'}:// in {url!r} "
-            f"(known: {', '.join(registered_schemes())})"
-        )
     return factory(urls[0] if len(urls) == 1 else urls, config)
