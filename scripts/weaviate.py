@@ -2,12 +2,15 @@
 
     python scripts/weaviate.py install    # go install weaviate-server once (skipped when present)
     python scripts/weaviate.py start      # detached server; writes .weaviate/state.json
-    python scripts/weaviate.py stop       # stops the server named in .weaviate/state.json
-    python scripts/weaviate.py run        # foreground server until Ctrl-C
+    python scripts/weaviate.py start --servers 3   # a 3-server cluster instead
+    python scripts/weaviate.py stop       # stops the server(s) named in .weaviate/state.json
+    python scripts/weaviate.py run        # foreground server (or --servers 3) until Ctrl-C
 
 Tests and benchmarks import `WeaviateServer`, a context manager that picks free loopback ports,
-starts the server in a fresh data dir and stops it again. The environment is described in
-docs/operations.md: telemetry off, bound to 127.0.0.1, no 6060 debug port.
+starts the server in a fresh data dir and stops it again, and `WeaviateCluster`, the same for
+several servers that form one Weaviate cluster (Raft for the schema, replicated data). The
+environment is described in docs/operations.md: telemetry off, bound to 127.0.0.1, no 6060
+debug port.
 """
 
 from __future__ import annotations
@@ -159,7 +162,11 @@ class WeaviateServer:
         grpc_port: int = 0,
         binary: str | Path | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        hostname: str = "node1",
+        cluster_env: dict[str, str] | None = None,
     ) -> None:
+        self.hostname = hostname
+        self.cluster_env = dict(cluster_env or {})  # set by WeaviateCluster
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="weaviate-")
@@ -190,6 +197,8 @@ class WeaviateServer:
         return self.data_dir / LOG_NAME
 
     def _pick_ports(self) -> None:
+        if self.cluster_env:  # a cluster member: its ports are part of the others' settings
+            return
         self.http_port = self._fixed[0] or _free_run(1)
         self.grpc_port = self._fixed[1] or _free_run(1)
         self.gossip_port = _free_run(2, udp_first=True)
@@ -203,7 +212,7 @@ class WeaviateServer:
             "HOME": d,
             "AUTHENTICATION_ANONYMOUS_ACCESS_ENABLED": "true",
             "PERSISTENCE_DATA_PATH": d,
-            "CLUSTER_HOSTNAME": "node1",
+            "CLUSTER_HOSTNAME": self.hostname,
             "CLUSTER_BIND_ADDR": HOST,
             "CLUSTER_GOSSIP_BIND_PORT": str(self.gossip_port),
             "CLUSTER_DATA_BIND_PORT": str(self.gossip_port + 1),
@@ -220,6 +229,7 @@ class WeaviateServer:
             "DISK_USE_READONLY_PERCENTAGE": "0",
             "LOG_LEVEL": "warning",
             "LOG_FORMAT": "text",
+            **self.cluster_env,
         }
 
     def _spawn(self, detach: bool) -> None:
@@ -340,27 +350,155 @@ class WeaviateServer:
         self.close()
 
 
+class WeaviateCluster:
+    """`size` weaviate-servers on loopback forming one cluster (as Weaviate's own dev tooling
+    runs three on one host); a context manager. Server i is `weaviate-i`; all share RAFT_JOIN
+    and RAFT_BOOTSTRAP_EXPECT=size, and join server 0's gossip port."""
+
+    def __init__(
+        self,
+        size: int = 3,
+        root: str | Path | None = None,
+        *,
+        binary: str | Path | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+        env: dict[str, str] | None = None,
+        fixed_ports: bool = False,
+    ) -> None:
+        """`env` adds server settings, e.g. ASYNC_REPLICATION_FREQUENCY=5s for tests.
+        `fixed_ports` uses Weaviate's dev layout (HTTP 8080+i, gRPC 50051+i, gossip 7100+2i,
+        Raft 8300+2i), so a detached cluster restarts on the same addresses."""
+        self.fixed_ports = fixed_ports
+        if size < 1:
+            raise ValueError("a cluster has at least one server")
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="weaviate-cluster-")
+            root = self._tmp.name
+        self.root = Path(root).resolve()
+        self.servers = [
+            WeaviateServer(
+                self.root / f"weaviate-{i}",
+                binary=binary,
+                ready_timeout=ready_timeout,
+                hostname=f"weaviate-{i}",
+                cluster_env={"CLUSTER_IN_LOCALHOST": "true", **(env or {})},
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        """Every server's URL with its gRPC port: `http://127.0.0.1:HTTP?grpc=GRPC`."""
+        return [f"{s.url}?grpc={s.grpc_port}" for s in self.servers]
+
+    def _configure(self) -> None:
+        taken: set[int] = set()
+
+        def pick(length: int, udp: bool = False) -> int:
+            while True:
+                port = _free_run(length, udp_first=udp)
+                if not taken & set(range(port, port + length)):
+                    taken.update(range(port, port + length))
+                    return port
+
+        for i, s in enumerate(self.servers):
+            if self.fixed_ports:
+                s.http_port, s.grpc_port = 8080 + i, 50051 + i
+                s.gossip_port, s.raft_port = 7100 + 2 * i, 8300 + 2 * i
+            else:
+                s.http_port, s.grpc_port = pick(1), pick(1)
+                s.gossip_port, s.raft_port = pick(2, udp=True), pick(2)
+        join = ",".join(f"{s.hostname}:{s.raft_port}" for s in self.servers)
+        for i, s in enumerate(self.servers):
+            s.cluster_env.update(RAFT_JOIN=join, RAFT_BOOTSTRAP_EXPECT=str(len(self.servers)))
+            if i:
+                s.cluster_env["CLUSTER_JOIN"] = f"localhost:{self.servers[0].gossip_port}"
+
+    def start(self, *, attempts: int = 3, detach: bool = False) -> WeaviateCluster:
+        """Pick ports, start every server, wait until all are ready (retry with new ports)."""
+        error: WeaviateStartError | None = None
+        for _ in range(attempts):
+            self._configure()
+            for s in self.servers:
+                s._spawn(detach)
+            try:
+                for s in self.servers:  # they bootstrap together: wait for each in turn
+                    s._wait_ready()
+                self._wait_leader()
+                return self
+            except WeaviateStartError as exc:
+                error = exc
+                for s in self.servers:
+                    s._terminate(5)
+        assert error is not None
+        raise error
+
+    def _wait_leader(self) -> None:
+        """Wait until every server counts all members and names the same Raft leader."""
+        deadline = time.monotonic() + self.servers[0].ready_timeout
+        url = f"{self.servers[0].url}/v1/cluster/statistics"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    stats = json.loads(r.read())["statistics"]
+                leaders = {s.get("leaderId") for s in stats}
+                if len(stats) == len(self.servers) and len(leaders) == 1 and None not in leaders:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        raise WeaviateStartError("the cluster elected no Raft leader in time")
+
+    def close(self) -> None:
+        """Stop every server and remove the data dirs if they were temporary."""
+        for s in self.servers:
+            s.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> WeaviateCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def _cmd_start(args: argparse.Namespace) -> None:
     if STATE_FILE.exists():
         state = json.loads(STATE_FILE.read_text())
-        if _alive(state["pid"]):
-            print(f"weaviate: already running (pid {state['pid']}) at {state['url']}")
+        if any(_alive(pid) for pid in _pids(state)):
+            print(f"weaviate: already running (pids {_pids(state)})")
             return
     data = Path(args.data_dir or STATE_DIR / "data")
-    server = WeaviateServer(data, http_port=args.port, grpc_port=args.grpc_port)
-    server.start(detach=True)
-    state = {
-        "pid": server.pid,
-        "url": server.url,
-        "http_port": server.http_port,
-        "grpc_port": server.grpc_port,
-        "gossip_port": server.gossip_port,
-        "raft_port": server.raft_port,
-        "data_dir": str(server.data_dir),
-    }
+    servers: list[WeaviateServer]
+    if args.servers > 1:
+        cluster = WeaviateCluster(args.servers, data, fixed_ports=True)
+        cluster.start(detach=True)
+        servers, urls = cluster.servers, cluster.urls
+    else:
+        server = WeaviateServer(data, http_port=args.port, grpc_port=args.grpc_port)
+        server.start(detach=True)
+        servers, urls = [server], [f"{server.url}?grpc={server.grpc_port}"]
+    state = {"pids": [s.pid for s in servers], "urls": urls, "data_dir": str(data)}
     STATE_DIR.mkdir(exist_ok=True)
     STATE_FILE.write_text(json.dumps(state, indent=2))
-    print(f"weaviate: ready at {server.url} (gRPC {server.grpc_port}), pid {server.pid}")
+    for s in servers:
+        print(f"weaviate: ready at {s.url} (gRPC {s.grpc_port}), pid {s.pid}")
+    if len(servers) > 1:
+        print(f"weaviate: cluster of {len(servers)}; give nodes all of: {','.join(urls)}")
+
+
+def _pids(state: dict[str, object]) -> list[int]:
+    """The server pids of a state file (older ones held a single "pid")."""
+    found = state.get("pids", [state.get("pid")])
+    return [int(p) for p in found if p is not None] if isinstance(found, list) else []
 
 
 def _alive(pid: int) -> bool:
@@ -375,20 +513,30 @@ def _cmd_stop(_: argparse.Namespace) -> None:
     if not STATE_FILE.exists():
         print("weaviate: not running (no .weaviate/state.json)")
         return
-    pid = int(json.loads(STATE_FILE.read_text())["pid"])
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    pids = _pids(json.loads(STATE_FILE.read_text()))
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     STATE_FILE.unlink()
-    print(f"weaviate: stopped pid {pid}")
+    print(f"weaviate: stopped pid(s) {', '.join(map(str, pids))}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
     data = Path(args.data_dir or STATE_DIR / "data")
+    if args.servers > 1:
+        with WeaviateCluster(args.servers, data, fixed_ports=True) as cluster:
+            print(f"weaviate: cluster ready at {','.join(cluster.urls)}; Ctrl-C stops it")
+            with contextlib.suppress(KeyboardInterrupt):
+                for s in cluster.servers:
+                    assert s.proc is not None
+                    s.proc.wait()
+        return
     with WeaviateServer(data, http_port=args.port, grpc_port=args.grpc_port) as server:
         print(f"weaviate: ready at {server.url} (gRPC {server.grpc_port}); Ctrl-C stops it")
         with contextlib.suppress(KeyboardInterrupt):
@@ -406,6 +554,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free)")
         p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0 = any free)")
         p.add_argument("--data-dir", help="data directory (default .weaviate/data)")
+        p.add_argument(
+            "--servers",
+            type=int,
+            default=1,
+            help="servers: 1, or 3 for a cluster on ports 8080-8082, gRPC 50051-50053",
+        )
     sub.add_parser("stop", help="stop the server started by `start`")
     args = parser.parse_args(argv)
     if args.cmd == "install":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,10 @@ def _check_origin_entry(entry: object) -> None:
         raise ConfigError(f"yjs_origins: {entry!r} names no host (only file:// and app:// may)")
 
 
+Embedder = Callable[[list[str]], list[list[float]] | Awaitable[list[list[float]]]]
+"""An app's embedding function, sync or async: texts in, one vector per text out."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Configuration of one Node. Secrets are excluded from the repr."""
@@ -52,15 +56,18 @@ class NodeConfig:
     # mDNS interfaces. Loopback only when discovery itself runs on loopback.
     mdns_allow: tuple[str, ...] = ()
     # Where checkpoints go, by URL scheme: "weaviate://host:8080?grpc=50051", "dir:///path"
-    # (unity_crdt.checkpoint.sinks). `weaviate_url` ("http://host:8080") is an alias.
-    checkpoint_url: str | None = None
-    weaviate_url: str | None = None
+    # (unity_crdt.checkpoint.sinks); a tuple of URLs names the servers of one cluster.
+    # `weaviate_url` ("http://host:8080") is an alias.
+    checkpoint_url: str | tuple[str, ...] | None = None
+    weaviate_url: str | tuple[str, ...] | None = None
     weaviate_grpc_port: int = 50051
     weaviate_api_key: str | None = field(default=None, repr=False)
     checkpoint_interval: float = 30.0
     pull_interval: float | None = 60.0
     restore_on_start: bool = False
     searchable: tuple[str, ...] = ()
+    # Gives passages of searchable docs vectors, for search by meaning (sync or async).
+    embedder: Embedder | None = field(default=None, repr=False, compare=False)
     anti_entropy_interval: float = 30.0
     ping_interval: float = 10.0
     idle_timeout: float = 30.0
@@ -125,6 +132,15 @@ class NodeConfig:
         for url in self.peers:
             PeerAddress.parse(url)
         check_scheme(self.transport)
+        for knob in ("checkpoint_url", "weaviate_url"):
+            value = getattr(self, knob)
+            if value is not None and not isinstance(value, str):
+                urls = tuple(value)
+                if not urls or not all(isinstance(u, str) and u for u in urls):
+                    raise ConfigError(f"{knob} must be a URL or a non-empty list of URLs")
+                object.__setattr__(self, knob, urls[0] if len(urls) == 1 else urls)
+        if self.embedder is not None and not callable(self.embedder):
+            raise ConfigError("embedder must be a callable: list[str] -> list[list[float]]")
         if self.weaviate_url is not None:
             if self.checkpoint_url is None:
                 object.__setattr__(self, "checkpoint_url", self.weaviate_url)
@@ -173,6 +189,9 @@ class NodeConfig:
                 values[key] = tuple(values[key])
         if isinstance(values.get("relay_url"), list):
             values["relay_url"] = tuple(values["relay_url"])
+        for key in ("checkpoint_url", "weaviate_url"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         try:
             return cls(**values)
         except TypeError as exc:
@@ -196,6 +215,8 @@ class NodeConfig:
             if raw is None:
                 continue
             kind = str(f.type)
+            if f.name == "embedder":
+                continue  # a callable: only from code
             if "tuple" in kind:
                 values[f.name] = tuple(x for x in raw.split(",") if x)
             elif "bool" in kind:

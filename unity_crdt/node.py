@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pycrdt
@@ -45,8 +45,8 @@ from .sync.session import PullGate, SeenFilter, SyncSession
 from .sync.yjs import read_state_vector
 
 if TYPE_CHECKING:
-    from .checkpoint.format import CheckpointSink, DocHit
-    from .checkpoint.policy import Checkpointer
+    from .checkpoint.format import CheckpointSink, DocHit, SearchMode
+    from .checkpoint.policy import Checkpointer, RestoreProgress
     from .frontends.ywebsocket import YWebsocketEndpoint
     from .net.mdns import Discovery
     from .net.relay import Relay
@@ -158,15 +158,23 @@ class Node:
         if report.failed:
             raise CheckpointError(f"checkpoint failed for {len(report.failed)} doc(s)")
 
-    async def restore(self) -> list[str]:
-        """Merge every device's checkpoint of every doc of the group; return the docs touched."""
-        states = await self._require_checkpointer().restore()
+    async def restore(
+        self, *, progress: Callable[[RestoreProgress], None] | None = None
+    ) -> list[str]:
+        """Merge the group's checkpoint of every doc; return the docs touched.
+
+        `progress` is called as objects are read (for a progress bar).
+        """
+        states = await self._require_checkpointer().restore(progress=progress)
         self._apply_checkpoints(states)
         return sorted(states)
 
-    async def search(self, query: str, limit: int = 10) -> list[DocHit]:
-        """Keyword (BM25) search over the checkpointed text of searchable docs."""
-        return await self._require_checkpointer().search(query, limit)
+    async def search(
+        self, query: str, limit: int = 10, mode: SearchMode | None = None, alpha: float = 0.5
+    ) -> list[DocHit]:
+        """Search the checkpointed passages of searchable docs: "keyword" (BM25), "vector"
+        (by meaning) or "hybrid"; None = hybrid with an embedder, keyword without."""
+        return await self._require_checkpointer().search(query, limit, mode, alpha)
 
     @property
     def ywebsocket(self) -> YWebsocketEndpoint:
@@ -538,6 +546,8 @@ class Node:
             text_of=self._text_of,
             ledger_path=cfg.cache_path / "checkpoints.json",
             on_written=self._send_notice,
+            embedder=cfg.embedder,
+            vector_file=cfg.cache_path / "passage-vectors.bin",
         )
         self._checkpointer = cp
         # Docs loaded from the cache may be newer than any checkpoint (offline edits).
@@ -562,7 +572,8 @@ class Node:
                     log.warning("a checkpoint of one doc could not be merged: %s", exc)
 
     def _text_of(self, name: str) -> str | None:
-        """The plain-text projection of a searchable doc: its Text roots, in name order."""
+        """The plain text of a searchable doc: its Text roots in name order, each its own
+        paragraph (passages are the blank-line separated paragraphs)."""
         if name not in self.config.searchable:
             return None
         doc = self._replica.doc(name)
@@ -571,7 +582,7 @@ class Node:
             value = doc[key] if key in doc._roots and doc._roots[key] is not None else None
             if isinstance(value, pycrdt.Text):
                 parts.append(str(value))
-        return "\n".join(parts)
+        return "\n\n".join(parts)
 
     async def _final_checkpoint(self, cp: Checkpointer) -> None:
         try:

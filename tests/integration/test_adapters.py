@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pycrdt
@@ -18,10 +18,10 @@ import pytest
 from meshkit import eventually, node_config
 
 from unity_crdt import Node
-from unity_crdt.checkpoint.format import Manifest, SearchHit, SinkRecord, snippet_of
+from unity_crdt.checkpoint.format import Manifest, Passage, SearchHit, SearchQuery, SinkRecord
 from unity_crdt.checkpoint.sinks import register_sink
 from unity_crdt.config import NodeConfig
-from unity_crdt.errors import ChannelClosed
+from unity_crdt.errors import ChannelClosed, CheckpointError
 from unity_crdt.ids import PeerAddress
 from unity_crdt.net.channel import Channel, Listener, OnChannel, register_transport
 from unity_crdt.net.websocket import WebsocketTransport
@@ -122,48 +122,63 @@ STORES: dict[str, dict[str, dict[str, object]]] = {}
 
 
 class KvSink:
-    """Manifests, chunks and text in a dict of tenants (a stand-in for any object store)."""
+    """Manifests, chunks and passages in a dict of tenants (a stand-in for any object store).
+
+    It has no search engine: it passes the contract with `search=False`.
+    """
 
     def __init__(self, name: str) -> None:
         self.data = STORES.setdefault(name, {})
 
     async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
         t = self.data.setdefault(tenant, {})
-        for rec in records:  # chunks first, then the manifest, then stale chunks go
-            t[f"chunks/{rec.manifest.object_id}/{rec.manifest.generation}"] = list(rec.chunks)
+        for rec in records:  # chunks first, then the manifest
+            t[f"chunks/{rec.manifest.object_id}"] = list(rec.chunks)
         for rec in records:
-            t[f"manifest/{rec.manifest.object_id}"] = (rec.manifest, rec.text)
-        for rec in records:
-            prefix = f"chunks/{rec.manifest.object_id}/"
-            for key in [k for k in t if k.startswith(prefix)]:
-                if not key.endswith("/" + rec.manifest.generation):
-                    del t[key]
+            t[f"manifest/{rec.manifest.object_id}"] = rec.manifest
 
     async def manifests(self, tenant: str, doc_keys: Sequence[str] | None = None) -> list[Manifest]:
         keys = None if doc_keys is None else set(doc_keys)
         out = []
-        for key, value in self.data.get(tenant, {}).items():
-            if key.startswith("manifest/"):
-                m = value[0]  # type: ignore[index]
-                if keys is None or m.doc_key in keys:
-                    out.append(m)
+        for key, m in self.data.get(tenant, {}).items():
+            is_manifest = key.startswith("manifest/") and isinstance(m, Manifest)
+            if is_manifest and (keys is None or m.doc_key in keys):  # type: ignore[union-attr]
+                out.append(m)  # type: ignore[arg-type]
         return out
 
     async def chunks(self, tenant: str, manifests: Sequence[Manifest]) -> dict[str, list[bytes]]:
         t = self.data.get(tenant, {})
-        return {
-            m.object_id: list(t.get(f"chunks/{m.object_id}/{m.generation}", []))  # type: ignore[call-overload]
-            for m in manifests
-        }
+        return {m.object_id: list(t.get(f"chunks/{m.object_id}", [])) for m in manifests}  # type: ignore[call-overload]
 
-    async def search(self, tenant: str, query: str, limit: int) -> list[SearchHit]:
-        hits = []
-        for key, value in self.data.get(tenant, {}).items():
-            if key.startswith("manifest/"):
-                m, text = value  # type: ignore[misc]
-                if text and query.lower() in text.lower():
-                    hits.append(SearchHit(m.doc_key, m.device, 1.0, snippet_of(text, query)))
-        return hits[:limit]
+    async def confirm(self, tenant: str, manifests: Sequence[Manifest]) -> set[str]:
+        t = self.data.get(tenant, {})
+        return {m.object_id for m in manifests if f"manifest/{m.object_id}" in t}
+
+    async def delete(self, tenant: str, manifests: Sequence[Manifest]) -> None:
+        t = self.data.get(tenant, {})
+        for m in manifests:
+            t.pop(f"manifest/{m.object_id}", None)
+            t.pop(f"chunks/{m.object_id}", None)
+
+    async def passage_ids(self, tenant: str, doc_keys: Sequence[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for key, p in self.data.get(tenant, {}).items():
+            if key.startswith("passage/") and isinstance(p, Passage) and p.doc_key in doc_keys:
+                out.setdefault(p.doc_key, set()).add(p.pid)
+        return out
+
+    async def put_passages(
+        self, tenant: str, add: Sequence[Passage], remove: Mapping[str, Sequence[str]]
+    ) -> None:
+        t = self.data.setdefault(tenant, {})
+        for p in add:
+            t[f"passage/{p.doc_key}/{p.pid}"] = p
+        for doc_key, pids in remove.items():
+            for pid in pids:
+                t.pop(f"passage/{doc_key}/{pid}", None)
+
+    async def search(self, tenant: str, query: SearchQuery) -> list[SearchHit]:
+        raise CheckpointError("kv:// has no search engine")
 
     async def close(self) -> None:
         pass
@@ -190,7 +205,7 @@ async def test_websocket_and_memory_transports_meet_the_channel_contract() -> No
 
 
 async def test_kv_sink_meets_the_sink_contract() -> None:
-    await check_sink(lambda: KvSink("contract"))
+    await check_sink(lambda: KvSink("contract"), search=False)
 
 
 async def test_channel_contract_catches_a_transport_that_reorders() -> None:

@@ -76,7 +76,7 @@ class CountingSink(DirectorySink):
         self.puts: list[list[str]] = []
 
     async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
-        self.puts.append([r.manifest.object_id for r in records])
+        self.puts.append([r.manifest.doc_key for r in records])
         await super().put(tenant, records)
 
 
@@ -113,7 +113,7 @@ async def test_only_dirty_docs_are_written(tmp_path: Path, keys: GroupKeys) -> N
     assert len(sink.puts) == 1
     dev.set("b", b"state b2")
     assert (await dev.cp.checkpoint()).written == ("b",)
-    assert sink.puts[-1] == [dev.cp.object_id("b")]
+    assert sink.puts[-1] == [dev.cp.doc_key("b")]
     assert (await dev.cp.checkpoint(["a"], force=True)).written == ("a",)
     assert (await dev.cp.checkpoint(["a"])).written == ()
     assert dev.cp.status["b"].writes == 2 and dev.cp.status["a"].writes == 2
@@ -164,19 +164,26 @@ async def test_devices_each_write_own_object_and_restore_merges(
     assert sorted(str(text).split("device ")[1:]) == ["0 ", "1 ", "2 "]
 
 
-async def test_chunked_roundtrip_and_stale_chunks_removed(tmp_path: Path, keys: GroupKeys) -> None:
+async def test_chunked_roundtrip_and_older_objects_removed(tmp_path: Path, keys: GroupKeys) -> None:
     dev = Device(keys, DirectorySink(tmp_path), chunk_size=1000)
-    big = os.urandom(10_500)
+    doc: Doc = Doc()
+    doc["t"] = text = Text()
+    text += os.urandom(5_250).hex()
+    big = doc.get_update()
     dev.set("big", big)
     await dev.cp.checkpoint()
-    oid = dev.cp.object_id("big")
-    chunk_dir = tmp_path / keys.tenant / "chunks" / oid
-    assert len(list(chunk_dir.iterdir())) == 11
+    chunk_root = tmp_path / keys.tenant / "chunks"
+    (first,) = chunk_root.iterdir()
+    assert len(list(first.iterdir())) == len(big) // 1000 + 1
     assert (await dev.cp.restore())["big"] == [big]
-    dev.set("big", big[:2500])
-    await dev.cp.checkpoint()
-    assert len(list(chunk_dir.iterdir())) == 3  # the old generation is gone
-    assert (await dev.cp.restore())["big"] == [big[:2500]]
+    del text[100:]
+    small = doc.get_update()
+    dev.set("big", small)
+    report = await dev.cp.checkpoint()
+    assert report.written == ("big",) and report.pruned == 1
+    (second,) = chunk_root.iterdir()  # the older object, dominated, is gone whole
+    assert second != first and len(list(second.iterdir())) == len(small) // 1000 + 1
+    assert (await Device(keys, DirectorySink(tmp_path)).cp.restore())["big"] == [small]
     dev.set("empty", b"")
     await dev.cp.checkpoint()
     assert (await dev.cp.restore(["empty"]))["empty"] == [b""]
@@ -212,7 +219,11 @@ async def test_flipped_byte_refused_with_object_id_others_kept(
     b.set("notes", b"from b")
     await a.cp.checkpoint()
     await b.cp.checkpoint()
-    victim = a.cp.object_id("notes")
+    (victim,) = [
+        m.object_id
+        for m in await sink.manifests(keys.tenant)
+        if m.device == a.cp.device_tag(a.cp.device_id)
+    ]
     (chunk,) = (tmp_path / keys.tenant / "chunks" / victim).iterdir()
     data = bytearray(chunk.read_bytes())
     data[-3] ^= 0x40
@@ -253,7 +264,7 @@ async def test_missing_chunk_is_refused(
     dev.set("b", b"fine")
     await dev.cp.checkpoint()
     m = next(
-        x for x in await dev.cp.sink.manifests(keys.tenant) if x.object_id == dev.cp.object_id("a")
+        x for x in await dev.cp.sink.manifests(keys.tenant) if x.doc_key == dev.cp.doc_key("a")
     )
     (tmp_path / keys.tenant / "chunks" / m.object_id / f"{m.generation}.1").unlink()
     with caplog.at_level(logging.WARNING, logger="unity_crdt.checkpoint"):
@@ -356,6 +367,25 @@ def test_sink_urls_pick_their_backend_and_unknown_schemes_are_clear(tmp_path: Pa
         open_sink("dir://")
 
 
+async def _manifest_path(
+    root: Path, sink: DirectorySink, keys: GroupKeys, cp: Checkpointer, doc: str
+) -> Path:
+    """The manifest file of the one stored object of `doc`."""
+    [m] = [m for m in await sink.manifests(keys.tenant) if m.doc_key == cp.doc_key(doc)]
+    return manifest_file(root, keys, m.object_id)
+
+
+def _text_states(*texts: str) -> list[bytes]:
+    """The full states of one doc after each text is appended: a device's states only grow."""
+    doc: Doc = Doc()
+    text = doc.get("t", type=Text)
+    out = []
+    for t in texts:
+        text += t
+        out.append(doc.get_update())
+    return out
+
+
 async def test_f9_clear_parts_are_checked_against_the_sealed_header_before_any_fetch(
     tmp_path: Path, keys: GroupKeys, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -364,7 +394,8 @@ async def test_f9_clear_parts_are_checked_against_the_sealed_header_before_any_f
     dev.set("big", b"0123456789")
     dev.set("ok", b"fine")
     await dev.cp.checkpoint()
-    path = manifest_file(tmp_path, keys, dev.cp.object_id("big"))
+    path = await _manifest_path(tmp_path, sink, keys, dev.cp, "big")
+    ok_id = (await _manifest_path(tmp_path, sink, keys, dev.cp, "ok")).stem
     honest = json.loads(path.read_bytes())
     assert honest["parts"] == 3
     # The store rewrites the clear fields sinks fetch by: a huge part count, a huge size.
@@ -373,7 +404,7 @@ async def test_f9_clear_parts_are_checked_against_the_sealed_header_before_any_f
         sink.asked.clear()
         with caplog.at_level(logging.WARNING, logger="unity_crdt.checkpoint"):
             assert await Device(keys, sink).cp.restore() == {"ok": [b"fine"]}
-        assert [m.object_id for m in sink.asked] == [dev.cp.object_id("ok")], lie
+        assert [m.object_id for m in sink.asked] == [ok_id], lie
         assert any("refused" in r.getMessage() for r in caplog.records)
     # A member can seal a header whose part count disagrees with its size: refused as well.
     doc_key, device, gen, n = (
@@ -385,7 +416,7 @@ async def test_f9_clear_parts_are_checked_against_the_sealed_header_before_any_f
     header = encode_header("forged", dev.cp.device_id, b"0123456789", seq=1, chunk=4)
     aad = record_aad(keys.tenant, b"H", doc_key, device, gen, -1, n)
     forged = Manifest(
-        dev.cp.object_id("forged"),
+        dev.cp.object_id("forged", dev.cp.device_id, gen),
         doc_key,
         device,
         gen,
@@ -400,22 +431,25 @@ async def test_f9_clear_parts_are_checked_against_the_sealed_header_before_any_f
     assert forged.object_id not in {m.object_id for m in sink.asked}
 
 
-async def test_f10_an_older_or_deleted_checkpoint_is_detected_and_remembered(
+async def test_f10_an_older_or_lost_checkpoint_is_detected_and_remembered(
     tmp_path: Path, keys: GroupKeys
 ) -> None:
+    v1, v2, v3 = _text_states("one ", "two ", "three")
     store = tmp_path / "store"
     sink = DirectorySink(store)
     writer = Device(keys, sink, ledger_path=tmp_path / "writer.json")
-    writer.set("d", b"v1")
+    writer.set("d", v1)
     await writer.cp.checkpoint()
     ledger = tmp_path / "reader.json"
     reader = Device(keys, sink, ledger_path=ledger)
-    assert await reader.cp.restore() == {"d": [b"v1"]}
+    assert await reader.cp.restore() == {"d": [v1]}
     old = tmp_path / "old"
     shutil.copytree(store, old)
-    writer.set("d", b"v2")
-    await writer.cp.checkpoint()
-    assert await reader.cp.restore() == {"d": [b"v2"]}
+    writer.clock.now += 1
+    writer.set("d", v2)
+    await writer.cp.checkpoint()  # the new write holds the old one, which is pruned
+    assert len(await sink.manifests(keys.tenant)) == 1
+    assert await reader.cp.restore() == {"d": [v2]}
     assert reader.cp.warnings == ()
     assert ledger.stat().st_mode & 0o777 == 0o600
     # The store serves the first write again (its own consistent, sealed copy of it).
@@ -423,12 +457,13 @@ async def test_f10_an_older_or_deleted_checkpoint_is_detected_and_remembered(
     shutil.copytree(old, store)
     again = Device(keys, sink, ledger_path=ledger)  # the reader, restarted from its cache
     assert await again.cp.restore() == {}
-    [warning] = again.cp.warnings
-    assert "older checkpoint of doc 'd'" in warning and "refused" in warning
+    assert any("older checkpoint of doc 'd'" in w and "refused" in w for w in again.cp.warnings)
+    assert any("gone from the store" in w for w in again.cp.warnings)
     # A device with no memory of the newer write cannot tell (docs/security.md says so).
-    assert await Device(keys, sink).cp.restore() == {"d": [b"v1"]}
-    # The store drops the object: the reader says so; the writer, seeing its own gone, rewrites it.
-    manifest_file(store, keys, writer.cp.object_id("d")).unlink()
+    assert await Device(keys, sink).cp.restore() == {"d": [v1]}
+    # The store drops everything: the reader says so; the writer, seeing its own gone,
+    # writes it again.
+    shutil.rmtree(store)
     assert await again.cp.restore() == {}
     assert any("gone from the store" in w for w in again.cp.warnings)
     writer.cp._dirty.clear()
@@ -437,7 +472,36 @@ async def test_f10_an_older_or_deleted_checkpoint_is_detected_and_remembered(
     # The writer's counter keeps rising across restarts, even if its clock stands still.
     restarted = Device(keys, sink, ledger_path=tmp_path / "writer.json")
     restarted.cp.device_id = writer.cp.device_id
-    restarted.set("d", b"v3")
+    restarted.clock.now = writer.clock.now - 100
+    restarted.set("d", v3)
     await restarted.cp.checkpoint()
-    assert await again.cp.restore() == {"d": [b"v3"]}
+    assert await again.cp.restore() == {"d": [v3]}
     assert not any("gone" in w for w in again.cp.warnings)
+
+
+def test_a_cluster_is_a_tuple_of_urls_each_with_its_grpc_port(tmp_path: Path) -> None:
+    from unity_crdt.checkpoint.weaviate import WeaviateSink
+    from unity_crdt.config import NodeConfig
+
+    urls = ("http://10.0.0.1:8080?grpc=50051", "weaviate://10.0.0.2:8081", "https://db.example")
+    cfg = NodeConfig(name="n", cache_dir=tmp_path, group_secret="s" * 16, weaviate_url=list(urls))  # type: ignore[arg-type]
+    assert cfg.checkpoint_url == cfg.weaviate_url == urls  # lists from TOML become tuples
+    sink = open_sink(urls, cfg)
+    assert isinstance(sink, WeaviateSink)
+    assert [(e.url, e.port, e.grpc_port, e.secure) for e in sink.endpoints] == [
+        ("http://10.0.0.1:8080", 8080, 50051, False),
+        ("http://10.0.0.2:8081", 8081, cfg.weaviate_grpc_port, False),
+        ("https://db.example", 443, cfg.weaviate_grpc_port, True),
+    ]
+    single = NodeConfig(name="n", cache_dir=tmp_path, group_secret="s" * 16, weaviate_url=[urls[0]])  # type: ignore[arg-type]
+    assert single.checkpoint_url == urls[0]
+    with pytest.raises(ConfigError, match="non-empty list"):
+        NodeConfig(name="n", cache_dir=tmp_path, group_secret="s" * 16, weaviate_url=())
+    with pytest.raises(ConfigError, match="grpc port must be a number"):
+        open_sink(("http://h:1?grpc=x", "http://h:2"))
+    with pytest.raises(ConfigError, match="share a scheme"):
+        open_sink(("http://h:1", f"dir://{tmp_path}"))
+    env = NodeConfig.from_env(
+        prefix="UC_TEST_", name="n", cache_dir=tmp_path, group_secret="s" * 16
+    )
+    assert env.checkpoint_url is None

@@ -50,6 +50,27 @@ def weaviate_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.close()
 
 
+@pytest.fixture(scope="session")
+def weaviate_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A running 3-server WeaviateCluster (stopped at the end of the session)."""
+    script = load_script()
+    if not script.binary_path().exists():
+        script.install()
+    # Async replication compares replicas every 30 s by default; Weaviate's own cluster tests
+    # run it every 5 s, and so do these (a restarted server then catches up in seconds).
+    fast = {
+        "ASYNC_REPLICATION_FREQUENCY": "5s",
+        "ASYNC_REPLICATION_FREQUENCY_WHILE_PROPAGATING": "1s",
+        "ASYNC_REPLICATION_PROPAGATION_DELAY": "1s",
+    }
+    cluster = script.WeaviateCluster(3, tmp_path_factory.mktemp("weaviate-cluster"), env=fast)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
 @pytest.fixture
 def group_keys() -> GroupKeys:
     """Fresh keys, hence a fresh tenant, per test."""

@@ -19,7 +19,7 @@ from weaviate.classes.query import Filter
 from unity_crdt.checkpoint.format import CheckpointSink, Manifest
 from unity_crdt.checkpoint.policy import Checkpointer
 from unity_crdt.checkpoint.sinks import open_sink
-from unity_crdt.checkpoint.weaviate import CHUNKS, MANIFESTS, WeaviateSink
+from unity_crdt.checkpoint.weaviate import CHUNKS, MANIFESTS, PASSAGES, WeaviateSink
 from unity_crdt.crypto.keys import GroupKeys, derive_group_keys, device_id_for
 from unity_crdt.errors import CheckpointError
 from unity_crdt.testing import check_sink
@@ -89,8 +89,9 @@ async def raw_client(server: Any) -> AsyncIterator[weaviate.WeaviateAsyncClient]
 async def all_objects(server: Any, tenant: str) -> list[tuple[str, str, dict[str, Any]]]:
     """(collection, uuid, every property incl. blobs) of every object of `tenant`."""
     props = {
-        MANIFESTS: ["doc_key", "device", "gen", "parts", "nbytes", "blob", "text"],
+        MANIFESTS: ["doc_key", "device", "gen", "parts", "nbytes", "blob"],
         CHUNKS: ["owner", "gen", "idx", "blob"],
+        PASSAGES: ["doc_key", "pid", "text"],
     }
     out = []
     async with raw_client(server) as client:
@@ -161,11 +162,15 @@ async def test_store_holds_no_names_and_no_text_of_private_docs(
     weaviate_server: Any, sink: WeaviateSink, group_keys: GroupKeys
 ) -> None:
     dev = Device(group_keys, sink, searchable=frozenset({"public-recipes"}))
-    dev.edit("secret-diary-name", "zanzibar confidential payload")
-    dev.edit("public-recipes", "pancakes need flour and eggs")
+    dev.edit("secret-diary-name", "zanzibar confidential payload\n\nsecond zanzibar paragraph")
+    dev.edit("public-recipes", "pancakes need flour and eggs\n\nserve them warm")
+    await dev.cp.checkpoint()
+    dev.edit("secret-diary-name", " more zanzibar")  # a second write prunes the first
+    dev.edit("public-recipes", " with syrup")
     await dev.cp.checkpoint()
     objects = await all_objects(weaviate_server, group_keys.tenant)
-    assert {c for c, _, _ in objects} == {MANIFESTS, CHUNKS}
+    assert {c for c, _, _ in objects} == {MANIFESTS, CHUNKS, PASSAGES}
+    assert sum(1 for c, _, _ in objects if c == MANIFESTS) == 2
     forbidden = [
         "secret-diary-name",
         "public-recipes",
@@ -183,11 +188,13 @@ async def test_store_holds_no_names_and_no_text_of_private_docs(
             if key == "blob":
                 texts.append(base64.b64decode(raw).decode("latin-1"))
             if key == "text":
-                assert collection == MANIFESTS and raw == "pancakes need flour and eggs"
+                assert collection == PASSAGES
     blob = "\n".join(texts)
     for word in forbidden:
         assert word not in blob
-    assert "pancakes" in blob  # the searchable doc's projection is there, as documented
+    # The searchable doc's passages are there, as documented, in their latest form only.
+    passages = sorted(str(p["text"]) for c, _, p in objects if c == PASSAGES)
+    assert passages == ["pancakes need flour and eggs", "serve them warm with syrup"]
 
 
 async def test_search_finds_searchable_doc_by_word(
@@ -237,7 +244,11 @@ async def test_flipped_byte_is_refused_and_others_restore(
     b.edit("notes", "from b")
     await a.cp.checkpoint()
     await b.cp.checkpoint()
-    victim = a.cp.object_id("notes")
+    (victim,) = [
+        m.object_id
+        for m in await sink.manifests(group_keys.tenant)
+        if m.device == a.cp.device_tag(a.cp.device_id)
+    ]
     async with raw_client(weaviate_server) as client:
         chunks = client.collections.get(CHUNKS).with_tenant(group_keys.tenant)
         res = await chunks.query.fetch_objects(
@@ -282,18 +293,18 @@ async def test_only_dirty_docs_are_written(
     for name in ("a", "b", "c"):
         dev.edit(name, f"text of {name}")
     await dev.cp.checkpoint()
-    assert sorted(counter.written) == sorted(dev.cp.object_id(n) for n in "abc")
-    before = {m.object_id: m.generation for m in await sink.manifests(group_keys.tenant)}
+    assert sorted(counter.written) == sorted(dev.cp.doc_key(n) for n in "abc")
+    before = {m.object_id: m.doc_key for m in await sink.manifests(group_keys.tenant)}
     counter.written.clear()
     assert (await dev.cp.checkpoint()).written == ()
     assert counter.written == [] and counter.calls == 1
     dev.edit("b", " more")
     assert (await dev.cp.checkpoint()).written == ("b",)
-    assert counter.written == [dev.cp.object_id("b")] and counter.calls == 2
-    after = {m.object_id: m.generation for m in await sink.manifests(group_keys.tenant)}
-    changed = {oid for oid in after if after[oid] != before[oid]}
-    assert changed == {dev.cp.object_id("b")}
-    # The rewrite removed the previous generation's chunks.
+    assert counter.written == [dev.cp.doc_key("b")] and counter.calls == 2
+    after = {m.object_id: m.doc_key for m in await sink.manifests(group_keys.tenant)}
+    assert len(after) == 3  # b's new object replaced (pruned) its older one
+    assert {after[o] for o in set(after) - set(before)} == {dev.cp.doc_key("b")}
+    # The pruned object's chunks went with it.
     objects = await all_objects(weaviate_server, group_keys.tenant)
     assert sum(1 for c, _, _ in objects if c == CHUNKS) == 3
 
@@ -308,8 +319,20 @@ class CountingSink:
 
     async def put(self, tenant: str, records: Any) -> None:
         self.calls += 1
-        self.written += [r.manifest.object_id for r in records]
+        self.written += [r.manifest.doc_key for r in records]
         await self.inner.put(tenant, records)
+
+    async def confirm(self, tenant: str, manifests: Any) -> set[str]:
+        return await self.inner.confirm(tenant, manifests)
+
+    async def delete(self, tenant: str, manifests: Any) -> None:
+        await self.inner.delete(tenant, manifests)
+
+    async def passage_ids(self, tenant: str, doc_keys: Any) -> dict[str, set[str]]:
+        return await self.inner.passage_ids(tenant, doc_keys)
+
+    async def put_passages(self, tenant: str, add: Any, remove: Any) -> None:
+        await self.inner.put_passages(tenant, add, remove)
 
     async def manifests(self, tenant: str, doc_keys: Any = None) -> list[Manifest]:
         return await self.inner.manifests(tenant, doc_keys)
@@ -317,8 +340,8 @@ class CountingSink:
     async def chunks(self, tenant: str, manifests: Any) -> dict[str, list[bytes]]:
         return await self.inner.chunks(tenant, manifests)
 
-    async def search(self, tenant: str, query: str, limit: int) -> Any:
-        return await self.inner.search(tenant, query, limit)
+    async def search(self, tenant: str, query: Any) -> Any:
+        return await self.inner.search(tenant, query)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -1,4 +1,4 @@
-"""Sans-IO checkpoint records: manifests, the sink contract, header/AAD encoding, ids, tenants.
+"""Sans-IO checkpoint records: manifests, passages, the sink contract, header/AAD encoding, ids.
 
 What a `Checkpointer` writes and a `CheckpointSink` stores, and the byte encodings both sides
 must agree on. Stdlib only: no I/O, no clock, no keys (callers seal and open the bytes).
@@ -6,13 +6,14 @@ must agree on. Stdlib only: no I/O, no clock, no keys (callers seal and open the
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..errors import CheckpointError, SecurityError
 
@@ -22,14 +23,20 @@ __all__ = [
     "DocHit",
     "Header",
     "Manifest",
+    "Passage",
     "SearchHit",
+    "SearchMode",
+    "SearchQuery",
     "SinkRecord",
     "check_tenant",
     "chunk_id",
     "decode_header",
     "encode_header",
+    "passage_hash",
+    "passage_id",
     "record_aad",
     "snippet_of",
+    "split_passages",
 ]
 
 # Upper bound of sealed bytes handed to one `put` or fetched by one `chunks` call; keeps each
@@ -37,46 +44,91 @@ __all__ = [
 PUT_BUDGET = 48 * 1024 * 1024
 _AAD = b"unity-crdt/v1/checkpoint"
 _CHUNK_NS = uuid.UUID("5b0f4bb4-6c55-4c36-9d0e-3f3c6a1b2d90")
+_PASSAGE_NS = uuid.UUID("0d6c1f7e-3b9a-4f1e-a0c2-7c5e9b8d4a61")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+
+SearchMode = Literal["keyword", "vector", "hybrid"]
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The clear, indexable part of one stored checkpoint object."""
+    """The clear, indexable part of one stored checkpoint object (immutable once written)."""
 
-    object_id: str  # uuid text, from keys.object_key(doc, device)
+    object_id: str  # uuid text, from keys.object_key(doc, device, generation)
     doc_key: str  # hex keyed hash of the doc name (restore filters on it)
     device: str  # hex keyed tag of the writing device
-    generation: str  # random hex naming this write's chunks
+    generation: str  # random hex naming this write
     parts: int
     nbytes: int  # total sealed chunk bytes (lets sinks batch fetches)
-    header: bytes  # sealed JSON: doc name, device id, size, sha256, write counter, chunk size
+    header: bytes  # sealed JSON: doc, device, size, SHA-256, sv + ds, write counter, chunk
 
 
 @dataclass(frozen=True)
 class SinkRecord:
-    """What a sink stores for one object: the manifest, its sealed chunks, optional text."""
+    """What a sink stores for one object: the manifest and its sealed chunks."""
 
     manifest: Manifest
     chunks: tuple[bytes, ...]
-    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Header:
+    """An opened manifest header. `sv`/`ds` (Yjs state vector, delete-set update) say exactly
+    which items and deletions the state holds; None in headers written before compaction."""
+
+    doc: str
+    device: str
+    size: int
+    sha256: str
+    sv: bytes | None = None
+    ds: bytes | None = None
+    seq: int = 0  # the device's write counter for this doc (F10); 0 in v1 headers
+    chunk: int | None = None  # the chunk size the state was cut with; None in v1 headers
+
+    def expected_parts(self) -> int | None:
+        """How many chunks this header implies, or None when it cannot say (v1)."""
+        if self.chunk is None:
+            return None
+        return max(1, -(-self.size // self.chunk))
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One paragraph of a searchable doc, stored in clear with its vector (if any)."""
+
+    doc_key: str
+    pid: str  # passage_hash(text): the same text has the same id in a doc
+    text: str
+    vector: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """What a sink searches for: words, a query vector, how to mix them, how many hits."""
+
+    text: str
+    mode: SearchMode = "keyword"
+    vector: tuple[float, ...] | None = None
+    alpha: float = 0.5  # hybrid: 0 = keyword only, 1 = vector only
+    limit: int = 10
 
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One keyword-search result as the store returns it (keys, not names)."""
+    """One passage as the store returns it (keys, not names); higher scores are better."""
 
     doc_key: str
-    device: str
+    text: str
     score: float
-    snippet: str
 
 
 @dataclass(frozen=True)
 class DocHit:
-    """One keyword-search result mapped back to a doc name."""
+    """One search result: the doc, its best passage, the score, a short excerpt."""
 
     doc: str
+    passage: str
     score: float
     snippet: str
 
@@ -84,6 +136,26 @@ class DocHit:
 def chunk_id(object_id: str, generation: str, index: int) -> str:
     """The deterministic id of chunk `index` of one write (not secret: derived from ids)."""
     return str(uuid.uuid5(_CHUNK_NS, f"{object_id}/{generation}/{index}"))
+
+
+def passage_hash(text: str) -> str:
+    """The content hash naming a passage (and its cached vector)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def passage_id(doc_key: str, pid: str) -> str:
+    """The store id of one passage of one doc."""
+    return str(uuid.uuid5(_PASSAGE_NS, f"{doc_key}/{pid}"))
+
+
+def split_passages(text: str) -> list[str]:
+    """The blank-line separated paragraphs of `text`, stripped, empty and repeated ones dropped."""
+    seen: dict[str, None] = {}
+    for part in _PARAGRAPH_BREAK.split(text):
+        part = part.strip()
+        if part:
+            seen.setdefault(part, None)
+    return list(seen)
 
 
 def snippet_of(text: str, query: str, width: int = 160) -> str:
@@ -95,10 +167,14 @@ def snippet_of(text: str, query: str, width: int = 160) -> str:
 
 
 class CheckpointSink(Protocol):
-    """Storage adapter contract. Every method raises only CheckpointError on failure."""
+    """Storage adapter contract. Every method raises only CheckpointError on failure.
+
+    Objects are immutable: a write never replaces an object, and `delete` removes whole
+    objects (manifest first, then its chunks). Passages are a separate, mutable index.
+    """
 
     async def put(self, tenant: str, records: Sequence[SinkRecord]) -> None:
-        """Store records: all chunks first, then the manifests, then drop stale chunks."""
+        """Store new objects durably: all chunks first, then the manifests."""
         ...
 
     async def manifests(self, tenant: str, doc_keys: Sequence[str] | None = None) -> list[Manifest]:
@@ -109,8 +185,26 @@ class CheckpointSink(Protocol):
         """object_id -> its chunks in index order (missing chunks are simply absent)."""
         ...
 
-    async def search(self, tenant: str, query: str, limit: int) -> list[SearchHit]:
-        """Keyword search over the plain-text projections of searchable docs."""
+    async def confirm(self, tenant: str, manifests: Sequence[Manifest]) -> set[str]:
+        """The object ids among `manifests` that are durably stored (re-read, not cached)."""
+        ...
+
+    async def delete(self, tenant: str, manifests: Sequence[Manifest]) -> None:
+        """Remove these objects (manifest first, then chunks); absent ones are no error."""
+        ...
+
+    async def passage_ids(self, tenant: str, doc_keys: Sequence[str]) -> dict[str, set[str]]:
+        """doc_key -> the pids of its stored passages (docs without passages are absent)."""
+        ...
+
+    async def put_passages(
+        self, tenant: str, add: Sequence[Passage], remove: Mapping[str, Sequence[str]]
+    ) -> None:
+        """Store `add` (upsert by doc key + pid), then drop `remove` (doc_key -> pids)."""
+        ...
+
+    async def search(self, tenant: str, query: SearchQuery) -> list[SearchHit]:
+        """The best passages for `query`, best first, at most `query.limit`."""
         ...
 
     async def close(self) -> None:
@@ -133,49 +227,53 @@ def record_aad(
     return b"\x00".join([_AAD, kind, *(f.encode() for f in fields)])
 
 
-@dataclass(frozen=True)
-class Header:
-    """The sealed part of a manifest, opened: what the object holds and which write it is."""
-
-    doc: str
-    device: str  # the writing device's id
-    size: int  # state bytes
-    sha256: str
-    seq: int = 0  # the device's write counter for this object; 0 in v1 headers
-    chunk: int | None = None  # the chunk size the state was cut with (None in v1 headers)
-
-    def expected_parts(self) -> int | None:
-        """How many chunks this header implies, or None when it cannot say (v1)."""
-        if self.chunk is None:
-            return None
-        return max(1, -(-self.size // self.chunk))
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def encode_header(
-    doc: str, device_id: str, state: bytes, *, seq: int = 0, chunk: int | None = None
+    doc: str,
+    device_id: str,
+    state: bytes,
+    sv: bytes | None = None,
+    ds: bytes | None = None,
+    *,
+    seq: int = 0,
+    chunk: int | None = None,
 ) -> bytes:
-    """The JSON header sealed into a manifest (v2): doc, device, size, SHA-256, seq, chunk."""
-    digest = hashlib.sha256(state).hexdigest()
-    fields = {"v": 2, "doc": doc, "device": device_id, "size": len(state), "sha256": digest}
-    fields.update(seq=seq, chunk=chunk)
-    return json.dumps(fields).encode()
+    """The JSON header sealed into a manifest (v2): doc name, device id, size, SHA-256, the
+    state vector and delete set saying which items the state holds, the device's write
+    counter for the doc, and the chunk size the state was cut with."""
+    head: dict[str, object] = {
+        "v": 2,
+        "doc": doc,
+        "device": device_id,
+        "size": len(state),
+        "sha256": hashlib.sha256(state).hexdigest(),
+        "seq": seq,
+        "chunk": chunk,
+    }
+    if sv is not None and ds is not None:
+        head["sv"], head["ds"] = _b64(sv), _b64(ds)
+    return json.dumps(head).encode()
 
 
 def decode_header(raw: bytes) -> Header:
     """Parse an opened header (v1 or v2); SecurityError if malformed."""
     try:
         h = json.loads(raw)
-        version = int(h.get("v", 1))
-        header = Header(
+        head = Header(
             str(h["doc"]),
             str(h["device"]),
             int(h["size"]),
             str(h["sha256"]),
-            int(h["seq"]) if version >= 2 else 0,
-            int(h["chunk"]) if version >= 2 and h.get("chunk") is not None else None,
+            base64.b64decode(h["sv"], validate=True) if "sv" in h else None,
+            base64.b64decode(h["ds"], validate=True) if "ds" in h else None,
+            int(h.get("seq", 0)),
+            int(h["chunk"]) if h.get("chunk") is not None else None,
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise SecurityError("header is not valid checkpoint JSON") from None
-    if header.size < 0 or header.seq < 0 or (header.chunk is not None and header.chunk < 1):
+    if head.size < 0 or head.seq < 0 or (head.chunk is not None and head.chunk < 1):
         raise SecurityError("header holds a negative size, counter or chunk size")
-    return header
+    return head

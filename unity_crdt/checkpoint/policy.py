@@ -1,25 +1,34 @@
-"""Encrypted checkpoints of whole doc states: the policy (seal, write, restore, search, loops).
+"""Encrypted checkpoints of whole doc states: the policy (seal, write, compact, restore, search).
 
-Theory of operation. Each device writes one *object* per (group, doc, device), so concurrent
-checkpoints never overwrite each other (stores like Weaviate have no compare-and-swap); restore
-returns every device's state and the node applies them all (a CRDT merge). An object is a
-*manifest* plus its *chunks*: the state is split into `chunk_size` parts, each sealed with
-ChaCha20-Poly1305 under the group's checkpoint key, and the manifest carries a sealed header
-(doc name, device id, size, SHA-256, chunk size, and a write counter that only rises). A write
-stores every chunk under a fresh random *generation* first and the manifest LAST; only then are
-older generations' chunks dropped, so a reader never sees a half-written checkpoint. The AEAD
-associated data binds tenant, doc key, device tag, generation and chunk index, so swapping
-chunks or objects is detected.
+Theory of operation. Every write is a new, immutable *object* named by (group, doc, device,
+random *generation*), so concurrent checkpoints never overwrite each other (stores like Weaviate
+have no compare-and-swap). An object is a *manifest* plus its *chunks*: the state is split into
+`chunk_size` parts, each sealed with ChaCha20-Poly1305 under the group's checkpoint key, and the
+manifest carries a sealed header (doc name, device id, size, SHA-256, the state vector and
+delete set saying exactly which items the state holds, the device's rising write counter for
+the doc, and the chunk size). Chunks are stored first and the
+manifest LAST, so a reader never sees a half-written object. The AEAD associated data binds
+tenant, doc key, device tag, generation and chunk index, so swapping chunks or objects is
+detected.
+
+Compaction (`checkpoint._cover` has the order and the proof): before writing a doc, the
+checkpointer lists the doc's objects. If one it has confirmed stored already holds its state,
+it writes nothing; otherwise it writes its own. Then it deletes every listed object that the
+confirmed one dominates, its own older writes included. A node holding the merged state thus
+leaves about one object per doc, however many devices wrote it, and restore reads only the
+objects no other listed object dominates.
 
 Restore trusts nothing in clear: it opens every header first and fetches chunks only for
-manifests whose clear `parts`/`nbytes` are what their header implies. The highest write
-counter seen per object is kept in a ledger file in the local cache, so an older copy served
-again, or an object that vanished, is refused or reported (`warnings`).
+objects whose clear `parts`/`nbytes` are exactly what their header implies (a store cannot make
+it allocate by lying). The newest write seen per (doc, device) is kept in a ledger in the local
+cache (`checkpoint._ledger`), so an older write served again is refused and a stored state
+that vanished is reported (`warnings`); a node that finds its own state gone writes it again.
 
 What a store sees in clear: the tenant (a keyed hash of the group), the object id (keyed hash
-of doc name + device), the doc key (keyed hash of the doc name), a device tag (keyed hash of
-the device id), the generation, counts and sizes, and - only for docs the app marks searchable -
-their plain-text projection. Doc names never leave the sealed header.
+of doc name + device + generation), the doc key (keyed hash of the doc name), a device tag
+(keyed hash of the device id), the generation, counts and sizes, and - only for docs the app
+marks searchable - their passages (paragraphs) in clear with their vectors. Doc names never
+leave the sealed header.
 
 The records and the sink contract are in `checkpoint.format` (sans-IO); sinks are opened by URL
 scheme through `checkpoint.sinks`.
@@ -36,29 +45,46 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+from ..config import Embedder
 from ..crypto.keys import SEAL_OVERHEAD, GroupKeys, open_blob, seal_blob
-from ..errors import CheckpointError, SecurityError
+from ..errors import CheckpointError, ProtocolError, SecurityError
+from ._cover import Cover, Listed, maximal, precedes, rank_of, state_cover
 from ._ledger import Ledger, LedgerEntry
+from ._passages import IndexUpdate, PassageIndex
+from ._vectors import VectorCache, embed
 from .format import (
     PUT_BUDGET,
     CheckpointSink,
     DocHit,
     Header,
     Manifest,
+    SearchMode,
+    SearchQuery,
     SinkRecord,
     check_tenant,
     decode_header,
     encode_header,
     record_aad,
+    snippet_of,
 )
 
-__all__ = ["CHUNK_SIZE", "CheckpointReport", "CheckpointState", "Checkpointer"]
+__all__ = [
+    "CHUNK_SIZE",
+    "CheckpointReport",
+    "CheckpointState",
+    "Checkpointer",
+    "RestoreProgress",
+]
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
-MAX_HEADER_BYTES = 4096  # a sealed header is ~300 bytes plus the doc name (<= 255)
+MAX_HEADER_BYTES = 4096  # a sealed header is well under 1 KiB plus the doc name (<= 255)
+RESTORE_ROUNDS = 4  # list again this often when objects vanish mid-read (pruned meanwhile)
+_SEARCH_MODES = ("keyword", "vector", "hybrid")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -79,6 +105,41 @@ class CheckpointReport:
     failed: dict[str, str] = field(default_factory=dict)
     nbytes: int = 0
     seconds: float = 0.0
+    already_stored: tuple[str, ...] = ()  # docs whose state a stored object already held
+    pruned: int = 0  # objects deleted because a confirmed object dominates them
+
+
+@dataclass(frozen=True)
+class RestoreProgress:
+    """How far a restore is: objects listed, objects to read, objects read, bytes read."""
+
+    listed: int
+    total: int
+    done: int
+    nbytes: int
+
+
+@dataclass
+class _Doc:
+    """One doc being checkpointed."""
+
+    name: str
+    key: str
+    state: bytes
+    text: str | None
+    sv: bytes | None
+    ds: bytes | None
+    cover: Cover | None
+
+
+@dataclass
+class _Tally:
+    """What one checkpoint() call did so far."""
+
+    written: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    pruned: int = 0
 
 
 def _reason(exc: BaseException) -> str:
@@ -86,11 +147,12 @@ def _reason(exc: BaseException) -> str:
 
 
 class Checkpointer:
-    """The checkpoint policy: dirty tracking, sealing, restore with verification, backoff loops.
+    """The checkpoint policy: dirty tracking, sealing, compaction, restore, search, loops.
 
     `get_state(doc)` returns a doc's full state (pycrdt `doc.get_update()`); `text_of(doc)`
-    returns the plain-text projection of a searchable doc and None for every other doc.
-    Both are called on the event loop, so they may touch pycrdt docs directly.
+    returns the plain text of a searchable doc and None for every other doc. Both are called
+    on the event loop, so they may touch pycrdt docs directly. With an `embedder`, passages
+    get vectors (remembered by passage hash in `vector_file`) and search can go by meaning.
     """
 
     def __init__(
@@ -103,6 +165,8 @@ class Checkpointer:
         *,
         chunk_size: int = CHUNK_SIZE,
         clock: Callable[[], float] = time.time,
+        embedder: Embedder | None = None,
+        vector_file: str | Path | None = None,
         ledger_path: Path | None = None,
         on_written: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -116,16 +180,22 @@ class Checkpointer:
         self._text_of = text_of
         self.chunk_size = chunk_size
         self._clock = clock
-        self._on_written = on_written  # (doc, generation) after each successful write
+        self.embedder = embedder
+        self.index = PassageIndex(sink, self.tenant, embedder, VectorCache(vector_file))
         self._dirty: dict[str, int] = {}
         self._seq = 0
         self._names: dict[str, str] = {}  # doc_key -> doc name, for search results
-        self._seen: dict[str, str] = {}  # object_id -> generation last restored
+        self._opened: dict[str, Listed] = {}  # object_id -> opened header (objects are immutable)
+        self._seen: set[str] = set()  # object ids already returned by restore
+        self._known: dict[str, list[Cover]] = {}  # doc_key -> states this node holds
+        self._latest: dict[str, str] = {}  # doc_key -> the object holding our latest state
         self._lock = asyncio.Lock()
         self.status: dict[str, CheckpointState] = {}
         self.failures = 0  # consecutive failed rounds of `run()`
         self.last_error: str | None = None
+        self.progress: RestoreProgress | None = None  # of the restore under way, if any
         self._ledger = Ledger(ledger_path)
+        self._on_written = on_written  # (doc, generation) after each successful write
 
     # ---- ids -------------------------------------------------------------------------------
     def doc_key(self, doc: str) -> str:
@@ -137,23 +207,19 @@ class Checkpointer:
         # "\x01" cannot start a doc name, so a tag never equals a doc key or object id.
         return self._keys.object_key("\x01device", device_id).hex()[:32]
 
-    def object_id(self, doc: str, device_id: str | None = None) -> str:
-        """The store id of (doc, device): a UUID made of the keyed hash."""
-        key = self._keys.object_key(doc, device_id or self.device_id)
+    def object_id(self, doc: str, device_id: str | None = None, generation: str = "") -> str:
+        """The store id of one write of (doc, device): a UUID made of the keyed hash."""
+        key = self._keys.object_key(doc, device_id or self.device_id, generation)
         return str(uuid.UUID(bytes=key[:16], version=4))
 
     def _aad(self, kind: bytes, doc_key: str, device: str, gen: str, index: int, n: int) -> bytes:
         return record_aad(self.tenant, kind, doc_key, device, gen, index, n)
 
     # ---- sealing ---------------------------------------------------------------------------
-    def _next_seq(self, object_id: str) -> int:
-        # Above every counter seen, and above the clock in ms, so the counter keeps rising even
-        # if the ledger file is lost.
-        known = self._ledger.get(object_id)
-        return max(int(self._clock() * 1000), (known.seq if known else 0) + 1)
-
-    def seal(self, doc: str, state: bytes, text: str | None = None) -> SinkRecord:
-        """Encrypt one doc state as this device's object (chunked)."""
+    def seal(
+        self, doc: str, state: bytes, sv: bytes | None = None, ds: bytes | None = None
+    ) -> SinkRecord:
+        """Encrypt one doc state as a new object of this device (chunked)."""
         key = self._keys.checkpoint_key
         doc_key, device, gen = self.doc_key(doc), self.device_tag(self.device_id), os.urandom(8)
         generation = gen.hex()
@@ -164,53 +230,88 @@ class Checkpointer:
             seal_blob(key, p, self._aad(b"C", doc_key, device, generation, i, n))
             for i, p in enumerate(pieces)
         )
-        seq = self._next_seq(self.object_id(doc))
-        header = encode_header(doc, self.device_id, state, seq=seq, chunk=self.chunk_size)
+        # Above every write seen and above the clock in ms: it rises even if the ledger is lost.
+        seq = max(int(self._clock() * 1000), self._ledger.newest(doc_key, device) + 1)
+        header = encode_header(doc, self.device_id, state, sv, ds, seq=seq, chunk=self.chunk_size)
         sealed = seal_blob(key, header, self._aad(b"H", doc_key, device, generation, -1, n))
-        manifest = Manifest(
-            self.object_id(doc), doc_key, device, generation, n, sum(map(len, chunks)), sealed
-        )
-        return SinkRecord(manifest, chunks, text)
+        oid = self.object_id(doc, self.device_id, generation)
+        manifest = Manifest(oid, doc_key, device, generation, n, sum(map(len, chunks)), sealed)
+        return SinkRecord(manifest, chunks)
 
-    def header(self, m: Manifest) -> Header:
-        """Open and check a manifest's sealed header, and the clear fields against it.
-
-        SecurityError if it was tampered with, belongs to another object, or if the clear
-        `parts` and `nbytes` (which sinks use to fetch) are not what the header implies.
-        """
+    def _header(self, m: Manifest) -> Header:
+        """Open and check a manifest's sealed header, and the clear fields sinks fetch by
+        against it; SecurityError if it was tampered with or is not this object's."""
         if len(m.header) > MAX_HEADER_BYTES:
             raise SecurityError("sealed header is implausibly large")
         aad = self._aad(b"H", m.doc_key, m.device, m.generation, -1, m.parts)
-        h = decode_header(open_blob(self._keys.checkpoint_key, m.header, aad))
+        head = decode_header(open_blob(self._keys.checkpoint_key, m.header, aad))
         if (
-            self.doc_key(h.doc) != m.doc_key
-            or self.device_tag(h.device) != m.device
-            or self.object_id(h.doc, h.device) != m.object_id
+            self.doc_key(head.doc) != m.doc_key
+            or self.device_tag(head.device) != m.device
+            or self.object_id(head.doc, head.device, m.generation) != m.object_id
         ):
             raise SecurityError("header does not belong to this object (swapped)")
-        expected = h.expected_parts()
-        if (expected is not None and m.parts != expected) or not 1 <= m.parts <= max(1, h.size):
-            raise SecurityError(f"{m.parts} parts do not fit a state of {h.size} bytes")
-        if m.nbytes != h.size + m.parts * SEAL_OVERHEAD:
+        expected = head.expected_parts()
+        if (expected is not None and m.parts != expected) or not 1 <= m.parts <= max(1, head.size):
+            raise SecurityError(f"{m.parts} parts do not fit a state of {head.size} bytes")
+        if expected is not None and m.nbytes != head.size + m.parts * SEAL_OVERHEAD:
             raise SecurityError("the sealed size does not match the header")
-        return h
+        return head
 
-    def open(
-        self, m: Manifest, chunks: Sequence[bytes], h: Header | None = None
-    ) -> tuple[str, bytes]:
+    def open(self, m: Manifest, chunks: Sequence[bytes]) -> tuple[str, bytes]:
         """Verify and decrypt one object -> (doc name, state); SecurityError if tampered."""
         key = self._keys.checkpoint_key
-        h = h or self.header(m)
-        doc, size, digest = h.doc, h.size, h.sha256
+        head = self._header(m)
         if len(chunks) != m.parts:
             raise CheckpointError(f"incomplete: {len(chunks)} of {m.parts} chunks present")
         state = b"".join(
             open_blob(key, c, self._aad(b"C", m.doc_key, m.device, m.generation, i, m.parts))
             for i, c in enumerate(chunks)
         )
-        if len(state) != size or hashlib.sha256(state).hexdigest() != digest:
+        if len(state) != head.size or hashlib.sha256(state).hexdigest() != head.sha256:
             raise SecurityError("state does not match its header digest")
-        return doc, state
+        return head.doc, state
+
+    def _opened_obj(self, m: Manifest) -> Listed | None:
+        """The listed object with its header opened (cached); None, logged, if refused."""
+        o = self._opened.get(m.object_id)
+        if o is not None and o.m == m:
+            return o
+        try:
+            head = self._header(m)
+            cover = None
+            if head.sv is not None and head.ds is not None:
+                cover = Cover.parse(head.sv, head.ds)
+        except (SecurityError, ProtocolError) as exc:
+            log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
+            return None
+        o = self._opened[m.object_id] = Listed(m, head, cover, rank_of(m, cover))
+        self._names[m.doc_key] = head.doc
+        return o
+
+    def _group(
+        self, manifests: Sequence[Manifest], scope: Iterable[str] | None = ()
+    ) -> dict[str, list[Listed]]:
+        """Opened objects per doc key. The listing is complete for the doc keys in `scope`
+        (None: every doc), so cached objects of those docs missing from it are forgotten."""
+        present = {m.object_id for m in manifests}
+        keys = None if scope is None else set(scope)
+        gone = [
+            oid
+            for oid, o in self._opened.items()
+            if oid not in present and (keys is None or o.m.doc_key in keys)
+        ]
+        for oid in gone:
+            del self._opened[oid]
+            self._seen.discard(oid)
+        if keys is None:
+            self._seen &= present
+        out: dict[str, list[Listed]] = {}
+        for m in manifests:
+            o = self._opened_obj(m)
+            if o is not None:
+                out.setdefault(m.doc_key, []).append(o)
+        return out
 
     # ---- dirty tracking --------------------------------------------------------------------
     def mark_dirty(self, doc: str) -> None:
@@ -224,19 +325,47 @@ class Checkpointer:
         """Docs changed since their last successful checkpoint."""
         return frozenset(self._dirty)
 
-    # ---- checkpoint ------------------------------------------------------------------------
-    async def _put(self, records: Sequence[SinkRecord]) -> None:
+    def _remember(self, doc_key: str, cover: Cover | None) -> None:
+        """Note that this node holds `cover` of a doc (restore then skips what it holds)."""
+        if cover is None:
+            return
+        known = self._known.setdefault(doc_key, [])
+        if not any(cover.within(k) for k in known):
+            known[:] = [k for k in known if not k.within(cover)] + [cover]
+
+    # ---- store calls -----------------------------------------------------------------------
+    async def _sink(self, what: str, call: Awaitable[_T]) -> _T:
         try:
-            await self.sink.put(self.tenant, records)
+            return await call
         except CheckpointError:
             raise
         except Exception as exc:  # a sink broke its contract; keep the node alive anyway
-            raise CheckpointError(f"checkpoint store failed: {_reason(exc)}") from exc
+            raise CheckpointError(f"checkpoint {what} failed: {_reason(exc)}") from exc
 
+    async def _manifests(self, doc_keys: Sequence[str] | None) -> list[Manifest]:
+        return await self._sink("store", self.sink.manifests(self.tenant, doc_keys))
+
+    async def _read(self, doc: str) -> _Doc:
+        state = self._get_state(doc)
+        text = self._text_of(doc) if self._text_of is not None else None
+        sv = ds = None
+        cover = None
+        try:
+            if len(state) > 1 << 20:  # big states are parsed off the loop
+                sv, ds = await asyncio.to_thread(state_cover, state)
+            else:
+                sv, ds = state_cover(state)
+            cover = Cover.parse(sv, ds)
+        except Exception:  # not a Yjs state (tests, other apps): written, never compacted
+            sv = ds = None
+        return _Doc(doc, self.doc_key(doc), state, text, sv, ds, cover)
+
+    # ---- checkpoint ------------------------------------------------------------------------
     async def checkpoint(
         self, docs: Iterable[str] | None = None, *, force: bool = False
     ) -> CheckpointReport:
-        """Write every dirty doc (or the dirty ones among `docs`; all of `docs` if `force`).
+        """Write every dirty doc (or the dirty ones among `docs`; all of `docs` if `force`),
+        then delete the objects the written (or already stored) states dominate.
 
         Raises CheckpointError when the store fails; the docs stay dirty and their status
         records the error. A doc whose state cannot be read is reported in `failed` instead.
@@ -248,102 +377,162 @@ class Checkpointer:
                 names = sorted({d for d in docs if force or d in self._dirty})
             started, now = time.perf_counter(), self._clock()
             seqs = {d: self._dirty.get(d) for d in names}
-            written: list[str] = []
             failed: dict[str, str] = {}
-            batch: list[tuple[str, SinkRecord]] = []
-            nbytes = 0
-
-            async def flush() -> None:
-                nonlocal nbytes
-                await self._put([rec for _, rec in batch])
-                for name, rec in batch:
-                    st = self.status.setdefault(name, CheckpointState())
-                    st.last_ok, st.last_error, st.writes = now, None, st.writes + 1
-                    nbytes += rec.manifest.nbytes
-                    written.append(name)
-                    if self._dirty.get(name) == seqs[name]:  # no edit since we read it
-                        self._dirty.pop(name, None)
-                    self._remember(rec.manifest, self.header(rec.manifest))
-                    if self._on_written is not None:
-                        self._on_written(name, rec.manifest.generation)
-                batch.clear()
-                await asyncio.to_thread(self._ledger.save)
-
+            done: list[str] = []
+            tally = _Tally()
             try:
+                batch: list[_Doc] = []
                 for name in names:
                     st = self.status.setdefault(name, CheckpointState())
                     st.last_attempt = now
                     self._names[self.doc_key(name)] = name
                     try:
-                        state = self._get_state(name)
-                        text = self._text_of(name) if self._text_of is not None else None
+                        batch.append(await self._read(name))
                     except Exception as exc:
                         st.last_error = failed[name] = f"reading state failed: {_reason(exc)}"
                         continue
-                    batch.append((name, self.seal(name, state, text)))
-                    if sum(r.manifest.nbytes for _, r in batch) >= PUT_BUDGET:
-                        await flush()
+                    if len(batch) >= 100 or sum(len(d.state) for d in batch) >= PUT_BUDGET:
+                        done += await self._write(batch, tally)
+                        batch = []
                 if batch:
-                    await flush()
+                    done += await self._write(batch, tally)
             except CheckpointError as exc:
                 self.last_error = _reason(exc)
-                pending = [n for n in names if n not in written and n not in failed]
+                pending = [n for n in names if n not in done and n not in failed]
                 for name in pending:
                     self.status[name].last_error = self.last_error
                 raise CheckpointError(
                     f"checkpoint of {len(pending)} doc(s) failed: {self.last_error}"
                 ) from exc
+            finally:
+                for name in done:
+                    st = self.status[name]
+                    st.last_ok, st.last_error = now, None
+                    st.writes += name in tally.written
+                    if self._dirty.get(name) == seqs[name]:  # no edit since we read it
+                        self._dirty.pop(name, None)
             self.last_error = None
-            return CheckpointReport(tuple(written), failed, nbytes, time.perf_counter() - started)
+            return CheckpointReport(
+                tuple(tally.written),
+                failed,
+                tally.nbytes,
+                time.perf_counter() - started,
+                tuple(tally.held),
+                tally.pruned,
+            )
 
-    # ---- restore ---------------------------------------------------------------------------
-    async def _manifests(self, doc_keys: Sequence[str] | None) -> list[Manifest]:
+    async def _write(self, batch: list[_Doc], tally: _Tally) -> list[str]:
+        """Checkpoint one batch of docs: skip, write, prune, index. Returns the docs done."""
+        keys = sorted({d.key for d in batch})
+        listed = self._group(await self._manifests(keys), keys)
+        # A doc whose state a stored object already holds needs no new object.
+        holders: dict[str, Listed] = {}
+        for d in batch:
+            if d.cover is not None:
+                for o in maximal(listed.get(d.key, [])):
+                    if o.cover is not None and d.cover.within(o.cover):
+                        holders[d.name] = o
+                        break
+        if holders:
+            asked = [o.m for o in holders.values()]
+            ok = await self._sink("confirm", self.sink.confirm(self.tenant, asked))
+            holders = {n: o for n, o in holders.items() if o.object_id in ok}
+        records = {
+            d.name: self.seal(d.name, d.state, d.sv, d.ds) for d in batch if d.name not in holders
+        }
+        if records:
+            await self._sink("store", self.sink.put(self.tenant, list(records.values())))
+        justifiers: dict[str, Listed] = dict(holders)
+        for d in batch:
+            rec = records.get(d.name)
+            if rec is not None:
+                head = self._header(rec.manifest)
+                o = Listed(rec.manifest, head, d.cover, rank_of(rec.manifest, d.cover))
+                self._opened[o.object_id] = o
+                justifiers[d.name] = o
+                tally.written.append(d.name)
+                tally.nbytes += rec.manifest.nbytes
+                self._ledger.seen(self._entry(o))
+                if self._on_written is not None:
+                    self._on_written(d.name, rec.manifest.generation)
+            else:
+                tally.held.append(d.name)
+        updates = []
+        victims: list[Manifest] = []
+        for d in batch:
+            j = justifiers[d.name]
+            self._latest[d.key] = j.object_id  # never deleted by us: it holds our state
+            self._remember(d.key, d.cover)
+            others = [o for o in listed.get(d.key, []) if o.object_id != j.object_id]
+            doomed = [
+                o
+                for o in others
+                if j.cover is not None
+                and o.cover is not None
+                and precedes(o.cover, o.object_id, j.cover, j.object_id)
+            ]
+            victims += [o.m for o in doomed]
+            updates.append(IndexUpdate(d.key, d.text, len(doomed) == len(others)))
+        tally.pruned += await self._prune(victims)
+        await asyncio.to_thread(self._ledger.save)
         try:
-            return await self.sink.manifests(self.tenant, doc_keys)
+            await self.index.sync(updates)
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"checkpoint store failed: {_reason(exc)}") from exc
+            raise CheckpointError(f"search index update failed: {_reason(exc)}") from exc
+        return [d.name for d in batch]
 
-    async def _chunks(self, manifests: Sequence[Manifest]) -> dict[str, list[bytes]]:
-        out: dict[str, list[bytes]] = {}
-        batch: list[Manifest] = []
-        for m in [*manifests, None]:
-            if m is not None:
-                batch.append(m)
-            size = sum(x.nbytes for x in batch)
-            if batch and (m is None or size >= PUT_BUDGET):
-                try:
-                    out.update(await self.sink.chunks(self.tenant, batch))
-                except CheckpointError:
-                    raise
-                except Exception as exc:
-                    raise CheckpointError(f"checkpoint store failed: {_reason(exc)}") from exc
-                batch = []
-        return out
+    async def _prune(self, victims: Sequence[Manifest]) -> int:
+        """Delete dominated objects; best effort (a failure only leaves extra objects)."""
+        if not victims:
+            return 0
+        try:
+            await self._sink("prune", self.sink.delete(self.tenant, victims))
+        except CheckpointError as exc:
+            log.warning("checkpoint: %d dominated object(s) not deleted: %s", len(victims), exc)
+            return 0
+        for m in victims:
+            self._opened.pop(m.object_id, None)
+        return len(victims)
 
+    # ---- what the store did ------------------------------------------------------------------
     @property
     def warnings(self) -> tuple[str, ...]:
-        """Signs that the store rolled an object back or lost one (newest last, at most 32)."""
+        """Signs that the store served an older write again or lost a stored state."""
         return self._ledger.warnings
 
-    def _remember(self, m: Manifest, h: Header) -> None:
-        self._ledger.seen(m.object_id, LedgerEntry(h.seq, m.doc_key, h.doc, h.device))
+    def _entry(self, o: Listed) -> LedgerEntry:
+        return LedgerEntry(
+            o.head.seq, o.m.doc_key, o.m.device, o.head.doc, o.head.device, o.head.sv, o.head.ds
+        )
 
-    def _verified(self, todo: Sequence[Manifest]) -> list[tuple[Manifest, Header]]:
-        """Manifests whose sealed header checks out and is not older than one seen before.
+    def _check_store(
+        self, groups: dict[str, list[Listed]], scope: Sequence[str] | None
+    ) -> dict[str, list[Listed]]:
+        """Report lost states (re-mark our own dirty) and drop older writes served again."""
+        for gone in self._ledger.lost(groups, scope):
+            if gone.device == self.device_id:
+                self.mark_dirty(gone.doc)  # write ours again
+        return {
+            key: [o for o in objs if not self._ledger.is_rollback(o)]
+            for key, objs in groups.items()
+        }
 
-        Runs before any chunk is fetched: a store can make the clear `parts` say anything.
-        """
-        out = []
-        for m in todo:
-            try:
-                h = self.header(m)
-            except SecurityError as exc:
-                log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
-                continue
-            if not self._ledger.is_rollback(m.object_id, h.seq, h.doc, h.device):
-                out.append((m, h))
+    # ---- restore ---------------------------------------------------------------------------
+    async def _chunks(
+        self, objs: Sequence[Listed], tick: Callable[[int, int], None]
+    ) -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {}
+        batch: list[Manifest] = []
+        for o in [*objs, None]:
+            if o is not None:
+                batch.append(o.m)
+            size = sum(x.nbytes for x in batch)
+            if batch and (o is None or size >= PUT_BUDGET or len(batch) >= 200):
+                out.update(await self._sink("store", self.sink.chunks(self.tenant, batch)))
+                tick(len(batch), size)
+                batch = []
         return out
 
     async def restore(
@@ -352,78 +541,112 @@ class Checkpointer:
         *,
         changed_only: bool = False,
         include_own: bool = True,
+        progress: Callable[[RestoreProgress], None] | None = None,
     ) -> dict[str, list[bytes]]:
-        """Every device's verified state per doc (all docs of the group by default).
+        """The verified states to merge per doc (all docs of the group by default).
 
-        `changed_only` skips objects already returned by an earlier call (for periodic pulls).
-        A tampered or incomplete object is refused with a log line naming its object id; an
-        object older than one seen before, or gone, is reported in `warnings`; the other
-        objects are still returned. Raises CheckpointError when the store fails.
+        Reads only the objects no other listed object dominates. `changed_only` also skips
+        objects this node already holds (returned before, or written by it). A tampered or
+        incomplete object is refused with a log line naming its object id; the others are
+        still returned. Raises CheckpointError when the store fails.
         """
         names = None if doc_names is None else sorted(set(doc_names))
         doc_keys = None if names is None else [self.doc_key(n) for n in names]
         own = self.device_tag(self.device_id)
         out: dict[str, list[bytes]] = {}
-        todo = await self._manifests(doc_keys)
-        for gone in self._ledger.missing((m.object_id for m in todo), doc_keys):
-            if gone.device == self.device_id:
-                self.mark_dirty(gone.doc)  # write ours again
-        for attempt in range(2):
-            todo = [
-                m
-                for m in todo
-                if (include_own or m.device != own)
-                and not (changed_only and self._seen.get(m.object_id) == m.generation)
-            ]
-            checked = self._verified(todo)
-            chunks = await self._chunks([m for m, _ in checked])
-            retry: list[Manifest] = []
-            for m, h in checked:
-                try:
-                    doc, state = self.open(m, chunks.get(m.object_id, []), h)
-                except SecurityError as exc:
-                    log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
-                    continue
-                except CheckpointError as exc:
-                    if attempt == 0:  # probably rewritten while we read: list it again
-                        retry.append(m)
-                    else:
-                        log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
-                    continue
-                out.setdefault(doc, []).append(state)
-                self._seen[m.object_id] = m.generation
-                self._names[m.doc_key] = doc
-                self._remember(m, h)
-            if not retry:
-                break
-            ids = {m.object_id for m in retry}
-            fresh = await self._manifests(sorted({m.doc_key for m in retry}))
-            todo = [m for m in fresh if m.object_id in ids]
-        await asyncio.to_thread(self._ledger.save)
+        got: dict[str, list[Cover]] = {}
+        read: set[str] = set()
+        listing = await self._manifests(doc_keys)
+        counts = {"listed": len(listing), "total": 0, "done": 0, "nbytes": 0}
+
+        def tick(n: int, nbytes: int) -> None:
+            counts["done"] += n
+            counts["nbytes"] += nbytes
+            self.progress = RestoreProgress(**counts)
+            if progress is not None:
+                progress(self.progress)
+
+        try:
+            scope: Sequence[str] | None = doc_keys
+            for attempt in range(RESTORE_ROUNDS):
+                todo: list[Listed] = []
+                groups = self._check_store(self._group(listing, scope), scope)
+                for key, group in groups.items():
+                    held = got.get(key, []) + (self._known.get(key, []) if changed_only else [])
+                    for o in maximal(group):
+                        if (
+                            o.object_id in read
+                            or (not include_own and o.m.device == own)
+                            or (changed_only and o.object_id in self._seen)
+                            or (o.cover is not None and any(o.cover.within(h) for h in held))
+                        ):
+                            continue
+                        todo.append(o)
+                counts["total"] += len(todo)
+                tick(0, 0)
+                chunks = await self._chunks(todo, tick)
+                again: set[str] = set()
+                for o in todo:
+                    try:
+                        doc, state = self.open(o.m, chunks.get(o.object_id, []))
+                    except SecurityError as exc:
+                        log.warning("checkpoint: object %s refused: %s", o.object_id, exc)
+                        continue
+                    except CheckpointError as exc:
+                        if attempt < RESTORE_ROUNDS - 1:  # pruned while we read: list again
+                            again.add(o.m.doc_key)
+                        else:
+                            log.warning("checkpoint: object %s refused: %s", o.object_id, exc)
+                        continue
+                    out.setdefault(doc, []).append(state)
+                    read.add(o.object_id)
+                    self._seen.add(o.object_id)
+                    self._ledger.seen(self._entry(o))
+                    if o.cover is not None:
+                        got.setdefault(o.m.doc_key, []).append(o.cover)
+                        self._remember(o.m.doc_key, o.cover)
+                if not again:
+                    break
+                scope = sorted(again)
+                listing = await self._manifests(scope)
+        finally:
+            self.progress = None
+            await asyncio.to_thread(self._ledger.save)
         return out
 
     # ---- search ----------------------------------------------------------------------------
-    async def search(self, query: str, limit: int = 10) -> list[DocHit]:
-        """Keyword search over searchable docs, best first, one hit per doc."""
-        try:
-            hits = await self.sink.search(self.tenant, query, limit)
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint search failed: {_reason(exc)}") from exc
-        unknown = sorted({h.doc_key for h in hits} - set(self._names))
+    async def search(
+        self, query: str, limit: int = 10, mode: SearchMode | None = None, alpha: float = 0.5
+    ) -> list[DocHit]:
+        """The best passages of searchable docs for `query`, best first.
+
+        `mode` is "keyword" (BM25), "vector" (by meaning, needs an embedder) or "hybrid"
+        (both, `alpha` 0 = keyword only .. 1 = vector only); None means hybrid with an
+        embedder and keyword without.
+        """
+        if mode is None:
+            mode = "hybrid" if self.embedder is not None else "keyword"
+        if mode not in _SEARCH_MODES:
+            raise ValueError(f"search mode must be one of {', '.join(_SEARCH_MODES)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError("alpha must be between 0 and 1")
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        vector = None
+        if mode != "keyword":
+            if self.embedder is None:
+                raise CheckpointError(f"{mode} search needs an embedder (NodeConfig.embedder)")
+            (vector,) = await embed(self.embedder, [query])
+        q = SearchQuery(query, mode, vector, alpha, limit)
+        hits = await self._sink("search", self.sink.search(self.tenant, q))
+        unknown = sorted({h.doc_key for h in hits if h.doc_key not in self._names})
         if unknown:  # learn names from the sealed headers
-            for m in await self._manifests(unknown):
-                try:
-                    self._names[m.doc_key] = self.header(m).doc
-                except SecurityError:
-                    continue
-        best: dict[str, DocHit] = {}
-        for h in hits:
-            name = self._names.get(h.doc_key)
-            if name is not None and (name not in best or best[name].score < h.score):
-                best[name] = DocHit(name, h.score, h.snippet)
-        return sorted(best.values(), key=lambda h: -h.score)[:limit]
+            self._group(await self._manifests(unknown))
+        return [
+            DocHit(name, h.text, h.score, snippet_of(h.text, query))
+            for h in hits
+            if (name := self._names.get(h.doc_key)) is not None
+        ][:limit]
 
     # ---- loops -----------------------------------------------------------------------------
     @staticmethod

@@ -323,6 +323,41 @@ async def _progress(label: str) -> AsyncIterator[None]:
         sys.stderr.flush()
 
 
+BAR_WIDTH = 28
+
+
+def progress_line(label: str, p: dict[str, int], elapsed: float) -> str:
+    """One line of a restore's progress: a bar over the objects to read, counts, bytes, time."""
+    total, done = p["total"], p["done"]
+    if total <= 0:
+        return f"{label}: listed {plural(p['listed'], 'object')} ... {elapsed:.1f} s"
+    filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
+    bar = "#" * filled + "." * (BAR_WIDTH - filled)
+    return f"{label} [{bar}] {done}/{total} objects, {human_bytes(p['nbytes'])}, {elapsed:.1f} s"
+
+
+class _Bar:
+    """Draws `progress_line` on stderr (only on a terminal), redrawn in place."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+        self.shown = False
+
+    def __call__(self, p: dict[str, int]) -> None:
+        if not sys.stderr.isatty():
+            return
+        line = progress_line(self.label, p, time.monotonic() - self.started)
+        sys.stderr.write(f"\r\x1b[K{line}")
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
 def configure_checkpoint(p: argparse.ArgumentParser) -> None:
     """The options of `checkpoint`."""
     _add_target(p)
@@ -356,8 +391,11 @@ def run_restore(args: argparse.Namespace) -> int:
     """`unity-crdt restore`: merge the group's Weaviate checkpoints."""
 
     async def work(client: ControlClient) -> int:
-        async with _progress("restoring from Weaviate"):
-            docs = await client.restore()
+        bar = _Bar("restoring")
+        try:
+            docs = await client.restore(progress=bar)
+        finally:
+            bar.clear()
         if args.json:
             _print_json({"restored": docs})
         elif docs:
@@ -373,14 +411,23 @@ def configure_search(p: argparse.ArgumentParser) -> None:
     """The options of `search`."""
     p.add_argument("query", metavar="QUERY")
     p.add_argument("--limit", type=int, default=10, metavar="N")
+    p.add_argument(
+        "--mode",
+        choices=("keyword", "vector", "hybrid"),
+        help="default: hybrid if the node has an embedder, else keyword",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.5, metavar="A", help="hybrid: 0 keyword .. 1 vector"
+    )
     _add_target(p)
 
 
 def run_search(args: argparse.Namespace) -> int:
-    """`unity-crdt search QUERY`: keyword search over checkpointed searchable docs."""
+    """`unity-crdt search QUERY`: search the checkpointed passages of searchable docs."""
 
     async def work(client: ControlClient) -> int:
-        hits = await client.search(args.query, args.limit)
+        async with _progress("searching"):
+            hits = await client.search(args.query, args.limit, args.mode, args.alpha)
         if args.json:
             _print_json(hits)
         elif not hits:

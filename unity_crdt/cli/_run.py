@@ -64,9 +64,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-url",
         metavar="URL",
-        help="checkpoint sink: weaviate://host:port?grpc=PORT or dir:///path",
+        help="checkpoint sink: weaviate://host:port?grpc=PORT or dir:///path "
+        "(a cluster: its servers' URLs, comma-separated)",
     )
-    p.add_argument("--weaviate-url", metavar="URL", help="checkpoint to this Weaviate server")
+    p.add_argument(
+        "--weaviate-url",
+        metavar="URL",
+        help="checkpoint to this Weaviate server (a cluster: URLs comma-separated)",
+    )
     p.add_argument("--weaviate-grpc-port", type=int, metavar="PORT")
     p.add_argument("--checkpoint-interval", type=float, metavar="SECONDS")
     p.add_argument(
@@ -185,6 +190,17 @@ def _yjs_token(args: argparse.Namespace, values: dict[str, Any]) -> tuple[str, s
     return token_file(path), f"in {path}"
 
 
+def _urls(raw: str | None) -> str | tuple[str, ...] | None:
+    """One URL, or the comma-separated URLs of a cluster's servers."""
+    if raw is None or "," not in raw:
+        return raw
+    return tuple(u.strip() for u in raw.split(",") if u.strip())
+
+
+def _shown(urls: str | tuple[str, ...] | None) -> str:
+    return urls if isinstance(urls, str) else ", ".join(urls or ())
+
+
 def node_config(args: argparse.Namespace) -> NodeConfig:
     """The NodeConfig of `run`: the --config file, then the environment, then flags on top."""
     from ..config import NodeConfig
@@ -197,8 +213,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         "port": args.port,
         "peers": args.peer,
         "mdns_interfaces": args.mdns_interface,
-        "checkpoint_url": args.checkpoint_url,
-        "weaviate_url": args.weaviate_url,
+        "checkpoint_url": _urls(args.checkpoint_url),
+        "weaviate_url": _urls(args.weaviate_url),
         "weaviate_grpc_port": args.weaviate_grpc_port,
         "checkpoint_interval": args.checkpoint_interval,
         "restore_on_start": args.restore_on_start,
@@ -242,7 +258,7 @@ def _banner(node: Node, control: ControlServer, args: argparse.Namespace) -> Non
         + (f"; static peers {' '.join(cfg.peers)}" if cfg.peers else ""),
         "  checkpoints "
         + (
-            f"{cfg.weaviate_url} every {cfg.checkpoint_interval:g} s"
+            f"{_shown(cfg.weaviate_url)} every {cfg.checkpoint_interval:g} s"
             if cfg.weaviate_url
             else "off (--weaviate-url to turn on)"
         ),

@@ -13,7 +13,9 @@ are cached and gossiped like any edit.
     POST /docs/{name}                 one edit (docview.apply_edit); answers the new projection
     GET  /docs/{name}/watch?...       JSON lines: the projection now, then after each change
     POST /checkpoint, POST /restore   {"ok": true}, {"docs": [names]}
-    GET  /search?q=&limit=            {"hits": [{"doc", "score", "snippet"}]}
+    POST /restore?progress=1          JSON lines: {"progress": {listed, total, done, nbytes}}
+                                      while objects are read, then {"docs"} (or {"error"})
+    GET  /search?q=&limit=&mode=&alpha=  {"hits": [{"doc", "passage", "score", "snippet"}]}
     GET  /metrics                     Prometheus text (also on an optional loopback TCP port,
                                       where only `localhost`, IP addresses and listed names
                                       are accepted as Host: no DNS rebinding)
@@ -27,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -49,6 +53,7 @@ from ._origin import metrics_host
 from .control_client import addressable, socket_path
 
 if TYPE_CHECKING:
+    from ..checkpoint.policy import RestoreProgress
     from ..node import Node
 
 __all__ = ["ControlServer"]
@@ -308,7 +313,7 @@ class ControlServer:
         return resp
 
     def _require_checkpoints(self) -> None:
-        if self.node.config.weaviate_url is None:
+        if self.node.config.checkpoint_url is None:
             raise ControlError(
                 "checkpoints are off on this node: restart it with "
                 "--weaviate-url URL (or weaviate_url in its config file)"
@@ -319,9 +324,38 @@ class ControlServer:
         await self.node.checkpoint()
         return self._json({"ok": True})
 
-    async def _restore(self, request: web.Request) -> web.Response:
+    async def _restore(self, request: web.Request) -> web.StreamResponse:
         self._require_checkpoints()
-        return self._json({"docs": await self.node.restore()})
+        if request.query.get("progress") != "1":
+            return self._json({"docs": await self.node.restore()})
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        lines: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        last = 0.0
+
+        def progress(p: RestoreProgress) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= 0.1 or p.done == p.total:  # at most ten lines a second
+                last = now
+                lines.put_nowait({"progress": dataclasses.asdict(p)})
+
+        async def run() -> None:
+            try:
+                lines.put_nowait({"docs": await self.node.restore(progress=progress)})
+            except Exception as exc:  # the stream must end with a line either way
+                lines.put_nowait({"error": str(exc) or type(exc).__name__})
+
+        task = asyncio.get_running_loop().create_task(run())
+        try:
+            while True:
+                line = await lines.get()
+                await resp.write((_dumps(line) + "\n").encode())
+                if "progress" not in line:
+                    break
+        finally:
+            await task
+        return resp
 
     async def _search(self, request: web.Request) -> web.Response:
         self._require_checkpoints()
@@ -330,12 +364,21 @@ class ControlServer:
             raise ControlError("search needs a query (q=...)")
         try:
             limit = int(request.query.get("limit", "10"))
+            alpha = float(request.query.get("alpha", "0.5"))
         except ValueError:
-            raise ControlError("limit must be an integer") from None
-        hits = await self.node.search(query, max(1, min(limit, 100)))
-        return self._json(
-            {"hits": [{"doc": h.doc, "score": h.score, "snippet": h.snippet} for h in hits]}
+            raise ControlError("limit must be an integer and alpha a number") from None
+        mode = request.query.get("mode") or None
+        if mode not in (None, "keyword", "vector", "hybrid"):
+            raise ControlError("mode must be keyword, vector or hybrid")
+        if not 0.0 <= alpha <= 1.0:
+            raise ControlError("alpha must be between 0 and 1")
+        hits = await self.node.search(
+            query,
+            max(1, min(limit, 100)),
+            mode,  # type: ignore[arg-type]
+            alpha,
         )
+        return self._json({"hits": [dataclasses.asdict(h) for h in hits]})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = metrics.render(self.node.status(), doc_labels=self._doc_labels)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -158,13 +158,34 @@ class ControlClient:
         """Checkpoint every changed doc now."""
         await self._json("POST", "/checkpoint", patient=True)
 
-    async def restore(self) -> list[str]:
-        """Merge the group's checkpoints; the names of the docs touched."""
-        return list((await self._json("POST", "/restore", patient=True))["docs"])
+    async def restore(self, progress: Callable[[dict[str, int]], None] | None = None) -> list[str]:
+        """Merge the group's checkpoints; the names of the docs touched. `progress` gets
+        {listed, total, done, nbytes} as objects are read."""
+        if progress is None:
+            return list((await self._json("POST", "/restore", patient=True))["docs"])
+        async with self._request(
+            "POST", "/restore", patient=True, params={"progress": "1"}
+        ) as resp:
+            async for raw in resp.content:
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                if "progress" in line:
+                    progress(line["progress"])
+                elif "error" in line:
+                    raise ControlError(str(line["error"]))
+                else:
+                    return list(line["docs"])
+        raise ControlError(f"the node on {self.cache_dir} stopped during the restore")
 
-    async def search(self, query: str, limit: int = 10) -> list[dict[str, Any]]:
-        """Keyword search over checkpointed searchable docs."""
-        found = await self._json("GET", "/search", params={"q": query, "limit": str(limit)})
+    async def search(
+        self, query: str, limit: int = 10, mode: str | None = None, alpha: float = 0.5
+    ) -> list[dict[str, Any]]:
+        """Search checkpointed searchable docs: hits {doc, passage, score, snippet}."""
+        params = {"q": query, "limit": str(limit), "alpha": str(alpha)}
+        if mode is not None:
+            params["mode"] = mode
+        found = await self._json("GET", "/search", params=params)
         return list(found["hits"])
 
     async def metrics(self) -> str:
