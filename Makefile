@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test lint unit bench weaviate docs clean
+.PHONY: setup demo test lint unit bench weaviate docs web clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: setup lint
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# The browser page (demos/web): yjs + y-websocket bundled from the locked npm packages.
+web:
+	cd demos/web && npm ci --no-audit --no-fund && npm run build
 
 bench: setup
 	$(BIN)/python -m bench

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ class NotesWindow:
         self.text.bind("<KeyRelease>", self._on_cursor)
         self.text.bind("<ButtonRelease>", self._on_cursor)
         self.root.protocol("WM_DELETE_WINDOW", self.root.destroy)
+        self.root.bind("<Control-q>", lambda _event: self.root.destroy())
+        self.text.focus_set()  # the caret is in the notes as soon as the window shows
         self.root.after(POLL_MS, self._poll)
         self.root.after(0, self._refresh_status)
 
@@ -153,6 +156,31 @@ class NotesWindow:
         self.status.config(text="also here: " + (", ".join(others) if others else "nobody"))
         self.root.after(STATUS_MS, self._refresh_status)
 
+    def state(self) -> dict[str, Any]:
+        """What the window shows: the text, the title and the presence line."""
+        return {
+            "widget": self.content(),
+            "title": self.root.title(),
+            "status": str(self.status.cget("text")),
+        }
+
+    def report(self, meter: StallMeter) -> None:
+        """Test hook: print the window's state as one JSON line whenever it changes.
+
+        Each line carries `stall_ms`, the longest main-loop stall since the previous line.
+        """
+        last: dict[str, Any] = {}
+
+        def check() -> None:
+            nonlocal last
+            now = self.state()
+            if now != last:
+                last = now
+                print(json.dumps({**now, "stall_ms": meter.take()}, ensure_ascii=False), flush=True)
+            self.root.after(POLL_MS, check)
+
+        self.root.after(0, check)
+
     def type_slowly(self, text: str, delay_ms: int = 30) -> None:
         """Test hook: insert `text` at the cursor one character at a time, as typing would."""
         if not text:
@@ -160,6 +188,28 @@ class NotesWindow:
         self.text.insert("insert", text[0])
         self._on_cursor(None)
         self.root.after(delay_ms, self.type_slowly, text[1:], delay_ms)
+
+
+class StallMeter:
+    """The longest gap between two runs of a short Tk timer: how long the GUI could not react."""
+
+    def __init__(self, root: Any, every_ms: int = 5) -> None:
+        """Start ticking on `root`'s main loop."""
+        self.root, self.every_ms = root, every_ms
+        self.longest = 0.0
+        self._last = time.perf_counter()
+        root.after(every_ms, self._tick)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self._last)
+        self._last = now
+        self.root.after(self.every_ms, self._tick)
+
+    def take(self) -> float:
+        """The longest stall since the last take(), in milliseconds (then start over)."""
+        longest, self.longest = self.longest, 0.0
+        return round(longest * 1000, 1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,6 +229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--geometry", help="Tk window geometry, e.g. 600x300+0+0")
     p.add_argument("--type", default="", help="test hook: type this text at the end")
     p.add_argument("--type-after", type=float, default=0.3, help="test hook: delay, seconds")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="test hook: print the window's state (and main-loop stalls) as JSON lines",
+    )
     p.add_argument(
         "--exit-after",
         type=float,
@@ -218,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             window.root.after(int(args.type_after * 1000), type_at_end)
         if args.exit_after is not None:
             window.root.after(int(args.exit_after * 1000), window.root.destroy)
+        if args.report:
+            window.report(StallMeter(window.root))
         window.root.mainloop()
-        if args.exit_after is not None:
+        if args.exit_after is not None or args.report:
             state = {
                 "name": args.name,
                 "text": node.get_text(args.doc, "body"),

@@ -106,3 +106,23 @@ async def test_presence_crosses_nodes_between_front_ends(
     assert seen == {str(a_id): {"user": "Zoë on alice"}}
     on_a.proc.kill()  # the front end dies without saying goodbye
     assert await js.call("wait_awareness", id="ui-b", count=0) == {}
+
+
+@pytest.mark.parametrize("when", ["before the front end connects", "while it is connected"])
+async def test_python_presence_reaches_front_ends_at_once(
+    make_node: MakeNode, js: JsDriver, when: str
+) -> None:
+    # y-protocols ignores a first state with clock 0 from a client it has not seen: the Python
+    # state would then show up only at its renewal, 15 s later (found by the browser tier).
+    a = await make_node("alice")
+    b = await make_node("bob", peers=(a.url,))
+    await a.wait_for_peers(1)
+    await b.wait_for_peers(1)
+    if when.startswith("before"):
+        b.set_presence(ROOM, {"name": "bob in Python"})
+        await js.open("ui", endpoint_of(a), ROOM)
+    else:
+        await js.open("ui", endpoint_of(a), ROOM)
+        b.set_presence(ROOM, {"name": "bob in Python"})
+    seen = await js.call("wait_awareness", id="ui", count=1, timeout=3000)
+    assert list(seen.values()) == [{"name": "bob in Python"}]

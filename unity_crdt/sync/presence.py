@@ -83,7 +83,8 @@ class Presence:
         """Set (or clear, with None) this node's state in `doc`; return the update to send."""
         raw = None if state is None else json.dumps(state, separators=(",", ":")).encode()
         local = self._local.get(doc)
-        clock = 0 if local is None else local.clock + 1
+        # Clocks start at 1: y-protocols drops a clock-0 state from a client it has not seen.
+        clock = 1 if local is None else local.clock + 1
         self._local[doc] = _Local(client_id, clock, raw, now)
         update = encode_awareness([(client_id, clock, raw)])
         self._table(doc).apply(update, now)
