@@ -126,9 +126,12 @@ async def member_handshake(
     from unity_crdt.crypto.handshake import Handshake
     from unity_crdt.crypto.keys import DeviceIdentity, derive_group_keys
     from unity_crdt.errors import HandshakeError
+    from unity_crdt.sync.codec import PROTOCOL_VERSION
 
     me = DeviceIdentity.generate()
-    hello = PeerHello(name="member", device_id=me.device_id, version=1, max_frame=2**20)
+    hello = PeerHello(
+        name="member", device_id=me.device_id, version=PROTOCOL_VERSION, max_frame=2**20
+    )
     loop = asyncio.get_running_loop()
     if secret not in _KEYS:  # scrypt once per secret, not once per attempt
         _KEYS[secret] = derive_group_keys(secret)

@@ -277,7 +277,7 @@ async def test_f4_presence_for_made_up_docs_grows_no_table_and_goes_nowhere(
     rss0 = psutil.Process(os.getpid()).memory_info().rss
     m = await Attacker.connect(a.url)
     try:
-        await m.send_message(codec.encode(codec.Hello(1, {})))
+        await m.send_message(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))
         await send_made_up_presence(m, 20_000)
         # Presence in a doc both hold still crosses the mesh, after all the junk.
         real = encode_awareness([(99, 0, b'{"user":"mallory"}')])

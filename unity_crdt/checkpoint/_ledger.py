@@ -118,9 +118,12 @@ class Ledger:
         self._warnings.pop((*key, "lost"), None)
 
     def is_rollback(self, o: Listed) -> bool:
-        """Whether `o` is an older write of its (doc, device) than one seen (then reported)."""
+        """Whether `o` is an older write of its (doc, device) than one seen (then reported).
+
+        Only Yjs states (with a cover) are monotonic per device; other states are never refused.
+        """
         known = self.entries.get((o.m.doc_key, o.m.device))
-        if known is None or o.head.seq >= known.seq or o.head.seq == 0:
+        if known is None or o.cover is None or o.head.seq >= known.seq or o.head.seq == 0:
             return False
         self._warn(
             (o.m.doc_key, o.m.device, "rollback"),
