@@ -92,6 +92,7 @@ def test_the_tree_matches_the_documented_layers() -> None:
         "crypto",
         "frontends",
         "net",
+        "node",
         "store",
         "sync",
         "testing",

@@ -17,44 +17,37 @@ from typing import TYPE_CHECKING, Any
 
 import pycrdt
 
-from .config import NodeConfig
-from .crypto.frames import PeerHello
-from .crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    ProtocolError,
-    RelayError,
-    StoreError,
-    UnityCrdtError,
-)
-from .ids import PeerAddress, check_doc_id
-from .net.channel import Listener, Transport, resolve_transports
-from .net.link import Link
-from .net.mesh import Mesh
-from .net.relay import RELAY_ORIGIN
-from .status import DocStatus, NodeStatus, PeerInfo, PeerStatus
-from .store.base import Store
-from .store.files import load_or_create_secret_file
-from .store.sqlite import SqliteStore
-from .sync.codec import PROTOCOL_VERSION, Awareness, Notice
-from .sync.presence import Presence
-from .sync.replica import RemoteOrigin, Replica
-from .sync.router import Router
-from .sync.session import PullGate, SeenFilter, SyncSession
-from .sync.yjs import read_state_vector
+from ..config import NodeConfig
+from ..crypto.frames import PeerHello
+from ..crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
+from ..errors import ConfigError, StoreError, UnityCrdtError
+from ..ids import PeerAddress, check_doc_id
+from ..net.channel import Listener, Transport, resolve_transports
+from ..net.link import Link
+from ..net.mesh import Mesh
+from ..net.relay import RELAY_ORIGIN
+from ..status import NodeStatus, PeerInfo
+from ..store.base import Store
+from ..store.files import load_or_create_secret_file
+from ..store.sqlite import SqliteStore
+from ..sync.codec import PROTOCOL_VERSION, Awareness, Notice
+from ..sync.presence import Presence
+from ..sync.replica import Replica
+from ..sync.router import Router
+from ..sync.session import PullGate, SeenFilter, SyncSession
+from ._discovery import start_discovery
+from ._status import node_status
 
 if TYPE_CHECKING:
-    from .checkpoint.format import CheckpointSink, DocHit, SearchMode
-    from .checkpoint.policy import Checkpointer, RestoreProgress
-    from .frontends.ywebsocket import YWebsocketEndpoint
-    from .net.mdns import Discovery
-    from .net.relay import Relay
+    from ..checkpoint.format import CheckpointSink, DocHit, SearchMode
+    from ..checkpoint.policy import RestoreProgress
+    from ..frontends.ywebsocket import YWebsocketEndpoint
+    from ..net.mdns import Discovery
+    from ..net.relay import Relay
+    from ._checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
 
-# Merged checkpoint states travel like a peer's updates: relayed to every link, never undone.
-CHECKPOINT_ORIGIN = RemoteOrigin("checkpoint")
 REFRESH_MIN_INTERVAL = 5.0
 FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
 
@@ -97,11 +90,10 @@ class Node:
         self._identity: DeviceIdentity | None = None
         self._listener: Listener | None = None
         self._mesh: Mesh | None = None
-        self._checkpointer: Checkpointer | None = None
+        self._checkpoints: Checkpoints | None = None
         self._endpoint: YWebsocketEndpoint | None = None
         self._discovery: Discovery | None = None
         self._relay: Relay | None = None
-        self._pulling: set[str] = set()  # docs a commit notice is pulling from the sink
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -151,12 +143,10 @@ class Node:
             await self._relay.flush()
 
     async def checkpoint(self) -> None:
-        """Push every doc changed since its last checkpoint to Weaviate now."""
-        cp = self._require_checkpointer()
+        """Push every doc changed since its last checkpoint to the checkpoint store now."""
+        checkpoints = self._require_checkpoints()
         await self.flush()
-        report = await cp.checkpoint()
-        if report.failed:
-            raise CheckpointError(f"checkpoint failed for {len(report.failed)} doc(s)")
+        await checkpoints.checkpoint()
 
     async def restore(
         self, *, progress: Callable[[RestoreProgress], None] | None = None
@@ -165,16 +155,14 @@ class Node:
 
         `progress` is called as objects are read (for a progress bar).
         """
-        states = await self._require_checkpointer().restore(progress=progress)
-        self._apply_checkpoints(states)
-        return sorted(states)
+        return await self._require_checkpoints().restore(progress=progress)
 
     async def search(
         self, query: str, limit: int = 10, mode: SearchMode | None = None, alpha: float = 0.5
     ) -> list[DocHit]:
         """Search the checkpointed passages of searchable docs: "keyword" (BM25), "vector"
         (by meaning) or "hybrid"; None = hybrid with an embedder, keyword without."""
-        return await self._require_checkpointer().search(query, limit, mode, alpha)
+        return await self._require_checkpoints().search(query, limit, mode, alpha)
 
     @property
     def ywebsocket(self) -> YWebsocketEndpoint:
@@ -185,59 +173,7 @@ class Node:
 
     def status(self) -> NodeStatus:
         """A snapshot of this node: links, docs, checkpoint state (see unity_crdt.status)."""
-        now = self._now()
-        links = list(self._mesh.links.values()) if self._mesh else []
-        peers = []
-        for link in links:
-            if link.remote is None or link.session is None:
-                continue
-            st, session = link.stats, link.session
-            peers.append(
-                PeerStatus(
-                    name=link.remote.name,
-                    device_id=link.remote.device_id,
-                    url=link.address.url,
-                    connected_for=now - st.connected_at,
-                    last_seen_ago=now - st.last_seen,
-                    bytes_in=st.bytes_in,
-                    bytes_out=st.bytes_out,
-                    messages_in=st.messages_in,
-                    messages_out=st.messages_out,
-                    rtt=session.stats.rtt,
-                    synced_docs=tuple(sorted(session.synced_docs)),
-                    pending=link.queued_bytes,
-                )
-            )
-        cp = self._checkpointer
-        docs = []
-        for name in self._replica.names():
-            cst = cp.status.get(name) if cp else None
-            docs.append(
-                DocStatus(
-                    name=name,
-                    state_bytes=len(self._replica.doc(name).get_update()),
-                    peers_synced=sum(
-                        1 for lk in links if lk.session and lk.session.is_synced(name)
-                    ),
-                    last_checkpoint=cst.last_ok if cst else None,
-                    checkpoint_error=cst.last_error if cst else None,
-                    dirty=bool(cp and name in cp.dirty),
-                )
-            )
-        return NodeStatus(
-            name=self.config.name,
-            device_id=self.device_id,
-            url=self.url,
-            uptime=now - self._started_at,
-            peers=tuple(peers),
-            docs=tuple(docs),
-            checkpoints=cp is not None,
-            checkpoint_error=cp.last_error if cp else None,
-            pending_writes=len(self._pending),
-            yjs_url=self._endpoint.base_url if self._endpoint else None,
-            checkpoint_warnings=cp.warnings if cp else (),
-            relay=self._relay.status() if self._relay else None,
-        )
+        return node_status(self)
 
     def set_presence(self, doc: str, state: Any) -> None:
         """Publish this node's presence in `doc` (any JSON value; None clears it)."""
@@ -336,7 +272,7 @@ class Node:
         if cfg.mdns:
             await self._start_discovery()
         if cfg.yjs_endpoint:
-            from .frontends.ywebsocket import YWebsocketEndpoint
+            from ..frontends.ywebsocket import YWebsocketEndpoint
 
             self._endpoint = YWebsocketEndpoint(
                 self._replica,
@@ -346,13 +282,38 @@ class Node:
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
         if self._sink is None and cfg.checkpoint_url is not None:
-            from .checkpoint.sinks import open_sink
+            from ..checkpoint.sinks import open_sink
 
             self._sink = open_sink(cfg.checkpoint_url, cfg)
         if self._sink is not None:
-            await self._start_checkpoints(self._sink)
+            from ._checkpoints import Checkpoints
+
+            self._checkpoints = Checkpoints(
+                cfg,
+                self._keys,
+                self.device_id,
+                self._sink,
+                self._replica,
+                spawn=self.spawn,
+                notify=self._notify,
+            )
+            await self._checkpoints.start()
         if cfg.relay_url:
-            await self._start_relay(tuple(cfg.relay_url))
+            from ._relay import make_relay
+
+            checkpoints = self._checkpoints
+            self._relay = make_relay(
+                cfg,
+                self._keys,
+                self.device_id,
+                self._replica,
+                self._seen,
+                spawn=self.spawn,
+                on_notice=self._on_notice,
+                on_gap=checkpoints.pull_everything if checkpoints else None,
+            )
+            if self._relay is not None:
+                await self._relay.start()
         log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
 
     async def close(self) -> None:
@@ -374,8 +335,8 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
-        if self._checkpointer is not None:
-            await self._final_checkpoint(self._checkpointer)
+        if self._checkpoints is not None:
+            await self._checkpoints.close()
         if self._relay is not None:
             await self._relay.close()
         await self._store.close()
@@ -457,8 +418,8 @@ class Node:
         """
         if self._router.add(doc, update, origin):
             asyncio.get_running_loop().call_soon(self._drain)
-        if self._checkpointer is not None:
-            self._checkpointer.mark_dirty(doc)
+        if self._checkpoints is not None:
+            self._checkpoints.cp.mark_dirty(doc)
         if self._endpoint is not None:
             self._endpoint.publish(doc, update, origin)
 
@@ -499,141 +460,22 @@ class Node:
     # -- discovery --------------------------------------------------------------------------
 
     async def _start_discovery(self) -> None:
-        from .net.mdns import Discovery, Found
-
         assert self._keys is not None and self._listener is not None and self._mesh is not None
-        mesh = self._mesh
-        if self._listener.address.scheme != "ws":
-            log.warning(
-                "mDNS announces websocket peers only; this node listens with %s://",
-                self._listener.address.scheme,
-            )
-            return
-
-        def found(peer: Found) -> None:
-            # mDNS is only a hint: the handshake decides whether it is one of us.
-            mesh.add_address(PeerAddress(peer.host, peer.port, "ws"), persistent=False)
-
-        self._discovery = Discovery(
-            beacon=self._keys.beacons,
-            port=self._listener.address.port,
-            on_found=found,
-            interfaces=self.config.mdns_interfaces,
-            requery_interval=self.config.mdns_requery_interval,
-            allow=self.config.mdns_allow or None,
+        self._discovery = await start_discovery(
+            self.config, self._keys, self._listener.address, self._mesh
         )
-        await self._discovery.start()
 
-    # -- checkpoints ------------------------------------------------------------------------
+    # -- checkpoints and commit notices -----------------------------------------------------
 
-    def _require_checkpointer(self) -> Checkpointer:
-        if self._checkpointer is None:
+    def _require_checkpoints(self) -> Checkpoints:
+        if self._checkpoints is None:
             raise UnityCrdtError(
                 "checkpoints are off: set NodeConfig.checkpoint_url (or pass Node(sink=...))"
             )
-        return self._checkpointer
+        return self._checkpoints
 
-    async def _start_checkpoints(self, sink: CheckpointSink) -> None:
-        from .checkpoint.policy import Checkpointer
-
-        cfg = self.config
-        assert self._keys is not None
-        cp = Checkpointer(
-            self._keys,
-            self.device_id,
-            sink,
-            get_state=lambda name: self._replica.doc(name).get_update(),
-            text_of=self._text_of,
-            ledger_path=cfg.cache_path / "checkpoints.json",
-            on_written=self._send_notice,
-            embedder=cfg.embedder,
-            vector_file=cfg.cache_path / "passage-vectors.bin",
-        )
-        self._checkpointer = cp
-        # Docs loaded from the cache may be newer than any checkpoint (offline edits).
-        for name in self._replica.names():
-            cp.mark_dirty(name)
-        if cfg.restore_on_start:
-            try:
-                await self.restore()
-            except Exception as exc:  # the node starts from its cache whatever the store holds
-                log.warning("restore on start failed, continuing from the local cache: %s", exc)
-        self.spawn(cp.run(cfg.checkpoint_interval), "checkpoint loop")
-        if cfg.pull_interval is not None:
-            self.spawn(cp.run_pull(cfg.pull_interval, self._apply_checkpoints), "pull loop")
-
-    def _apply_checkpoints(self, states: dict[str, list[bytes]]) -> None:
-        """Merge checkpointed states like any remote update: cached, gossiped, never undone."""
-        for name, blobs in states.items():
-            for state in blobs:
-                try:
-                    self._replica.apply_remote(name, state, CHECKPOINT_ORIGIN)
-                except ProtocolError as exc:
-                    log.warning("a checkpoint of one doc could not be merged: %s", exc)
-
-    def _text_of(self, name: str) -> str | None:
-        """The plain text of a searchable doc: its Text roots in name order, each its own
-        paragraph (passages are the blank-line separated paragraphs)."""
-        if name not in self.config.searchable:
-            return None
-        doc = self._replica.doc(name)
-        parts = []
-        for key in sorted(doc.keys()):
-            value = doc[key] if key in doc._roots and doc._roots[key] is not None else None
-            if isinstance(value, pycrdt.Text):
-                parts.append(str(value))
-        return "\n\n".join(parts)
-
-    async def _final_checkpoint(self, cp: Checkpointer) -> None:
-        try:
-            if cp.dirty:
-                await asyncio.wait_for(cp.checkpoint(), 30.0)
-        except (CheckpointError, TimeoutError) as exc:
-            log.warning(
-                "final checkpoint on close failed (the local cache has every edit): %s", exc
-            )
-        finally:
-            await cp.close()
-
-    # -- the cloud channel and commit notices -----------------------------------------------
-
-    async def _start_relay(self, urls: tuple[str, ...]) -> None:
-        from .crypto.envelope import RelaySealer
-        from .net._outbox import RelayOutbox
-        from .net.nats import NatsBroker, public_url
-        from .net.relay import Relay, RelaySettings
-
-        cfg = self.config
-        assert self._keys is not None
-        settings = RelaySettings(
-            url=",".join(public_url(u) for u in urls),
-            deltas=cfg.relay_deltas,
-            max_age=cfg.relay_max_age,
-            max_bytes=cfg.relay_max_bytes,
-            replicas=3 if len(urls) >= 3 else 1,  # a cluster keeps three copies (Raft)
-        )
-        try:
-            broker = NatsBroker(urls, cfg.relay_credentials)
-        except RelayError as exc:  # the LAN side runs; status says why the relay does not
-            log.error("relay off: %s", exc)
-            return
-        self._relay = Relay(
-            broker=broker,
-            sealer=RelaySealer(self._keys, self.device_id),
-            outbox=RelayOutbox(cfg.cache_path / "relay.sqlite3"),
-            replica=self._replica,
-            seen=self._seen,
-            settings=settings,
-            spawn=self.spawn,
-            on_notice=self._on_notice,
-            on_gap=self._pull_everything if self._checkpointer else None,
-        )
-        await self._relay.start()
-
-    def _send_notice(self, doc: str, generation: str) -> None:
-        """Tell linked peers and the relay that `doc` was just checkpointed at this state."""
-        sv, digest = self._replica.state_vector(doc), self._replica.digest(doc)
-        notice = Notice(doc, self.device_id, generation, sv, digest)
+    def _notify(self, notice: Notice) -> None:
+        """Tell linked peers and the relay that a doc was just checkpointed at this state."""
         if self._mesh is not None:
             for peer in self._mesh.sessions:
                 self._mesh.send(peer, [notice])
@@ -641,32 +483,5 @@ class Node:
             self._relay.notify(notice)
 
     def _on_notice(self, notice: Notice) -> None:
-        """A member checkpointed a doc: if our copy is behind it, pull that doc now."""
-        if self._checkpointer is None or notice.device == self.device_id:
-            return
-        ours = read_state_vector(self._replica.state_vector(notice.doc))
-        theirs = read_state_vector(notice.state_vector)
-        behind = any(clock > ours.get(client, 0) for client, clock in theirs.items())
-        if not behind and (ours != theirs or self._replica.digest(notice.doc) == notice.digest):
-            return
-        if notice.doc not in self._pulling:
-            self._pulling.add(notice.doc)
-            self.spawn(self._pull_doc(notice.doc), "pull on notice")
-
-    async def _pull_doc(self, doc: str) -> None:
-        assert self._checkpointer is not None
-        try:
-            self._apply_checkpoints(await self._checkpointer.restore([doc], include_own=False))
-        except CheckpointError as exc:
-            log.warning("a commit notice's pull failed (the next pull repairs it): %s", exc)
-        finally:
-            self._pulling.discard(doc)
-
-    def _pull_everything(self) -> None:
-        async def pull() -> None:
-            try:
-                await self.restore()
-            except CheckpointError as exc:
-                log.warning("restore after a relay gap failed: %s", exc)
-
-        self.spawn(pull(), "restore after relay gap")
+        if self._checkpoints is not None:
+            self._checkpoints.on_notice(notice)
