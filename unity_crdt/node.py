@@ -275,8 +275,8 @@ class Node:
         await self._store.open()
         if self._store.recovered_from is not None:
             log.error(
-                "the local cache was damaged and moved to %s; this node starts empty and "
-                "re-syncs from its peers and checkpoints",
+                "the local cache was damaged and rebuilt from what it still held (the damaged "
+                "file is kept as %s); what it lost re-syncs from peers and checkpoints",
                 self._store.recovered_from,
             )
         for name in await self._store.docs():
@@ -286,7 +286,9 @@ class Node:
                 log.error("could not load doc %r from the local cache: %s", name, exc)
                 continue
             bad = 0
-            for blob in blobs:  # one at a time: a bad update must not hide the rest
+            # One at a time: a bad update must not hide the rest. No blobs (all lost to
+            # damage) makes no doc: it comes back with the next peer that has it.
+            for blob in blobs:
                 try:
                     self._replica.load(name, [blob])
                 except StoreError:

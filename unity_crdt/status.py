@@ -61,6 +61,7 @@ class CacheRecovery:
     lost: tuple[tuple[str, int], ...]  # (doc, rows or snapshot parts of it not loaded)
     unattributed: int  # rows or regions lost whose doc cannot be told (unreadable pages)
     everything: bool  # nothing of the old file could be read
+    repaired: int = 0  # rows whose doc name lost a bit (the CRC says which), kept whole
 
     def affects(self, doc: str) -> bool:
         """Whether `doc` may have lost content in this recovery."""

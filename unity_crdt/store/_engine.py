@@ -36,8 +36,28 @@ from typing import Any, TypeVar
 from ..errors import StoreError
 from ..status import CacheRecovery
 from ._compaction import part_crc, row_crc, should_compact
-from ._scan import Bad, ScanResult, attribute, quarantine_copy, salvage, scan
-from ._schema import SCHEMA_VERSION, Damaged, connect, create_tables, is_damage, read_version
+from ._repair import remove_copy, repaired_copy
+from ._scan import (
+    Bad,
+    LogRow,
+    ScanResult,
+    attribute,
+    fix_name,
+    quarantine_copy,
+    salvage,
+    scan,
+)
+from ._schema import (
+    SCHEMA_VERSION,
+    Damaged,
+    check_header,
+    connect,
+    create_tables,
+    is_damage,
+    meta_crc,
+    read_version,
+    set_counts,
+)
 from .files import (
     DB_NAME,
     acquire_lock,
@@ -111,6 +131,7 @@ class CacheDb:
         self.next_part_id = 1
         self.next_gen = 1
         self.incremental = False  # the file gives free pages back (auto_vacuum=INCREMENTAL)
+        self.counts = [0, 0]  # log rows and snapshot parts in the file (kept in `meta` too)
 
     @property
     def is_open(self) -> bool:
@@ -140,7 +161,7 @@ class CacheDb:
             raise StoreError(f"cannot open local cache {self.path}: {exc}") from exc
         except OSError as exc:
             self.abandon()
-            raise cache_os_error(self.cache_dir, exc, "open the database") from exc
+            raise cache_os_error(self.cache_dir, exc, "open") from exc
         except BaseException:
             self.abandon()
             raise
@@ -156,6 +177,7 @@ class CacheDb:
         conn: sqlite3.Connection | None = None
         reason: str | None = None  # None: a sound schema-1 file, rebuilt into schema 2
         try:
+            check_header(self.path)
             conn = connect(self.path)
             version = read_version(conn, self.path)
             if version == 0:
@@ -166,7 +188,7 @@ class CacheDb:
                 self._conn, conn = conn, None
                 self._settle_scan(found, "open")
                 return found
-        except (sqlite3.DatabaseError, Damaged) as exc:
+        except (sqlite3.DatabaseError, Damaged, UnicodeDecodeError) as exc:
             if not is_damage(exc):
                 _close(conn)
                 raise
@@ -188,12 +210,27 @@ class CacheDb:
         midrun: list[str] | None = None,
     ) -> None:
         """Index what a scan found; quarantine what failed its checks; report any loss."""
+        self.counts = [
+            len(found.rows) + sum(b.table == "log" for b in found.bad),
+            len(found.parts) + sum(b.table == "snapshot" for b in found.bad),
+        ]
+        recorded = found.meta
+        if recorded is None or meta_crc(recorded[0], recorded[1]) != recorded[2]:
+            found.unreadable.append("the row counts (cannot tell whether rows went missing)")
+        elif [recorded[0], recorded[1]] != self.counts:
+            found.damaged = True
+            found.unreadable.append(
+                f"{recorded[0]} log rows and {recorded[1]} snapshot parts were written, "
+                f"{self.counts[0]} and {self.counts[1]} are left: rows vanished"
+            )
+        repairs = self._repairable(found)
         stale = self._index(found)
         self.incremental = self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
-        if found.bad or stale:
-            self._quarantine(found.bad, stale)
+        if found.bad or stale or found.unreadable or repairs:
+            self._quarantine(found.bad, stale, repairs)
         sources = [f for f in (salvaged, found) if f is not None]
-        if not (found.bad or reason is not None or (salvaged is not None and _lossy(salvaged))):
+        lossy = found.bad or found.unreadable or (salvaged is not None and _lossy(salvaged))
+        if not (lossy or repairs or reason is not None):
             return
         rec = self._record(sources, reason or "", during, moved)
         fate = ""
@@ -201,6 +238,22 @@ class CacheDb:
             hit = midrun if rec.everything or rec.unattributed else [d for d, _ in rec.lost]
             fate = self._on_recover(sorted(set(hit) & set(midrun)))
         self._report(rec, fate)
+
+    def _repairable(self, found: ScanResult) -> list[tuple[int, str]]:
+        """Log rows whose only damage is a flipped bit in their doc name: moved from
+        `found.bad` back into `found.rows` under the name their CRC confirms."""
+        repairs = []
+        for b in list(found.bad):
+            if b.table == "log" and isinstance(b.data, bytes) and b.raw_doc and b.crc is not None:
+                name = fix_name(b.raw_doc, b.data, b.crc)
+                if name is not None:
+                    found.bad.remove(b)
+                    found.rows.append(LogRow(b.id, name, len(b.data), b.data))
+                    repairs.append((b.id, name))
+        if repairs:
+            found.rows.sort(key=lambda r: r.id)
+            found.repaired += len(repairs)
+        return repairs
 
     def _index(self, found: ScanResult) -> list[int]:
         """Rebuild `docs_rows` from a scan; return superseded snapshot parts to delete."""
@@ -291,17 +344,23 @@ class CacheDb:
         )
 
     def write(self, what: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """Run `sql` for each of `rows` in one durable transaction (no recovery here)."""
+        """Run `sql` (an INSERT INTO or DELETE FROM log or snapshot) for each of `rows` in
+        one durable transaction, with the row counts (no recovery here)."""
         conn = self.conn
+        verb, _, table = sql.split()[:3]
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(sql, rows)
+            changed = conn.executemany(sql, rows).rowcount
+            counts = list(self.counts)
+            counts[table != "log"] += changed if verb == "INSERT" else -changed
+            set_counts(conn, *counts)
             if self.failpoint is not None:
                 self.failpoint(what)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+        self.counts = counts
 
     def guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         """Run `fn`; if it meets damage, rebuild the file and run it again once."""
@@ -380,30 +439,42 @@ class CacheDb:
         d = self.docs_rows.get(doc)
         if d is None or not d.parts:
             return None
-        raw, chunks, why = doc.encode(), [], None
+        raw, chunks = doc.encode(), []
         for index, (rowid, _) in enumerate(d.parts):
             row = self.conn.execute(
                 "SELECT CAST(doc AS BLOB), gen, part, parts, crc, data FROM snapshot WHERE id = ?",
                 (rowid,),
             ).fetchone()
             if row is None:
-                why = f"part {index} is missing"
-                break
-            name, gen, part, parts, crc, data = row
-            if (name, gen, part, parts) != (raw, d.gen, index, len(d.parts)):
-                why = f"part {index} belongs elsewhere"
-            elif not isinstance(data, bytes) or part_crc(raw, gen, part, parts, data) != crc:
-                why = f"part {index} fails its checksum"
+                why, suspect = f"part {index} is missing", Bad("snapshot", rowid, doc, "")
+            else:
+                name, gen, part, parts, crc, data = row
+                why = ""
+                if (name, gen, part, parts) != (raw, d.gen, index, len(d.parts)):
+                    why = f"part {index} belongs elsewhere"
+                elif not isinstance(data, bytes) or part_crc(raw, gen, part, parts, data) != crc:
+                    why = f"part {index} fails its checksum"
+                # If a bit flipped in the part's doc name, the loss is that other doc's.
+                suspect = Bad(
+                    "snapshot",
+                    rowid,
+                    None,
+                    why,
+                    raw_doc=raw,
+                    data=data if isinstance(data, bytes) else None,
+                    crc=crc if isinstance(crc, int) else None,
+                    head=f"{gen}.{part}.{parts}".encode(),
+                )
             if why:
-                break
+                suspect.reason = why
+                bad = [Bad("snapshot", i, doc, why) for i, _ in d.parts if i != rowid]
+                bad.append(suspect)
+                d.parts, d.gen = [], -1
+                self._quarantine(bad, [])
+                self._report(self._record([ScanResult(bad=bad)], "", "load", None))
+                return None
             chunks.append(data)
-        if why is None:
-            return b"".join(chunks)
-        bad = [Bad("snapshot", rowid, doc, why) for rowid, _ in d.parts]
-        d.parts, d.gen = [], -1
-        self._quarantine(bad, [])
-        self._report(self._record([ScanResult(bad=bad)], "", "load", None))
-        return None
+        return b"".join(chunks)
 
     def read_rows(self, doc: str, ids: list[int]) -> dict[int, bytes]:
         """The checked data of log rows `ids` of `doc`; damaged ones are quarantined."""
@@ -429,11 +500,25 @@ class CacheDb:
             self._report(self._record([ScanResult(bad=bad)], "", "load", None))
         return out
 
-    def _quarantine(self, bad: list[Bad], stale: list[int]) -> None:
-        """Move failing rows into the quarantine table; drop superseded snapshot parts."""
+    def _quarantine(
+        self, bad: list[Bad], stale: list[int], repairs: list[tuple[int, str]] | None = None
+    ) -> None:
+        """Move failing rows into the quarantine table; drop superseded snapshot parts; put
+        back the doc names of `repairs` (rowid, name) after keeping a copy of each."""
         conn = self.conn
+        counts = list(self.counts)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            for rowid, name in repairs or []:
+                conn.execute(
+                    "INSERT INTO quarantine (at, source, doc, reason, data) "
+                    "SELECT ?, ?, CAST(doc AS BLOB), 'doc name repaired', data FROM log "
+                    "WHERE id = ?",
+                    (time.time(), f"log row {rowid}", rowid),
+                )
+                fixed = conn.execute("UPDATE log SET doc = ? WHERE id = ?", (name, rowid))
+                if fixed.rowcount != 1:
+                    raise Damaged(f"log row {rowid} is out of place in its table")
             for b in bad:
                 copied = conn.execute(
                     "INSERT INTO quarantine (at, source, doc, reason, data) "
@@ -442,11 +527,17 @@ class CacheDb:
                 ).rowcount
                 if not copied:  # unreadable as a whole: keep what we know
                     quarantine_copy(conn, b)
-                conn.execute(f"DELETE FROM {b.table} WHERE id = ?", (b.id,))
-            conn.executemany("DELETE FROM snapshot WHERE id = ?", [(i,) for i in stale])
+                gone = conn.execute(f"DELETE FROM {b.table} WHERE id = ?", (b.id,)).rowcount
+                if not gone:  # read in a scan, not found by its key: the b-tree is damaged
+                    raise Damaged(f"{b.table} row {b.id} is out of place in its table")
+                counts[b.table != "log"] -= gone
+            dropped = conn.executemany("DELETE FROM snapshot WHERE id = ?", [(i,) for i in stale])
+            counts[1] -= dropped.rowcount
+            set_counts(conn, *counts)
             if self.failpoint is not None:
                 self.failpoint("quarantine")
             conn.execute("COMMIT")
+            self.counts = counts
         except sqlite3.DatabaseError as exc:
             _rollback(conn)
             if is_damage(exc):
@@ -460,7 +551,7 @@ class CacheDb:
     def _guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return fn(*args)
-        except (sqlite3.DatabaseError, Damaged) as exc:
+        except (sqlite3.DatabaseError, Damaged, UnicodeDecodeError) as exc:
             if not is_damage(exc) or self._conn is None:
                 raise
             self.recover(what, exc)
@@ -488,6 +579,8 @@ class CacheDb:
         new_path = Path(f"{self.path}.new")
         try:
             salvaged = self._salvage_into(old, new_path)
+            if salvaged.everything:  # SQLite cannot read the file as it is: repair a copy
+                salvaged = self._salvage_repaired(new_path) or salvaged
         except BaseException as exc:
             _unlink_db(new_path)
             if reason is None and not isinstance(exc, Damaged):
@@ -520,6 +613,24 @@ class CacheDb:
             self._settle_scan(found, during, salvaged, reason or "", moved, midrun)
         return found
 
+    def _salvage_repaired(self, new_path: Path) -> ScanResult | None:
+        copy = Path(f"{self.path}.salvage")
+        if not repaired_copy(self.path, copy):
+            return None
+        try:
+            conn = sqlite3.connect(copy, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+                found = self._salvage_into(conn, new_path)
+            finally:
+                _close(conn)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            log.warning("local cache %s: the repaired copy could not be read: %s", self.path, exc)
+            return None
+        finally:
+            remove_copy(copy)
+        return None if found.everything else found
+
     def _salvage_into(self, old: sqlite3.Connection | None, new_path: Path) -> ScanResult:
         _unlink_db(new_path)
         make_private(new_path)
@@ -535,11 +646,10 @@ class CacheDb:
     def _record(
         self, found: list[ScanResult], reason: str, during: str, moved: Path | None
     ) -> CacheRecovery:
-        known = set(self.docs_rows)
         bad = [b for f in found for b in f.bad]
         for b in bad:
             if b.doc is None:
-                attribute(b, known)
+                attribute(b)
         lost: dict[str, int] = {}
         for f in found:
             for doc, n in f.lost().items():
@@ -553,6 +663,7 @@ class CacheDb:
             lost=tuple(sorted(lost.items())),
             unattributed=sum(f.unattributed() for f in found),
             everything=any(f.everything for f in found),
+            repaired=sum(f.repaired for f in found),
         )
 
     def _report(self, rec: CacheRecovery, fate: str = "") -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..ids import check_doc_id
 from ._compaction import part_crc, row_crc_raw
-from ._schema import is_damage
+from ._schema import is_damage, meta_crc, set_counts
 
 __all__ = [
     "Bad",
@@ -31,6 +32,7 @@ __all__ = [
     "ScanResult",
     "attribute",
     "decode_name",
+    "fix_name",
     "quarantine_copy",
     "salvage",
     "scan",
@@ -44,6 +46,7 @@ _MAX_ROWID = 2**63 - 1
 _LOG = {1: ("id", "doc", "data", "crc"), 2: ("id", "doc", "crc", "data")}
 _SNAPSHOT = {1: ("doc", "data", "crc"), 2: ("id", "doc", "gen", "part", "parts", "crc", "data")}
 _QUARANTINE = ("id", "at", "source", "doc", "reason", "data")
+_META = ("id", "log_rows", "parts", "crc")
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Bad:
     raw_doc: bytes | None = None
     data: bytes | None = None  # its bytes, when readable (they go to the quarantine)
     crc: int | None = None
+    head: bytes = b""  # for a snapshot part, what its CRC covers between name and data
 
 
 @dataclass
@@ -93,6 +97,10 @@ class ScanResult:
     damaged: bool = False  # SQLite itself reported damage
     everything: bool = False  # nothing could be read at all
     copied: int = 0
+    copied_log: int = 0
+    repaired: int = 0  # rows whose doc name lost a bit, put back under the right name
+    meta: tuple[Any, ...] | None = None  # (log rows, snapshot parts, crc) as recorded
+    meta_table: bool = False  # the salvaged file had one (schema 2)
 
     def lost(self) -> dict[str, int]:
         """Rows and parts lost per doc (those whose doc can be told)."""
@@ -117,24 +125,39 @@ def decode_name(raw: object) -> str | None:
         return None
 
 
-def attribute(bad: Bad, known: set[str]) -> None:
-    """Name the doc a bad row belonged to: a known name one bit away from the stored one
-    whose CRC matches (the bit flipped in the name itself), else the stored name."""
+def fix_name(raw: bytes, data: bytes, crc: int, head: bytes = b"") -> str | None:
+    """The doc name one bit away from `raw` that makes the row's CRC match, if any.
+
+    A CRC detects every single-bit error, so a match means the bit flipped in the name and
+    the data is intact (the chance of a chance match is len(raw) * 8 / 2**32). `head` is
+    what a snapshot part's CRC covers between the name and the data.
+    """
+    if len(raw) > 1024:
+        return None
+    for i in range(len(raw) * 8):
+        flipped = bytearray(raw)
+        flipped[i // 8] ^= 1 << (i % 8)
+        name = decode_name(bytes(flipped))
+        if name is not None and zlib.crc32(data, zlib.crc32(bytes(flipped) + b"\0" + head)) == crc:
+            return name
+    return None
+
+
+def attribute(bad: Bad) -> None:
+    """Name the doc a bad row belonged to: the name one bit away that its CRC confirms
+    (the bit flipped in the name itself), else the stored name (None if not a valid one)."""
     raw = bad.raw_doc
     if raw is None:
         return
-    if isinstance(bad.data, bytes) and isinstance(bad.crc, int) and len(raw) <= 256:
-        for i in range(len(raw) * 8):
-            flipped = bytearray(raw)
-            flipped[i // 8] ^= 1 << (i % 8)
-            candidate = decode_name(bytes(flipped))
-            if candidate in known and row_crc_raw(bytes(flipped), bad.data) == bad.crc:
-                bad.doc = candidate
-                return
-    bad.doc = decode_name(raw)  # None if no valid name is left
+    fixed = None
+    if isinstance(bad.data, bytes) and isinstance(bad.crc, int):
+        fixed = fix_name(raw, bad.data, bad.crc, bad.head)
+    bad.doc = fixed or decode_name(raw)
 
 
-def walk(conn: sqlite3.Connection, table: str, columns: str, found: ScanResult) -> Iterator[Any]:
+def walk(
+    conn: sqlite3.Connection, table: str, columns: str, found: ScanResult, kind: str
+) -> Iterator[Any]:
     """The rows of `table` in rowid order (the first column is the rowid).
 
     Where SQLite reports damage, the walk steps over it: a row whose content cannot be read
@@ -149,7 +172,7 @@ def walk(conn: sqlite3.Connection, table: str, columns: str, found: ScanResult) 
                 after = row[0]
                 yield row
             return
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not is_damage(exc):
                 raise
             found.damaged = True
@@ -163,11 +186,11 @@ def walk(conn: sqlite3.Connection, table: str, columns: str, found: ScanResult) 
             found.unreadable.append(f"{table} rows {after + 1}..{reached - 1}")
         try:
             row = conn.execute(f"{select} WHERE rowid = ?", (reached,)).fetchone()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not is_damage(exc):
                 raise
             raw = _try(conn, f"SELECT CAST(doc AS BLOB) FROM {table} WHERE rowid = ?", reached)
-            found.bad.append(Bad(table, reached, None, f"unreadable: {reason}", raw_doc=raw))
+            found.bad.append(Bad(kind, reached, None, f"unreadable: {reason}", raw_doc=raw))
         else:
             if row is not None:
                 yield row
@@ -190,7 +213,7 @@ def _first_readable(conn: sqlite3.Connection, table: str, start: int) -> tuple[i
         try:
             found = seek(p)
             break
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not is_damage(exc) or p == _MAX_ROWID:
                 if not is_damage(exc):
                     raise
@@ -202,7 +225,7 @@ def _first_readable(conn: sqlite3.Connection, table: str, start: int) -> tuple[i
         try:
             found = seek(mid)
             hi = mid
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             if not is_damage(exc):
                 raise
             lo = mid
@@ -212,7 +235,7 @@ def _first_readable(conn: sqlite3.Connection, table: str, start: int) -> tuple[i
 def _try(conn: sqlite3.Connection, sql: str, *args: Any) -> Any:
     try:
         row = conn.execute(sql, args).fetchone()
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, UnicodeDecodeError):
         return None
     return None if row is None else row[0]
 
@@ -265,6 +288,7 @@ def scan(conn: sqlite3.Connection, keep_bytes: int) -> ScanResult:
             found.bad.append(Bad("snapshot", rowid, None, why, raw_doc=raw))
             continue
         found.parts.append(Part(rowid, raw.decode(), gen, part, parts, crc, size))
+    found.meta = conn.execute("SELECT log_rows, parts, crc FROM meta WHERE id = 1").fetchone()
     return found
 
 
@@ -281,7 +305,7 @@ def salvage(old: sqlite3.Connection | None, new: sqlite3.Connection) -> ScanResu
     old.text_factory = bytes  # a damaged name must not stop the read
     try:
         tables = _tables(old)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         if not is_damage(exc):
             raise
         found.everything = found.damaged = True
@@ -292,6 +316,7 @@ def salvage(old: sqlite3.Connection | None, new: sqlite3.Connection) -> ScanResu
             _copy(old, new, name, layout, found)
         for bad in found.bad:
             quarantine_copy(new, bad)
+        set_counts(new, found.copied_log, found.copied - found.copied_log)
         new.execute("COMMIT")
     except BaseException:
         if new.in_transaction:
@@ -299,6 +324,8 @@ def salvage(old: sqlite3.Connection | None, new: sqlite3.Connection) -> ScanResu
         raise
     if not found.copied and not tables:
         found.everything = True
+    if found.meta_table:
+        _check_counts(found)
     return found
 
 
@@ -308,6 +335,27 @@ def quarantine_copy(conn: sqlite3.Connection, bad: Bad) -> None:
         "INSERT INTO quarantine (at, source, doc, reason, data) VALUES (?, ?, ?, ?, ?)",
         (time.time(), f"{bad.table} row {bad.id}", bad.raw_doc, bad.reason, bad.data),
     )
+
+
+def _check_counts(found: ScanResult) -> None:
+    """Compare what a salvage found with the counts the file recorded: rows that a damaged
+    b-tree page hides (a cell count lost a bit) show up here, not as SQLite errors."""
+    have = [
+        found.copied_log + sum(b.table == "log" for b in found.bad),
+        found.copied - found.copied_log + sum(b.table == "snapshot" for b in found.bad),
+    ]
+    meta = found.meta
+    if (
+        meta is None
+        or not all(isinstance(v, int) for v in meta)
+        or meta_crc(meta[0], meta[1]) != meta[2]
+    ):
+        found.unreadable.append("the row counts (cannot tell whether rows went missing)")
+    elif [meta[0], meta[1]] != have:
+        found.unreadable.append(
+            f"{meta[0]} log rows and {meta[1]} snapshot parts were written, "
+            f"{have[0]} and {have[1]} could be read: rows vanished"
+        )
 
 
 def _tables(old: sqlite3.Connection) -> list[tuple[str, tuple[str, ...]]]:
@@ -322,7 +370,7 @@ def _tables(old: sqlite3.Connection) -> list[tuple[str, tuple[str, ...]]]:
             r[1].decode("utf-8", "replace") if isinstance(r[1], bytes) else str(r[1])
             for r in old.execute(f'PRAGMA table_info("{name}")')
         )
-        candidates = [_LOG[2], _LOG[1], _SNAPSHOT[2], _SNAPSHOT[1], _QUARANTINE]
+        candidates = [_LOG[2], _LOG[1], _SNAPSHOT[2], _SNAPSHOT[1], _QUARANTINE, _META]
         fits = [c for c in candidates if len(c) == len(cols)]
         if fits:  # the layout with most names in place (schema 2 first on a tie)
             best = max(fits, key=lambda c: sum(a == b for a, b in zip(c, cols, strict=True)))
@@ -337,8 +385,16 @@ def _copy(
     layout: tuple[str, ...],
     found: ScanResult,
 ) -> None:
-    for row in walk(old, f'"{table}"', "*", found):
+    kind = "log" if layout in _LOG.values() else "snapshot"
+    if layout in (_META, _QUARANTINE):
+        kind = "quarantine" if layout == _QUARANTINE else "meta"
+    if kind == "meta":
+        found.meta_table = True
+    for row in walk(old, f'"{table}"', "*", found, kind):
         rowid, values = row[0], dict(zip(layout, row[1:], strict=False))
+        if kind == "meta":
+            found.meta = tuple(values.get(k) for k in ("log_rows", "parts", "crc"))
+            continue
         if layout == _QUARANTINE:
             new.execute(
                 "INSERT INTO quarantine (at, source, doc, reason, data) VALUES (?, ?, ?, ?, ?)",
@@ -346,10 +402,13 @@ def _copy(
             )
             continue
         doc, crc, data = values.get("doc"), values.get("crc"), values.get("data")
-        kind = "log" if layout in _LOG.values() else "snapshot"
-        why = _copy_log(new, rowid, values) if kind == "log" else _copy_part(new, rowid, values)
+        if kind == "log":
+            why = _copy_log(new, rowid, values, found)
+        else:
+            why = _copy_part(new, rowid, values)
         if why is None:
             found.copied += 1
+            found.copied_log += kind == "log"
             continue
         found.bad.append(
             Bad(
@@ -364,13 +423,24 @@ def _copy(
         )
 
 
-def _copy_log(new: sqlite3.Connection, rowid: int, values: dict[str, Any]) -> str | None:
+def _copy_log(
+    new: sqlite3.Connection, rowid: int, values: dict[str, Any], found: ScanResult
+) -> str | None:
     doc, crc, data = values.get("doc"), values.get("crc"), values.get("data")
     why = _check_log(doc, crc, data)
+    name = decode_name(doc)
+    if why == "checksum mismatch" and isinstance(doc, bytes):
+        assert isinstance(data, bytes) and isinstance(crc, int)
+        name = fix_name(doc, data, crc)
+        if name is not None:  # a bit flipped in the name: the row itself is whole
+            why = None
+            found.repaired += 1
+            quarantine_copy(
+                new, Bad("log", rowid, name, "doc name repaired", raw_doc=doc, data=data)
+            )
     if why is None:
         new.execute(
-            "INSERT INTO log (id, doc, crc, data) VALUES (?, ?, ?, ?)",
-            (rowid, decode_name(doc), crc, data),
+            "INSERT INTO log (id, doc, crc, data) VALUES (?, ?, ?, ?)", (rowid, name, crc, data)
         )
     return why
 

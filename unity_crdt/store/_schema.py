@@ -10,6 +10,7 @@ through the `log_doc` index). The version is kept twice, in `user_version` and i
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from pathlib import Path
 
 from ..errors import CorruptCacheError, StoreError
@@ -17,12 +18,17 @@ from ..errors import CorruptCacheError, StoreError
 __all__ = [
     "APP_ID",
     "JOURNAL_SIZE_LIMIT",
+    "SCHEMA_1",
     "SCHEMA_VERSION",
     "Damaged",
+    "check_header",
     "connect",
     "create_tables",
     "is_damage",
+    "meta_crc",
     "read_version",
+    "schema_objects",
+    "set_counts",
 ]
 
 SCHEMA_VERSION = 2
@@ -33,7 +39,13 @@ _SQLITE_ERROR = 1
 _SQLITE_CORRUPT = 11
 _SQLITE_FORMAT = 24
 _SQLITE_NOTADB = 26
-_SCHEMA_WORDS = ("no such table", "no such column", "malformed", "has no column")
+_SCHEMA_WORDS = (
+    "no such table",
+    "no such column",
+    "malformed",
+    "has no column",
+    "unsupported file format",
+)
 
 _TABLES = """
 CREATE TABLE log (
@@ -44,7 +56,35 @@ CREATE TABLE snapshot (
 CREATE TABLE quarantine (
     id INTEGER PRIMARY KEY, at REAL NOT NULL, source TEXT NOT NULL, doc BLOB,
     reason TEXT NOT NULL, data BLOB);
+CREATE TABLE meta (
+    id INTEGER PRIMARY KEY, log_rows INTEGER NOT NULL, parts INTEGER NOT NULL,
+    crc INTEGER NOT NULL);
+INSERT INTO meta VALUES (1, 0, 0, 3629830743);
 """
+
+
+# What schema 1 (before this module) created, for its upgrade and for repairing a damaged one.
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS log (
+    id INTEGER PRIMARY KEY,
+    doc TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS log_doc ON log (doc, id);
+CREATE TABLE IF NOT EXISTS snapshot (
+    doc TEXT PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
+"""
+_OBJECTS: dict[int, list[tuple[str, str, str, str | None]]] = {}
+
+
+def schema_objects(version: int) -> list[tuple[str, str, str, str | None]]:
+    """(type, name, tbl_name, sql) of each object of schema `version`, as SQLite stores them."""
+    if version not in _OBJECTS:
+        conn = sqlite3.connect(":memory:")
+        conn.executescript(_TABLES if version == SCHEMA_VERSION else SCHEMA_1)
+        _OBJECTS[version] = conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+        ).fetchall()
+        conn.close()
+    return _OBJECTS[version]
 
 
 class Damaged(CorruptCacheError):
@@ -53,7 +93,7 @@ class Damaged(CorruptCacheError):
 
 def is_damage(exc: BaseException) -> bool:
     """Whether an SQLite error means a damaged file (not a full disk, a lock or a bug of ours)."""
-    if isinstance(exc, Damaged):
+    if isinstance(exc, Damaged | UnicodeDecodeError):  # the latter: a garbled error message
         return True
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
@@ -88,7 +128,9 @@ def connect(path: Path) -> sqlite3.Connection:
         # update durable (tests/integration/test_cache_durability.py checks it with strace).
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
-    except sqlite3.DatabaseError as exc:
+        # Text comes back as bytes: a damaged value must never fail to decode mid-read.
+        conn.text_factory = bytes
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         conn.close()
         if is_damage(exc):
             raise Damaged(str(exc)) from exc
@@ -99,13 +141,38 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def check_header(path: Path) -> None:
+    """Damaged unless the file's 100-byte header holds what SQLite writes for our files.
+
+    SQLite reads some damaged headers without complaint: a write version above 2 opens the
+    file read-only, a reserved-bytes count shrinks every page. Empty files pass.
+    """
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if not head:
+        return
+    page = int.from_bytes(head[16:18], "big")
+    ok = (
+        len(head) == 100
+        and head[:16] == b"SQLite format 3\x00"
+        and (page == 1 or (page >= 512 and page & (page - 1) == 0))
+        and head[18:20] in (b"\x01\x01", b"\x02\x02")
+        and head[20:24] == b"\x00\x40\x20\x20"
+        and int.from_bytes(head[44:48], "big") in (1, 2, 3, 4)
+        and int.from_bytes(head[56:60], "big") == 1
+        and head[72:92] == bytes(20)
+    )
+    if not ok:
+        raise Damaged("the file header is damaged")
+
+
 def read_version(conn: sqlite3.Connection, path: Path) -> int:
     """The file's schema version (0: empty); Damaged if its header copies disagree."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     app = conn.execute("PRAGMA application_id").fetchone()[0]
     encoding = conn.execute("PRAGMA encoding").fetchone()[0]
-    if encoding != "UTF-8":
-        raise Damaged(f"the header says the text encoding is {encoding}, this cache writes UTF-8")
+    if encoding != b"UTF-8":
+        raise Damaged(f"the header says the text encoding is {encoding!r}, not UTF-8")
     if app == 0:  # schema 1 (which set no application id) or a new file
         if version not in (0, 1):
             raise Damaged(f"schema version {version} without an application id")
@@ -122,7 +189,32 @@ def read_version(conn: sqlite3.Connection, path: Path) -> int:
             f"local cache {path} has schema version {version}, this library reads "
             f"{SCHEMA_VERSION} (written by a newer version?)"
         )
+    objects = conn.execute(
+        "SELECT CAST(type AS BLOB), CAST(name AS BLOB), CAST(tbl_name AS BLOB), "
+        "CAST(sql AS BLOB) FROM sqlite_master ORDER BY name"
+    ).fetchall()
+    expected = [tuple(v.encode() if v else v for v in o) for o in schema_objects(version)]
+    if version == SCHEMA_VERSION and objects != expected:
+        # A flipped bit in a statement can parse and still change what a column means.
+        raise Damaged("the schema differs from the one this library writes")
     return int(version)
+
+
+def meta_crc(log_rows: int, parts: int) -> int:
+    """The checksum of the row counts kept in `meta`."""
+    return zlib.crc32(f"{log_rows}:{parts}".encode())
+
+
+def set_counts(conn: sqlite3.Connection, log_rows: int, parts: int) -> None:
+    """Record how many log rows and snapshot parts the file holds (inside the caller's txn).
+
+    A b-tree page whose cell count loses a bit drops rows without SQLite noticing; these
+    counts, written with every change, let the next open see that rows went missing.
+    """
+    conn.execute(
+        "UPDATE meta SET log_rows = ?, parts = ?, crc = ? WHERE id = 1",
+        (log_rows, parts, meta_crc(log_rows, parts)),
+    )
 
 
 def create_tables(conn: sqlite3.Connection) -> None:

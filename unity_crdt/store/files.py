@@ -61,7 +61,7 @@ def cache_os_error(cache_dir: Path, exc: OSError, doing: str) -> StoreError:
         why = "the disk is full"
     else:
         why = exc.strerror or str(exc)
-    return StoreError(f"cannot {doing} in local cache {cache_dir}: {why} ({exc})")
+    return StoreError(f"cannot {doing} local cache {cache_dir}: {why} ({exc})")
 
 
 def prepare_cache_dir(cache_dir: Path) -> None:
@@ -80,7 +80,7 @@ def prepare_cache_dir(cache_dir: Path) -> None:
                 mode & 0o777,
             )
     except OSError as exc:
-        raise cache_os_error(cache_dir, exc, "prepare the directory") from exc
+        raise cache_os_error(cache_dir, exc, "create or use") from exc
 
 
 def make_private(path: Path) -> None:
@@ -111,7 +111,7 @@ def acquire_lock(cache_dir: Path) -> int:
             cache_dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
     except OSError as exc:
-        raise cache_os_error(cache_dir, exc, "take the lock") from exc
+        raise cache_os_error(cache_dir, exc, "lock") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -203,11 +203,11 @@ def load_or_create_secret_file(path: Path, create: Callable[[], bytes], *, size:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise cache_os_error(path.parent, exc, f"read the key file {path.name}") from exc
+        raise cache_os_error(path.parent, exc, f"read the key file {path.name} of") from exc
     try:
         return _create_secret(path, create, size)
     except OSError as exc:
-        raise cache_os_error(path.parent, exc, f"create the key file {path.name}") from exc
+        raise cache_os_error(path.parent, exc, f"create the key file {path.name} in") from exc
 
 
 def _create_secret(path: Path, create: Callable[[], bytes], size: int) -> bytes:
