@@ -102,9 +102,8 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
     d = db.docs_rows.setdefault(doc, DocRows())
     superseded = [pid for pid, _ in d.parts]
     d.gen, d.parts = gen, written
-    drop = [i for i in covered if i not in keep and i in d.log]
-    for i in drop:
-        d.log_bytes -= d.log.pop(i)
+    drop = [(i, d.log.pop(i)) for i in covered if i not in keep and i in d.log]
+    d.log_bytes -= sum(size for _, size in drop)
     seen = set(covered)
     d.dirty = any(i not in seen for i in d.log)  # rows appended while this ran
     if keep:
@@ -119,9 +118,17 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
     for pid in superseded:  # a part each: deleting one rewrites (zeroes) its pages
         db.write("compact", "DELETE FROM snapshot WHERE id = ?", [(pid,)])
         yield
-    for i in range(0, len(drop), _DELETE_ROWS):
-        rows_ = [(rowid,) for rowid in drop[i : i + _DELETE_ROWS]]
-        db.write("compact", "DELETE FROM log WHERE id = ?", rows_)
+    batch: list[tuple[int]] = []
+    size = 0
+    for rowid, row_size in drop:  # deleting zeroes the pages (secure_delete): ~1 MiB a step
+        batch.append((rowid,))
+        size += row_size
+        if len(batch) >= _DELETE_ROWS or size >= SNAPSHOT_PART:
+            db.write("compact", "DELETE FROM log WHERE id = ?", batch)
+            batch, size = [], 0
+            yield
+    if batch:
+        db.write("compact", "DELETE FROM log WHERE id = ?", batch)
         yield
     while db.vacuum_step(_VACUUM_PAGES):
         yield

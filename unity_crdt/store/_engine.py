@@ -654,7 +654,8 @@ class CacheDb:
         for f in found:
             for doc, n in f.lost().items():
                 lost[doc] = lost.get(doc, 0) + n
-        what = reason or "; ".join(sorted({b.reason for b in bad})) or "damage"
+        seen = sorted({b.reason for b in bad} | {u for f in found for u in f.unreadable})
+        what = reason or "; ".join(seen) or "damage"
         return CacheRecovery(
             at=time.time(),
             reason=f"{what} (during {during})",
