@@ -191,7 +191,6 @@ async def test_an_unreadable_page_costs_only_its_rows(tmp_path: Path) -> None:
         (rec,) = store.recoveries
         assert rec.unattributed >= 1 and not rec.everything
         found = await contents(store)
-    intact = [d for d in original if found.get(d) == original[d]]
     hurt = [d for d in original if found.get(d) != original[d]]
     assert len(hurt) <= cells // 5 + 2, hurt  # the docs with rows on that page, no more
     for doc in hurt:  # what is left of a hurt doc is the original's, never made up
