@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian tools the LAN and interop tiers need (ip, tc, unshare, node, npm). Installs only what is missing.
+# Debian tools the LAN, interop and durability tiers need (ip, tc, unshare, node, npm, strace).
+# Installs only what is missing.
 set -euo pipefail
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
@@ -7,6 +8,7 @@ command -v tc >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v strace >/dev/null || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "system-deps: please install: ${missing[*]} (needs root)" >&2; exit 1
