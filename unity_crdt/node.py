@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pycrdt
@@ -138,6 +139,13 @@ class Node:
         """
         self._drain()
         await self._writer.flush()
+
+    async def backup(self, path: str | Path) -> None:
+        """Write a consistent copy of the local cache, with every edit made so far, to `path`."""
+        if not isinstance(self._store, SqliteStore):
+            raise UnityCrdtError("only the SQLite local cache can be backed up to a file")
+        await self.flush()
+        await self._store.backup(path)
 
     async def checkpoint(self) -> None:
         """Push every doc changed since its last checkpoint to Weaviate now."""

@@ -226,3 +226,25 @@ async def test_f7_cache_dir_is_0700_and_its_files_0600(tmp_path: Path) -> None:
                     assert _mode(path) == 0o600, path.name
     finally:
         os.umask(old)
+
+
+async def test_a_live_cache_is_backed_up_consistently(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path, "a")
+    backup = tmp_path / "backup" / DB_NAME
+    backup.parent.mkdir()
+    async with asyncio.timeout(HANG), Node(cfg) as node:
+        m = node.doc("notes").get("m", type=pycrdt.Map)
+        for i in range(50):
+            m[f"k{i}"] = f"v{i}"
+        node.doc("big").get("m", type=pycrdt.Map)["x"] = "y" * 3_000_000  # multi-part
+        await node.flush()
+        await node.backup(backup)  # while the node runs: nothing stops for it
+        expected = {"notes": entries(node, "notes"), "big": entries(node, "big")}
+        m["after"] = "not in the backup"
+    assert _mode(backup) == 0o600
+    restored = node_config(tmp_path, "restored")
+    restored.cache_path.mkdir(mode=0o700)
+    os.replace(backup, restored.cache_path / DB_NAME)
+    async with Node(restored) as again:
+        assert again.status().cache.last_recovery is None
+        assert {d: entries(again, d) for d in ("notes", "big")} == expected

@@ -76,6 +76,9 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
         state = job.state
         covered = [i for i in job.covered if i in d.log]
         keep = None
+    if db.orphans:  # a compaction that failed and could not clean up after itself
+        db.write("compact", "DELETE FROM snapshot WHERE id = ?", [(i,) for i in db.orphans], 0)
+        db.orphans = []
     gen = db.next_gen
     db.next_gen += 1
     raw = doc.encode()
@@ -90,8 +93,11 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
             pid = db.next_part_id
             db.next_part_id += 1
             crc = part_crc(raw, gen, index, len(chunks), chunk)
-            # The last part completes the generation: the switch to the new snapshot.
-            db.write("snapshot", _INSERT_PART, [(pid, doc, gen, index, len(chunks), crc, chunk)])
+            # The last part completes the generation: the switch to the new snapshot. Until
+            # then the file says which generation is being built (a crash leaves it unused).
+            last = index == len(chunks) - 1
+            part = [(pid, doc, gen, index, len(chunks), crc, chunk)]
+            db.write("snapshot", _INSERT_PART, part, building=0 if last else gen)
             written.append((pid, len(chunk)))
             if index < len(chunks) - 1:
                 yield
@@ -139,6 +145,9 @@ def _drop_parts(db: CacheDb, ids: list[int]) -> None:
     any left)."""
     if ids and db.is_open:
         try:
-            db.write("compact", "DELETE FROM snapshot WHERE id = ?", [(i,) for i in ids])
+            db.write(
+                "compact", "DELETE FROM snapshot WHERE id = ?", [(i,) for i in ids], building=0
+            )
         except Exception as exc:
             log.debug("local cache %s: parts of an unfinished snapshot stay: %s", db.path, exc)
+            db.orphans += ids

@@ -62,6 +62,7 @@ from .files import (
     DB_NAME,
     acquire_lock,
     cache_os_error,
+    fsync_dir,
     make_private,
     move_aside,
     release_lock,
@@ -131,7 +132,10 @@ class CacheDb:
         self.next_part_id = 1
         self.next_gen = 1
         self.incremental = False  # the file gives free pages back (auto_vacuum=INCREMENTAL)
-        self.counts = [0, 0]  # log rows and snapshot parts in the file (kept in `meta` too)
+        # Log rows, snapshot parts, and the generation being written in parts (0: none), as
+        # the file holds them (kept in its `meta` row too).
+        self.counts = [0, 0, 0]
+        self.orphans: list[int] = []  # parts of a generation never finished, to delete
 
     @property
     def is_open(self) -> bool:
@@ -210,23 +214,27 @@ class CacheDb:
         midrun: list[str] | None = None,
     ) -> None:
         """Index what a scan found; quarantine what failed its checks; report any loss."""
+        recorded = found.meta
+        ok = recorded is not None and meta_crc(*recorded[:3]) == recorded[3]
         self.counts = [
             len(found.rows) + sum(b.table == "log" for b in found.bad),
             len(found.parts) + sum(b.table == "snapshot" for b in found.bad),
+            recorded[2] if ok and recorded is not None else 0,
         ]
-        recorded = found.meta
-        if recorded is None or meta_crc(recorded[0], recorded[1]) != recorded[2]:
+        if not ok or recorded is None:
             found.unreadable.append("the row counts (cannot tell whether rows went missing)")
-        elif [recorded[0], recorded[1]] != self.counts:
+        elif [recorded[0], recorded[1]] != self.counts[:2]:
             found.damaged = True
             found.unreadable.append(
                 f"{recorded[0]} log rows and {recorded[1]} snapshot parts were written, "
                 f"{self.counts[0]} and {self.counts[1]} are left: rows vanished"
             )
         repairs = self._repairable(found)
-        stale = self._index(found)
+        stale = self._index(found, building=self.counts[2])
+        self.counts[2] = 0  # what was being built is gone (or about to be)
         self.incremental = self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
-        if found.bad or stale or found.unreadable or repairs:
+        resync = recorded is None or tuple(recorded[:3]) != tuple(self.counts)
+        if found.bad or stale or found.unreadable or repairs or resync:
             self._quarantine(found.bad, stale, repairs)
         sources = [f for f in (salvaged, found) if f is not None]
         lossy = found.bad or found.unreadable or (salvaged is not None and _lossy(salvaged))
@@ -255,7 +263,7 @@ class CacheDb:
             found.repaired += len(repairs)
         return repairs
 
-    def _index(self, found: ScanResult) -> list[int]:
+    def _index(self, found: ScanResult, building: int = 0) -> list[int]:
         """Rebuild `docs_rows` from a scan; return superseded snapshot parts to delete."""
         docs: dict[str, DocRows] = {}
         ids = [0] + [r.id for r in found.rows] + [b.id for b in found.bad if b.table == "log"]
@@ -278,7 +286,7 @@ class CacheDb:
             for gen, parts in choices:
                 if chosen is not None and gen == chosen[0]:
                     continue
-                if chosen is not None:  # an older generation, or a compaction cut short
+                if chosen is not None or gen == building:  # superseded, or cut short
                     stale += [p.id for p in parts]
                 else:  # no whole snapshot left: the doc lost it
                     found.bad += [
@@ -289,6 +297,7 @@ class CacheDb:
                 d.gen = chosen[0]
                 d.parts = [(p.id, p.size) for p in sorted(chosen[1], key=lambda p: p.part)]
         self.docs_rows = docs
+        self.orphans = []
         self._touched = set(docs)
         self._next_id = max(ids) + 1
         all_parts = [p.id for p in found.parts] + [b.id for b in found.bad]
@@ -343,9 +352,12 @@ class CacheDb:
             if d.dirty and len(d.log) >= CLOSE_COMPACT_MIN_ROWS
         )
 
-    def write(self, what: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def write(
+        self, what: str, sql: str, rows: list[tuple[Any, ...]], building: int | None = None
+    ) -> None:
         """Run `sql` (an INSERT INTO or DELETE FROM log or snapshot) for each of `rows` in
-        one durable transaction, with the row counts (no recovery here)."""
+        one durable transaction, with the row counts and (if given) the generation being
+        built (no recovery here)."""
         conn = self.conn
         verb, _, table = sql.split()[:3]
         try:
@@ -353,6 +365,8 @@ class CacheDb:
             changed = conn.executemany(sql, rows).rowcount
             counts = list(self.counts)
             counts[table != "log"] += changed if verb == "INSERT" else -changed
+            if building is not None:
+                counts[2] = building
             set_counts(conn, *counts)
             if self.failpoint is not None:
                 self.failpoint(what)
@@ -381,6 +395,29 @@ class CacheDb:
         self._drop_conn()
         release_lock(self._lock_fd)
         self._lock_fd = None
+
+    def backup(self, dest: Path) -> None:
+        """Write a consistent copy of the file to `dest` (0600), atomically (SQLite's online
+        backup, from this connection: the exclusive lock keeps other readers out)."""
+        tmp = dest.with_name(f".{dest.name}.partial")
+        _unlink_db(tmp)
+        make_private(tmp)
+        try:
+            target = sqlite3.connect(tmp)
+            try:
+                self.conn.backup(target)
+            finally:
+                target.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            _unlink_db(tmp)
+            raise
+        fsync_dir(dest.parent)
 
     def vacuum_step(self, pages: int) -> bool:
         """Give up to `pages` free pages back to the file system; True while more are free."""

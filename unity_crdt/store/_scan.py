@@ -46,7 +46,7 @@ _MAX_ROWID = 2**63 - 1
 _LOG = {1: ("id", "doc", "data", "crc"), 2: ("id", "doc", "crc", "data")}
 _SNAPSHOT = {1: ("doc", "data", "crc"), 2: ("id", "doc", "gen", "part", "parts", "crc", "data")}
 _QUARANTINE = ("id", "at", "source", "doc", "reason", "data")
-_META = ("id", "log_rows", "parts", "crc")
+_META = ("id", "log_rows", "parts", "building", "crc")
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ScanResult:
     copied: int = 0
     copied_log: int = 0
     repaired: int = 0  # rows whose doc name lost a bit, put back under the right name
-    meta: tuple[Any, ...] | None = None  # (log rows, snapshot parts, crc) as recorded
+    meta: tuple[Any, ...] | None = None  # (log rows, parts, building, crc) as recorded
     meta_table: bool = False  # the salvaged file had one (schema 2)
 
     def lost(self) -> dict[str, int]:
@@ -288,7 +288,9 @@ def scan(conn: sqlite3.Connection, keep_bytes: int) -> ScanResult:
             found.bad.append(Bad("snapshot", rowid, None, why, raw_doc=raw))
             continue
         found.parts.append(Part(rowid, raw.decode(), gen, part, parts, crc, size))
-    found.meta = conn.execute("SELECT log_rows, parts, crc FROM meta WHERE id = 1").fetchone()
+    found.meta = conn.execute(
+        "SELECT log_rows, parts, building, crc FROM meta WHERE id = 1"
+    ).fetchone()
     return found
 
 
@@ -316,7 +318,9 @@ def salvage(old: sqlite3.Connection | None, new: sqlite3.Connection) -> ScanResu
             _copy(old, new, name, layout, found)
         for bad in found.bad:
             quarantine_copy(new, bad)
-        set_counts(new, found.copied_log, found.copied - found.copied_log)
+        meta = found.meta if _meta_ok(found.meta) else None
+        building = meta[2] if meta is not None else 0  # a compaction the damage cut short
+        set_counts(new, found.copied_log, found.copied - found.copied_log, building)
         new.execute("COMMIT")
     except BaseException:
         if new.in_transaction:
@@ -345,17 +349,22 @@ def _check_counts(found: ScanResult) -> None:
         found.copied - found.copied_log + sum(b.table == "snapshot" for b in found.bad),
     ]
     meta = found.meta
-    if (
-        meta is None
-        or not all(isinstance(v, int) for v in meta)
-        or meta_crc(meta[0], meta[1]) != meta[2]
-    ):
+    if meta is None or not _meta_ok(meta):
         found.unreadable.append("the row counts (cannot tell whether rows went missing)")
     elif [meta[0], meta[1]] != have:
         found.unreadable.append(
             f"{meta[0]} log rows and {meta[1]} snapshot parts were written, "
             f"{have[0]} and {have[1]} could be read: rows vanished"
         )
+
+
+def _meta_ok(meta: tuple[Any, ...] | None) -> bool:
+    return (
+        meta is not None
+        and len(meta) == 4
+        and all(isinstance(v, int) for v in meta)
+        and meta_crc(meta[0], meta[1], meta[2]) == meta[3]
+    )
 
 
 def _tables(old: sqlite3.Connection) -> list[tuple[str, tuple[str, ...]]]:
@@ -393,7 +402,7 @@ def _copy(
     for row in walk(old, f'"{table}"', "*", found, kind):
         rowid, values = row[0], dict(zip(layout, row[1:], strict=False))
         if kind == "meta":
-            found.meta = tuple(values.get(k) for k in ("log_rows", "parts", "crc"))
+            found.meta = tuple(values.get(k) for k in ("log_rows", "parts", "building", "crc"))
             continue
         if layout == _QUARANTINE:
             new.execute(

@@ -58,8 +58,8 @@ CREATE TABLE quarantine (
     reason TEXT NOT NULL, data BLOB);
 CREATE TABLE meta (
     id INTEGER PRIMARY KEY, log_rows INTEGER NOT NULL, parts INTEGER NOT NULL,
-    crc INTEGER NOT NULL);
-INSERT INTO meta VALUES (1, 0, 0, 3629830743);
+    building INTEGER NOT NULL, crc INTEGER NOT NULL);
+INSERT INTO meta VALUES (1, 0, 0, 0, 3750648859);
 """
 
 
@@ -200,20 +200,23 @@ def read_version(conn: sqlite3.Connection, path: Path) -> int:
     return int(version)
 
 
-def meta_crc(log_rows: int, parts: int) -> int:
-    """The checksum of the row counts kept in `meta`."""
-    return zlib.crc32(f"{log_rows}:{parts}".encode())
+def meta_crc(log_rows: int, parts: int, building: int) -> int:
+    """The checksum of the `meta` row."""
+    return zlib.crc32(f"{log_rows}:{parts}:{building}".encode())
 
 
-def set_counts(conn: sqlite3.Connection, log_rows: int, parts: int) -> None:
-    """Record how many log rows and snapshot parts the file holds (inside the caller's txn).
+def set_counts(conn: sqlite3.Connection, log_rows: int, parts: int, building: int) -> None:
+    """Record how many log rows and snapshot parts the file holds, and the snapshot
+    generation being written part by part (0: none), inside the caller's transaction.
 
     A b-tree page whose cell count loses a bit drops rows without SQLite noticing; these
-    counts, written with every change, let the next open see that rows went missing.
+    counts, written with every change, let the next open see that rows went missing. The
+    generation being built tells a compaction cut short (by a crash, or a backup taken
+    meanwhile) from a snapshot that lost a part.
     """
     conn.execute(
-        "UPDATE meta SET log_rows = ?, parts = ?, crc = ? WHERE id = 1",
-        (log_rows, parts, meta_crc(log_rows, parts)),
+        "UPDATE meta SET log_rows = ?, parts = ?, building = ?, crc = ? WHERE id = 1",
+        (log_rows, parts, building, meta_crc(log_rows, parts, building)),
     )
 
 

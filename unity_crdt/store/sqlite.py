@@ -202,6 +202,12 @@ class SqliteStore:
         self._check_open()
         await self._compaction_job(doc)
 
+    async def backup(self, dest: str | Path) -> None:
+        """Copy the cache to the SQLite file `dest`, holding every append submitted before
+        this call: a safe backup of a live cache (a copy of its files is not)."""
+        self._check_open()
+        await self._submit("backup", Path(dest))
+
     async def close(self) -> None:
         """Commit everything queued, compact dirty docs, close the file, release the lock."""
         if self._thread is None:
