@@ -248,3 +248,28 @@ async def test_a_live_cache_is_backed_up_consistently(tmp_path: Path) -> None:
     async with Node(restored) as again:
         assert again.status().cache.last_recovery is None
         assert {d: entries(again, d) for d in ("notes", "big")} == expected
+
+
+async def test_damage_met_with_a_full_disk_destroys_nothing(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk") as disk:
+        cache = disk / "cache"
+        async with SqliteStore(cache) as store:
+            for i in range(40):
+                await store.append(f"doc-{i:02d}", b"\x01\x01" + bytes([i]) * 300)  # any bytes
+        db = cache / DB_NAME
+        raw = bytearray(db.read_bytes())
+        raw[16] ^= 0x10  # the page size: nothing reads the file as it is
+        db.write_bytes(bytes(raw))
+        filler = fill(disk)
+        async with asyncio.timeout(HANG):
+            with pytest.raises(StoreError, match="cannot rebuild the damaged local cache"):
+                await SqliteStore(cache).open()
+        assert db.read_bytes() == bytes(raw)  # left in place, untouched, for the next try
+        assert sorted(p.name for p in cache.iterdir()) == sorted(
+            [DB_NAME, f"{DB_NAME}-wal", LOCK_NAME]
+        )
+        filler.unlink()
+        async with SqliteStore(cache) as store:  # with room again: salvaged, nothing lost
+            (rec,) = store.recoveries
+            assert (rec.lost, rec.unattributed, rec.everything) == ((), 0, False)
+            assert len(await store.docs()) == 40

@@ -64,7 +64,6 @@ from .files import (
     cache_os_error,
     fsync_dir,
     make_private,
-    move_aside,
     release_lock,
     replace_db,
 )
@@ -610,7 +609,9 @@ class CacheDb:
         """Copy what `old` holds into a fresh file, switch to it, and scan that.
 
         `reason` None: a schema-1 file upgraded (kept aside only if anything failed). The
-        damaged file is kept as `store.sqlite3.corrupt-<n>`, never deleted.
+        damaged file is kept as `store.sqlite3.corrupt-<n>`, never deleted. If the fresh file
+        cannot be written (a full disk), nothing is switched: StoreError, the old file stays
+        in place (and in use, after open), and the next attempt salvages it again.
         """
         self.rebuilds += 1
         new_path = Path(f"{self.path}.new")
@@ -618,30 +619,22 @@ class CacheDb:
             salvaged = self._salvage_into(old, new_path)
             if salvaged.everything:  # SQLite cannot read the file as it is: repair a copy
                 salvaged = self._salvage_repaired(new_path) or salvaged
-        except BaseException as exc:
+        except Exception as exc:
             _unlink_db(new_path)
-            if reason is None and not isinstance(exc, Damaged):
-                raise StoreError(
-                    f"cannot upgrade local cache {self.path} to schema {SCHEMA_VERSION} "
-                    f"(it needs about as much free space as the file): {exc}"
-                ) from exc
-            if not isinstance(exc, Exception):
-                raise
-            log.error("local cache %s: could not salvage the damaged file: %s", self.path, exc)
-            salvaged, new_path = ScanResult(everything=True, damaged=True), Path()
-        if old is not None:
-            with contextlib.suppress(sqlite3.Error):
-                old.close()
-        keep = reason is not None or _lossy(salvaged)
-        if new_path != Path():
-            moved = replace_db(self.path, new_path, keep_old=keep)
-        else:  # nothing salvaged: keep the damaged file, start an empty one
-            moved = move_aside(self.path)
+            if midrun is not None:
+                self._conn = old  # still readable where it is not damaged
+            elif old is not None:
+                _close(old)
+            what = "upgrade" if reason is None else "rebuild the damaged"
+            raise StoreError(
+                f"cannot {what} local cache {self.path} (that needs about as much free "
+                f"space as the file): {exc}"
+            ) from exc
+        _close(old)
+        moved = replace_db(self.path, new_path, keep_old=reason is not None or _lossy(salvaged))
         if moved is not None:
             self.recovered_from = moved
         self._conn = connect(self.path)
-        if new_path == Path():
-            create_tables(self._conn)
         found = scan(self._conn, self._preload_bytes)
         if reason is None and not _lossy(salvaged):
             log.info("local cache %s upgraded to schema %d", self.path, SCHEMA_VERSION)

@@ -124,15 +124,17 @@ def acquire_lock(cache_dir: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # the holder line only helps an error message
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     return fd
 
 
 def release_lock(fd: int | None) -> None:
     """Clear the LOCK file's holder line and drop the lock (None: nothing held)."""
     if fd is not None:
-        os.ftruncate(fd, 0)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
         os.close(fd)  # closing the last descriptor drops the flock
 
 
