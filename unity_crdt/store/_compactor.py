@@ -30,7 +30,8 @@ from typing import Any
 import pycrdt
 
 from ._compaction import compact_updates, part_crc, still_needed
-from ._engine import CacheDb, DocRows
+from ._engine import CacheDb
+from ._index import DocRows
 
 __all__ = ["SNAPSHOT_PART", "Compaction", "steps"]
 

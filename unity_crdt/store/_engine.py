@@ -29,24 +29,24 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreError
 from ..status import CacheRecovery
 from ._compaction import part_crc, row_crc, should_compact
-from ._repair import remove_copy, repaired_copy
-from ._scan import (
-    Bad,
-    LogRow,
-    ScanResult,
-    attribute,
-    fix_name,
-    quarantine_copy,
-    salvage,
-    scan,
+from ._index import DocRows, index_docs
+from ._recovery import (
+    close_quietly,
+    lossy,
+    record,
+    report,
+    salvage_into,
+    salvage_repaired,
+    take_repairable,
+    unlink_db,
 )
+from ._scan import Bad, ScanResult, quarantine_copy, scan
 from ._schema import (
     SCHEMA_VERSION,
     Damaged,
@@ -68,7 +68,7 @@ from .files import (
     replace_db,
 )
 
-__all__ = ["CLOSE_COMPACT_MIN_ROWS", "CacheDb", "DocRows"]
+__all__ = ["CLOSE_COMPACT_MIN_ROWS", "CacheDb"]
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +77,6 @@ CLOSE_COMPACT_MIN_ROWS = 16
 _MAX_RECOVERIES = 32
 _IN_CHUNK = 500  # rowids per "WHERE id IN (...)"
 _T = TypeVar("_T")
-
-
-@dataclass
-class DocRows:
-    """Where one doc lives in the file: its log rowids and its current snapshot's parts."""
-
-    log: dict[int, int] = field(default_factory=dict)  # rowid -> size, in rowid order
-    log_bytes: int = 0
-    gen: int = -1  # the snapshot generation in use (-1: none)
-    parts: list[tuple[int, int]] = field(default_factory=list)  # (rowid, size) in order
-    dirty: bool = False  # written since its last compaction
-
-    @property
-    def snapshot_bytes(self) -> int:
-        """The size of the snapshot in use."""
-        return sum(size for _, size in self.parts)
 
 
 class CacheDb:
@@ -193,13 +177,13 @@ class CacheDb:
                 return found
         except (sqlite3.DatabaseError, Damaged, UnicodeDecodeError) as exc:
             if not is_damage(exc):
-                _close(conn)
+                close_quietly(conn)
                 raise
             reason = str(exc)
             if self._conn is not None:  # the scan passed, settling it met damage
                 conn, self._conn = self._conn, None
         except BaseException:
-            _close(conn)
+            close_quietly(conn)
             raise
         return self._rebuild(conn, reason, "open")
 
@@ -228,7 +212,7 @@ class CacheDb:
                 f"{recorded[0]} log rows and {recorded[1]} snapshot parts were written, "
                 f"{self.counts[0]} and {self.counts[1]} are left: rows vanished"
             )
-        repairs = self._repairable(found)
+        repairs = take_repairable(found)
         stale = self._index(found, building=self.counts[2])
         self.counts[2] = 0  # what was being built is gone (or about to be)
         self.incremental = self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
@@ -236,68 +220,22 @@ class CacheDb:
         if found.bad or stale or found.unreadable or repairs or resync:
             self._quarantine(found.bad, stale, repairs)
         sources = [f for f in (salvaged, found) if f is not None]
-        lossy = found.bad or found.unreadable or (salvaged is not None and _lossy(salvaged))
-        if not (lossy or repairs or reason is not None):
+        lost = found.bad or found.unreadable or (salvaged is not None and lossy(salvaged))
+        if not (lost or repairs or reason is not None):
             return
-        rec = self._record(sources, reason or "", during, moved)
+        rec = record(sources, reason or "", during, moved)
         fate = ""
         if midrun is not None:
             hit = midrun if rec.everything or rec.unattributed else [d for d, _ in rec.lost]
             fate = self._on_recover(sorted(set(hit) & set(midrun)))
         self._report(rec, fate)
 
-    def _repairable(self, found: ScanResult) -> list[tuple[int, str]]:
-        """Log rows whose only damage is a flipped bit in their doc name: moved from
-        `found.bad` back into `found.rows` under the name their CRC confirms."""
-        repairs = []
-        for b in list(found.bad):
-            if b.table == "log" and isinstance(b.data, bytes) and b.raw_doc and b.crc is not None:
-                name = fix_name(b.raw_doc, b.data, b.crc)
-                if name is not None:
-                    found.bad.remove(b)
-                    found.rows.append(LogRow(b.id, name, len(b.data), b.data))
-                    repairs.append((b.id, name))
-        if repairs:
-            found.rows.sort(key=lambda r: r.id)
-            found.repaired += len(repairs)
-        return repairs
-
     def _index(self, found: ScanResult, building: int = 0) -> list[int]:
         """Rebuild `docs_rows` from a scan; return superseded snapshot parts to delete."""
-        docs: dict[str, DocRows] = {}
-        ids = [0] + [r.id for r in found.rows] + [b.id for b in found.bad if b.table == "log"]
-        for row in found.rows:
-            d = docs.setdefault(row.doc, DocRows())
-            d.log[row.id] = row.size
-            d.log_bytes += row.size
-            d.dirty = True
-        gens: dict[tuple[str, int], list[Any]] = {}
-        for p in found.parts:
-            gens.setdefault((p.doc, p.gen), []).append(p)
-        stale: list[int] = []
-        by_doc: dict[str, list[tuple[int, list[Any]]]] = {}
-        for (doc, gen), parts in gens.items():
-            by_doc.setdefault(doc, []).append((gen, parts))
-        for doc, choices in by_doc.items():
-            choices.sort(key=lambda c: c[0], reverse=True)
-            complete = [c for c in choices if _complete(c[1])]
-            chosen = complete[0] if complete else None
-            for gen, parts in choices:
-                if chosen is not None and gen == chosen[0]:
-                    continue
-                if chosen is not None or gen == building:  # superseded, or cut short
-                    stale += [p.id for p in parts]
-                else:  # no whole snapshot left: the doc lost it
-                    found.bad += [
-                        Bad("snapshot", p.id, doc, f"generation {gen} lacks parts") for p in parts
-                    ]
-            if chosen is not None:
-                d = docs.setdefault(doc, DocRows())
-                d.gen = chosen[0]
-                d.parts = [(p.id, p.size) for p in sorted(chosen[1], key=lambda p: p.part)]
-        self.docs_rows = docs
+        self.docs_rows, stale = index_docs(found, building)
         self.orphans = []
-        self._touched = set(docs)
+        self._touched = set(self.docs_rows)
+        ids = [0] + [r.id for r in found.rows] + [b.id for b in found.bad if b.table == "log"]
         self._next_id = max(ids) + 1
         all_parts = [p.id for p in found.parts] + [b.id for b in found.bad]
         self.next_part_id = max([0, *all_parts]) + 1
@@ -399,7 +337,7 @@ class CacheDb:
         """Write a consistent copy of the file to `dest` (0600), atomically (SQLite's online
         backup, from this connection: the exclusive lock keeps other readers out)."""
         tmp = dest.with_name(f".{dest.name}.partial")
-        _unlink_db(tmp)
+        unlink_db(tmp)
         make_private(tmp)
         try:
             target = sqlite3.connect(tmp)
@@ -414,7 +352,7 @@ class CacheDb:
                 os.close(fd)
             os.replace(tmp, dest)
         except BaseException:
-            _unlink_db(tmp)
+            unlink_db(tmp)
             raise
         fsync_dir(dest.parent)
 
@@ -507,7 +445,7 @@ class CacheDb:
                 bad.append(suspect)
                 d.parts, d.gen = [], -1
                 self._quarantine(bad, [])
-                self._report(self._record([ScanResult(bad=bad)], "", "load", None))
+                self._report(record([ScanResult(bad=bad)], "", "load", None))
                 return None
             chunks.append(data)
         return b"".join(chunks)
@@ -533,7 +471,7 @@ class CacheDb:
             for b in bad:
                 d.log_bytes -= d.log.pop(b.id, 0)
             self._quarantine([b for b in bad if b.reason != "row is missing"], [])
-            self._report(self._record([ScanResult(bad=bad)], "", "load", None))
+            self._report(record([ScanResult(bad=bad)], "", "load", None))
         return out
 
     def _quarantine(
@@ -616,132 +554,43 @@ class CacheDb:
         self.rebuilds += 1
         new_path = Path(f"{self.path}.new")
         try:
-            salvaged = self._salvage_into(old, new_path)
+            salvaged = salvage_into(old, new_path)
             if salvaged.everything:  # SQLite cannot read the file as it is: repair a copy
-                salvaged = self._salvage_repaired(new_path) or salvaged
+                salvaged = salvage_repaired(self.path, new_path) or salvaged
         except Exception as exc:
-            _unlink_db(new_path)
+            unlink_db(new_path)
             if midrun is not None:
                 self._conn = old  # still readable where it is not damaged
             elif old is not None:
-                _close(old)
+                close_quietly(old)
             what = "upgrade" if reason is None else "rebuild the damaged"
             raise StoreError(
                 f"cannot {what} local cache {self.path} (that needs about as much free "
                 f"space as the file): {exc}"
             ) from exc
-        _close(old)
-        moved = replace_db(self.path, new_path, keep_old=reason is not None or _lossy(salvaged))
+        close_quietly(old)
+        moved = replace_db(self.path, new_path, keep_old=reason is not None or lossy(salvaged))
         if moved is not None:
             self.recovered_from = moved
         self._conn = connect(self.path)
         found = scan(self._conn, self._preload_bytes)
-        if reason is None and not _lossy(salvaged):
+        if reason is None and not lossy(salvaged):
             log.info("local cache %s upgraded to schema %d", self.path, SCHEMA_VERSION)
             self._settle_scan(found, during)
         else:
             self._settle_scan(found, during, salvaged, reason or "", moved, midrun)
         return found
 
-    def _salvage_repaired(self, new_path: Path) -> ScanResult | None:
-        copy = Path(f"{self.path}.salvage")
-        if not repaired_copy(self.path, copy):
-            return None
-        try:
-            conn = sqlite3.connect(copy, isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-                found = self._salvage_into(conn, new_path)
-            finally:
-                _close(conn)
-        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-            log.warning("local cache %s: the repaired copy could not be read: %s", self.path, exc)
-            return None
-        finally:
-            remove_copy(copy)
-        return None if found.everything else found
-
-    def _salvage_into(self, old: sqlite3.Connection | None, new_path: Path) -> ScanResult:
-        _unlink_db(new_path)
-        make_private(new_path)
-        new = connect(new_path)
-        try:
-            create_tables(new)
-            found = salvage(old, new)
-            new.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            new.close()
-        return found
-
-    def _record(
-        self, found: list[ScanResult], reason: str, during: str, moved: Path | None
-    ) -> CacheRecovery:
-        bad = [b for f in found for b in f.bad]
-        for b in bad:
-            if b.doc is None:
-                attribute(b)
-        lost: dict[str, int] = {}
-        for f in found:
-            for doc, n in f.lost().items():
-                lost[doc] = lost.get(doc, 0) + n
-        seen = sorted({b.reason for b in bad} | {u for f in found for u in f.unreadable})
-        what = reason or "; ".join(seen) or "damage"
-        return CacheRecovery(
-            at=time.time(),
-            reason=f"{what} (during {during})",
-            moved_to=str(moved) if moved is not None else None,
-            quarantined=sum(1 for b in bad if b.reason != "row is missing"),
-            lost=tuple(sorted(lost.items())),
-            unattributed=sum(f.unattributed() for f in found),
-            everything=any(f.everything for f in found),
-            repaired=sum(f.repaired for f in found),
-        )
-
     def _report(self, rec: CacheRecovery, fate: str = "") -> None:
         self.recoveries.append(rec)
         del self.recoveries[:-_MAX_RECOVERIES]
-        parts = [f"local cache {self.path} is damaged: {rec.reason}"]
-        if rec.moved_to is not None:
-            parts.append(f"moved it to {rec.moved_to} and rebuilt the cache from what it held")
-        if rec.everything:
-            parts.append("nothing could be read from it")
-        if rec.lost:
-            docs = ", ".join(f"{doc!r} ({n} rows)" for doc, n in rec.lost[:20])
-            more = f" and {len(rec.lost) - 20} more" if len(rec.lost) > 20 else ""
-            parts.append(f"lost from {len(rec.lost)} docs: {docs}{more}")
-        if rec.unattributed:
-            parts.append(f"{rec.unattributed} unreadable stretches of unknown docs")
-        if rec.quarantined:
-            parts.append(f"{rec.quarantined} damaged rows kept in its quarantine table")
-        parts.append(fate or "what was lost re-syncs from peers and checkpoints")
-        log.error("; ".join(parts))
+        report(self.path, rec, fate)
 
     def _drop_conn(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):  # a corrupt file may fail to checkpoint
                 conn.close()
-
-
-def _complete(parts: list[Any]) -> bool:
-    n = parts[0].parts
-    return all(p.parts == n for p in parts) and sorted(p.part for p in parts) == list(range(n))
-
-
-def _close(conn: sqlite3.Connection | None) -> None:
-    if conn is not None:
-        with contextlib.suppress(sqlite3.Error):
-            conn.close()
-
-
-def _lossy(found: ScanResult) -> bool:
-    return bool(found.bad or found.unreadable or found.everything or found.damaged)
-
-
-def _unlink_db(path: Path, keep_main: bool = False) -> None:
-    for suffix in ("-wal", "-shm") if keep_main else ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}{suffix}")
 
 
 def _keep_wal_file(db: Path) -> None:
