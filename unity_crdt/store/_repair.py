@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 
 from ._schema import SCHEMA_1, SCHEMA_VERSION, create_tables, schema_objects
+from .files import make_private
 
 __all__ = ["remove_copy", "repaired_copy"]
 
@@ -33,9 +34,11 @@ def repaired_copy(db: Path, copy: Path) -> bool:
     """Copy `db` (and its -wal) to `copy` with header and schema repaired; False on failure."""
     try:
         _remove(copy)
+        make_private(copy)  # it holds the docs in clear: 0600 before a byte is copied
         shutil.copyfile(db, copy)
         wal = Path(f"{db}-wal")
         if wal.exists() and wal.stat().st_size:
+            make_private(Path(f"{copy}-wal"))
             shutil.copyfile(wal, f"{copy}-wal")
         _repair_header(copy)
         try:

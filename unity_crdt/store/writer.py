@@ -101,7 +101,8 @@ class CacheWriter:
 
     def status(self) -> CacheStatus:
         """Write health plus what the store's recoveries found."""
-        recoveries = self._store.recoveries
+        # A store written against the older contract may lack `recoveries`: report none.
+        recoveries = getattr(self._store, "recoveries", ())
         return CacheStatus(
             store_error=self._error if self._unsaved else None,
             unsaved_docs=tuple(sorted(self._unsaved)),
