@@ -2,7 +2,8 @@
 
 `CacheDb` is the storage engine behind `store.sqlite.SqliteStore` (which owns the thread,
 the job queue and the event-loop side): opening (with `_scan`), inserts, reads with row CRCs,
-compaction in small steps (`_compactor`), quarantine, and rebuilding a damaged file.
+the transactions compaction is made of (`_compactor`), quarantine, rebuilding a damaged file
+(`_recovery`), backups and giving free pages back.
 
 What was read at open is the truth about what the file holds: the open reads every log row
 (checking its CRC) and the metadata of every snapshot part, and keeps per doc the rowids of

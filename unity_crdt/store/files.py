@@ -1,5 +1,5 @@
-"""Plain files of the local_cache directory: its private modes, the LOCK file, moving a
-corrupt database aside, and small secret files (the device key).
+"""Plain files of the local_cache directory: its private modes, the LOCK file, putting a
+rebuilt database in place (keeping the damaged one), and small secret files (the device key).
 
 Stdlib only; the SQLite store (`store.sqlite`) and the node build on these helpers. The cache
 holds every doc in clear, so the directory is 0700 and every file in it 0600 (tightened on
@@ -32,7 +32,6 @@ __all__ = [
     "fsync_dir",
     "load_or_create_secret_file",
     "make_private",
-    "move_aside",
     "prepare_cache_dir",
     "release_lock",
     "replace_db",
@@ -136,22 +135,6 @@ def release_lock(fd: int | None) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # closing the last descriptor drops the flock
-
-
-def move_aside(db: Path) -> Path:
-    """Rename `db` (and its -wal/-shm) to the first free `<db>.corrupt-<n>`; return it.
-
-    Corrupt files are kept for forensics, never deleted.
-    """
-    target = _aside_name(db)
-    for suffix in _DB_SUFFIXES:
-        src = db.with_name(db.name + suffix)
-        if src.exists():
-            dst = db.with_name(target.name + suffix)
-            os.rename(src, dst)
-            make_private(dst)  # it holds the docs in clear, whatever mode it was made with
-    fsync_dir(db.parent)
-    return target
 
 
 def replace_db(db: Path, new: Path, *, keep_old: bool) -> Path | None:
