@@ -296,7 +296,7 @@ class SqliteStore:
 
     def _quietly(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
-            log.error("local cache %s: compaction failed: %s", self.path, fut.exception())
+            log.error("local cache %s: a background write failed: %s", self.path, fut.exception())
 
     def _on_recover(self, docs: list[str]) -> str:
         # Worker thread, mid-recovery: the re-write must run on the loop, which owns the docs.
