@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian tools the test tiers need; installs only what is missing.
 #   lan, interop: ip, tc, unshare, node, npm
+#   durability:   strace (the fsync-before-acknowledge test)
 #   browser:      chromium (driven by Playwright for Python; no browser is ever downloaded),
 #                 fonts for emoji and CJK so the screenshots in docs/img show the text
 #   desktop:      Xvfb, xdotool, and Tk for the Python that runs the tests
@@ -21,6 +22,7 @@ fonts=/usr/share/fonts/truetype
 [ -f $fonts/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 # The Python's _tkinter links Debian's Tk; without it `import tkinter` fails.
 if [ -x "$PY" ] && ! "$PY" -c 'import _tkinter' 2>/dev/null; then missing+=(libtk8.6); fi
+command -v strace >/dev/null || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "system-deps: please install: ${missing[*]} (needs root)" >&2; exit 1

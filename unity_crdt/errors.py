@@ -85,7 +85,7 @@ class CacheLockedError(StoreError):
 
 
 class CorruptCacheError(StoreError):
-    """The local cache file is damaged; it was moved aside and a fresh one opened."""
+    """The local cache file is damaged (the store salvages it and reports what was lost)."""
 
 
 class CheckpointError(UnityCrdtError):

@@ -6,7 +6,7 @@ that doc, not merely that a handshake happened.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -62,6 +62,35 @@ class RelayStatus:
 
 
 @dataclass(frozen=True)
+class CacheRecovery:
+    """What one recovery of the local cache found, kept and lost."""
+
+    at: float  # wall-clock seconds since the epoch
+    reason: str  # what was found, e.g. "2 rows failed their checksum"
+    moved_to: str | None  # the damaged file, kept as it was, when the cache was rebuilt
+    quarantined: int  # damaged rows and snapshot parts copied into the quarantine table
+    lost: tuple[tuple[str, int], ...]  # (doc, rows or snapshot parts of it not loaded)
+    unattributed: int  # rows or regions lost whose doc cannot be told (unreadable pages)
+    everything: bool  # nothing of the old file could be read
+    repaired: int = 0  # rows whose doc name lost a bit (the CRC says which), kept whole
+
+    def affects(self, doc: str) -> bool:
+        """Whether `doc` may have lost content in this recovery."""
+        return self.everything or self.unattributed > 0 or any(d == doc for d, _ in self.lost)
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """Health of the local cache: failing writes and what recoveries found."""
+
+    store_error: str | None = None  # the last write error while edits are not on disk
+    unsaved_docs: tuple[str, ...] = ()  # docs with edits only in memory until writes work
+    failed_writes: int = 0  # writes that failed since start
+    recoveries: int = 0  # recoveries since start
+    last_recovery: CacheRecovery | None = None
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     """Everything a status view shows, taken at one moment."""
 
@@ -78,6 +107,7 @@ class NodeStatus:
     # Signs that the checkpoint store served an older copy of an object or lost one.
     checkpoint_warnings: tuple[str, ...] = ()
     relay: RelayStatus | None = None
+    cache: CacheStatus = field(default_factory=CacheStatus)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

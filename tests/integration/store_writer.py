@@ -3,6 +3,8 @@
 python store_writer.py hold CACHE_DIR         open the store, print "ready", wait for stdin EOF
 python store_writer.py append CACHE_DIR RUN   append pycrdt updates forever, printing
                                               "RUN:SEQ" after each append returned
+python store_writer.py node CACHE_DIR COUNT   a real Node: edit, flush(), print the edit's
+                                              key ("ack-SEQ"), COUNT times, then close
 """
 
 from __future__ import annotations
@@ -59,11 +61,28 @@ async def append(cache_dir: str, run: str) -> None:
             doc.unobserve(sub)
 
 
+async def node(cache_dir: str, count: str) -> None:
+    """Acknowledge each edit only once `Node.flush()` says it is durable."""
+    from unity_crdt import Node, NodeConfig
+
+    cfg = NodeConfig(name="writer", cache_dir=cache_dir, group_secret="durability " * 3, mdns=False)
+    async with Node(cfg) as n:
+        entries = n.doc("acks").get("map", type=pycrdt.Map)
+        for seq in range(int(count)):
+            key = f"ack-{seq:06d}"
+            entries[key] = "x" * 64
+            await n.flush()
+            sys.stdout.write(key + "\n")
+            sys.stdout.flush()
+
+
 def main() -> None:
     """Dispatch on the first argument."""
     mode, cache_dir, *rest = sys.argv[1:]
     if mode == "hold":
         asyncio.run(hold(cache_dir))
+    elif mode == "node":
+        asyncio.run(node(cache_dir, rest[0]))
     else:
         asyncio.run(append(cache_dir, rest[0]))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pycrdt
@@ -28,8 +29,9 @@ from ..net.mesh import Mesh
 from ..net.relay import RELAY_ORIGIN
 from ..status import NodeStatus, PeerInfo
 from ..store.base import Store
-from ..store.files import load_or_create_secret_file
+from ..store.files import load_or_create_secret_file, prepare_cache_dir
 from ..store.sqlite import SqliteStore
+from ..store.writer import CacheWriter
 from ..sync.codec import PROTOCOL_VERSION, Awareness, Notice
 from ..sync.presence import Presence
 from ..sync.replica import Replica
@@ -71,21 +73,21 @@ class Node:
                 have = ", ".join(sorted(self._transports))
                 raise ConfigError(f"no transport for {scheme}:// in peer {url!r} (have: {have})")
         self._sink = sink
-        # If the cache is found damaged mid-run, the store re-writes every doc it held from
-        # the replica's full state, so nothing acknowledged is lost with the moved-aside file.
+        # The replica's full states let the store compact without re-applying logs and
+        # re-write docs that lost rows to damage; they also repair failed writes.
+        self._partial: set[str] = set()  # docs whose cached updates did not all load
         self._store: Store = store or SqliteStore(
             config.cache_path,
-            snapshot_source=lambda name: (
-                self._replica.diff(name, b"\x00") if name in self._replica else None
-            ),
+            snapshot_source=self._loaded_state,
+            state_vector_source=lambda name: self._replica.state_vector(name),
         )
+        self._writer = CacheWriter(self._store, self._full_state, self.spawn)
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
         self._pulls = PullGate(config.anti_entropy_interval)
         self._router = Router()
         self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._pending: set[asyncio.Future[None]] = set()
         self._keys: GroupKeys | None = None
         self._identity: DeviceIdentity | None = None
         self._listener: Listener | None = None
@@ -135,12 +137,22 @@ class Node:
         return self._mesh.peer_infos() if self._mesh else []
 
     async def flush(self) -> None:
-        """Wait until every edit made so far is durable in the local cache."""
+        """Wait until every edit made so far is durable in the local cache.
+
+        Raises StoreError if some could not be written (see `NodeStatus.cache`); they stay
+        in memory and are written as soon as the cache accepts writes again.
+        """
         self._drain()
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await self._writer.flush()
         if self._relay is not None:
             await self._relay.flush()
+
+    async def backup(self, path: str | Path) -> None:
+        """Write a consistent copy of the local cache, with every edit made so far, to `path`."""
+        if not isinstance(self._store, SqliteStore):
+            raise UnityCrdtError("only the SQLite local cache can be backed up to a file")
+        await self.flush()
+        await self._store.backup(path)
 
     async def checkpoint(self) -> None:
         """Push every doc changed since its last checkpoint to the checkpoint store now."""
@@ -219,7 +231,7 @@ class Node:
 
     async def _start(self) -> None:
         cfg = self.config
-        cfg.cache_path.mkdir(parents=True, exist_ok=True)
+        prepare_cache_dir(cfg.cache_path)
         self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
         if not self._keys.salted:
             log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
@@ -232,18 +244,27 @@ class Node:
         await self._store.open()
         if self._store.recovered_from is not None:
             log.error(
-                "the local cache was damaged and moved to %s; this node starts empty and "
-                "re-syncs from its peers and checkpoints",
+                "the local cache was damaged and rebuilt from what it still held (the damaged "
+                "file is kept as %s); what it lost re-syncs from peers and checkpoints",
                 self._store.recovered_from,
             )
         for name in await self._store.docs():
             try:
-                self._replica.load(name, await self._store.load(name))
+                blobs = await self._store.load(name)
             except StoreError as exc:  # one unreadable doc must not keep the others offline
-                log.error(
-                    "could not load one doc from the local cache; it will re-sync from peers: %s",
-                    exc,
-                )
+                log.error("could not load doc %r from the local cache: %s", name, exc)
+                continue
+            bad = 0
+            # One at a time: a bad update must not hide the rest. No blobs (all lost to
+            # damage) makes no doc: it comes back with the next peer that has it.
+            for blob in blobs:
+                try:
+                    self._replica.load(name, [blob])
+                except StoreError:
+                    bad += 1
+            if bad:
+                self._partial.add(name)
+                log.error("doc %r: %d cached updates are not valid; skipped", name, bad)
         hello = PeerHello(
             name=cfg.name,
             device_id=self._identity.device_id,
@@ -334,12 +355,19 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.flush()
+        unsaved = None
+        try:
+            await self.flush()
+        except StoreError as exc:  # close anyway (the lock must go), then say so
+            unsaved = exc
+        self._writer.close()
         if self._checkpoints is not None:
             await self._checkpoints.close()
         if self._relay is not None:
             await self._relay.close()
         await self._store.close()
+        if unsaved is not None:
+            raise unsaved
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a supervised task owned by this node: a crash is logged, never propagated."""
@@ -435,19 +463,14 @@ class Node:
                     mesh.send(peer, msgs)
 
     def _persist(self, doc: str, update: bytes) -> None:
-        fut = asyncio.ensure_future(self._store.append(doc, update))
-        self._pending.add(fut)
+        self._writer.persist(doc, update)
 
-        def done(f: asyncio.Future[None]) -> None:
-            self._pending.discard(f)
-            if not f.cancelled() and f.exception() is not None:
-                # The doc in memory still holds the update and peers re-sync it; the cache
-                # failure must be loud, not fatal.
-                log.error(
-                    "could not persist an update of a doc to the local cache: %s", f.exception()
-                )
+    def _full_state(self, name: str) -> bytes | None:
+        return self._replica.diff(name, b"\x00") if name in self._replica else None
 
-        fut.add_done_callback(done)
+    def _loaded_state(self, name: str) -> bytes | None:
+        # Compaction deletes the rows a state covers: never for a doc missing some rows.
+        return None if name in self._partial else self._full_state(name)
 
     def _on_joined(self, link: Link) -> None:
         # A link coming back often means a network came back: peers that appeared meanwhile

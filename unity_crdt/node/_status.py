@@ -60,8 +60,9 @@ def node_status(node: Node) -> NodeStatus:
         docs=tuple(docs),
         checkpoints=cp is not None,
         checkpoint_error=cp.last_error if cp else None,
-        pending_writes=len(node._pending),
+        pending_writes=node._writer.pending,
         yjs_url=node._endpoint.base_url if node._endpoint else None,
         checkpoint_warnings=cp.warnings if cp else (),
         relay=node._relay.status() if node._relay else None,
+        cache=node._writer.status(),
     )

@@ -16,8 +16,11 @@ __all__ = [
     "COMPACT_MIN_ROWS",
     "ROW_COST",
     "compact_updates",
+    "part_crc",
     "row_crc",
+    "row_crc_raw",
     "should_compact",
+    "still_needed",
 ]
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,33 @@ ROW_COST = 256
 
 def row_crc(doc: str, data: bytes) -> int:
     """The checksum stored with each row: CRC32 over the doc name, a NUL, and the bytes."""
-    return zlib.crc32(data, zlib.crc32(doc.encode("utf-8") + b"\0"))
+    return row_crc_raw(doc.encode("utf-8"), data)
+
+
+def row_crc_raw(doc: bytes, data: bytes) -> int:
+    """`row_crc` of a doc name given as the bytes stored in the file."""
+    return zlib.crc32(data, zlib.crc32(doc + b"\0"))
+
+
+def part_crc(doc: bytes, gen: int, part: int, parts: int, data: bytes) -> int:
+    """The checksum of one part of a snapshot: it binds the doc, generation and position too,
+    so a part read under another doc, generation or index fails it."""
+    head = doc + b"\0" + f"{gen}.{part}.{parts}".encode() + b"\0"
+    return zlib.crc32(data, zlib.crc32(head))
+
+
+def still_needed(row: bytes, state_vector: bytes) -> bool:
+    """Whether `row` holds items a snapshot at `state_vector` lacks (pending ones: keep it).
+
+    The part of a row not covered by a state vector starts with its count of clients that
+    still have structs: anything but 0 means the snapshot does not hold them. A row pycrdt
+    cannot parse could never apply: it is not needed.
+    """
+    try:
+        return pycrdt.get_update(row, state_vector)[:1] != b"\x00"
+    except Exception as exc:
+        log.warning("local cache: a log row does not parse (%s); dropped at compaction", exc)
+        return False
 
 
 def should_compact(
@@ -66,7 +95,5 @@ def compact_updates(snapshot: bytes | None, rows: list[bytes]) -> tuple[bytes, l
         else:
             usable.append(i)
     state = doc.get_state()
-    # The part of a row not covered by the doc's state vector starts with its count of
-    # clients that still have structs: anything but 0 means pending items.
-    keep = [i for i in usable if pycrdt.get_update(rows[i], state)[:1] != b"\x00"]
+    keep = [i for i in usable if still_needed(rows[i], state)]
     return doc.get_update(), keep

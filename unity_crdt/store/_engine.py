@@ -1,15 +1,25 @@
 """The local_cache's SQLite file, driven synchronously from one thread at a time.
 
 `CacheDb` is the storage engine behind `store.sqlite.SqliteStore` (which owns the thread,
-the job queue and the event-loop side): schema, WAL set-up, reads with row CRCs, inserts,
-compaction, and recovery from a corrupt file.
+the job queue and the event-loop side): opening (with `_scan`), inserts, reads with row CRCs,
+the transactions compaction is made of (`_compactor`), quarantine, rebuilding a damaged file
+(`_recovery`), backups and giving free pages back.
 
-Corruption is detected where it shows up rather than by a full scan at every start (`PRAGMA
-quick_check` reads the whole file, which costs more the bigger the cache): SQLite reports a
-garbage or truncated file on the first queries at open, the queries at open walk the log and
-the snapshot table, the preload reads the snapshots, and a page damaged elsewhere is reported
-when a later query first touches it; the row CRCs catch what SQLite cannot see. A corrupt file
-is moved aside (kept for forensics) and a fresh cache opened.
+What was read at open is the truth about what the file holds: the open reads every log row
+(checking its CRC) and the metadata of every snapshot part, and keeps per doc the rowids of
+its rows and parts, so later reads go by rowid only, never through an index. Damage is met
+where it shows: at open, at a load, at a write. What to do about it:
+
+* A row or part failing its CRC in a sound file is moved into the `quarantine` table (copied,
+  then deleted from its own table, in one transaction): nothing is overwritten, and the doc
+  loads without it.
+* Damage SQLite itself reports (a bad page, a damaged header or schema) makes the engine
+  rebuild: every readable row is copied into a fresh file (`_scan.salvage`), the damaged file
+  is kept beside it as `store.sqlite3.corrupt-<n>`, and the operation is retried on the fresh
+  file. Docs already read stay loaded; what could not be read is reported.
+
+Every recovery is recorded (`recoveries`, a `status.CacheRecovery` each) and logged as one
+ERROR line naming the docs that lost rows and how many.
 """
 
 from __future__ import annotations
@@ -18,51 +28,65 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import CorruptCacheError, StoreError
-from ._compaction import compact_updates, row_crc, should_compact
-from .files import DB_NAME, acquire_lock, fsync_dir, move_aside, release_lock
+from ..errors import StoreError
+from ..status import CacheRecovery
+from ._compaction import part_crc, row_crc, should_compact
+from ._index import DocRows, index_docs
+from ._recovery import (
+    close_quietly,
+    lossy,
+    record,
+    report,
+    salvage_into,
+    salvage_repaired,
+    take_repairable,
+    unlink_db,
+)
+from ._scan import Bad, ScanResult, quarantine_copy, scan
+from ._schema import (
+    SCHEMA_VERSION,
+    Damaged,
+    check_header,
+    connect,
+    create_tables,
+    is_damage,
+    meta_crc,
+    read_version,
+    set_counts,
+)
+from .files import (
+    DB_NAME,
+    acquire_lock,
+    cache_os_error,
+    fsync_dir,
+    make_private,
+    release_lock,
+    replace_db,
+)
 
-__all__ = ["CLOSE_COMPACT_MIN_ROWS", "SCHEMA_VERSION", "CacheDb"]
+__all__ = ["CLOSE_COMPACT_MIN_ROWS", "CacheDb"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # On close, docs with at least this many log rows are compacted so the next start is fast.
 CLOSE_COMPACT_MIN_ROWS = 16
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
+_MAX_RECOVERIES = 32
+_IN_CHUNK = 500  # rowids per "WHERE id IN (...)"
 _T = TypeVar("_T")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS log (
-    id INTEGER PRIMARY KEY,
-    doc TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS log_doc ON log (doc, id);
-CREATE TABLE IF NOT EXISTS snapshot (
-    doc TEXT PRIMARY KEY, data BLOB NOT NULL, crc INTEGER NOT NULL);
-"""
-
-
-@dataclass
-class _Stats:
-    log_rows: int = 0
-    log_bytes: int = 0
-    snapshot_bytes: int = 0
 
 
 class CacheDb:
     """`cache_dir/store.sqlite3` (WAL, synchronous=FULL, exclusive) under `cache_dir/LOCK`.
 
     Not thread-safe: one thread at a time (open may run on another thread than the rest).
-    After open, a query that finds the file corrupt makes it move the file aside, open a
-    fresh one, call `on_recover(docs the old file held)` (which returns what becomes of them,
-    for the error log) and retry the operation on the fresh file, except `load`, which
-    raises CorruptCacheError.
+    `failpoint`, if set, is called with the operation's name right before each commit (tests
+    make it raise, as a full disk would). `on_recover(docs)` is called after a rebuild met
+    after open with the docs that may have lost rows, and returns what becomes of them.
     """
 
     def __init__(
@@ -77,106 +101,231 @@ class CacheDb:
         self.cache_dir = cache_dir
         self.path = cache_dir / DB_NAME
         self.recovered_from: Path | None = None
-        self._min_rows = min_rows
-        self._min_bytes = min_bytes
+        self.recoveries: list[CacheRecovery] = []
+        self.failpoint: Callable[[str], None] | None = None
+        self.rebuilds = 0  # bumped by every rebuild: compaction steps check it
+        self.min_rows = min_rows
+        self.min_bytes = min_bytes
         self._preload_bytes = preload_bytes
         self._on_recover = on_recover
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self._stats: dict[str, _Stats] = {}
-        self._dirty: set[str] = set()
+        self.docs_rows: dict[str, DocRows] = {}
+        self._touched: set[str] = set()
+        self._next_id = 1
+        self.next_part_id = 1
+        self.next_gen = 1
+        self.incremental = False  # the file gives free pages back (auto_vacuum=INCREMENTAL)
+        # Log rows, snapshot parts, and the generation being written in parts (0: none), as
+        # the file holds them (kept in its `meta` row too).
+        self.counts = [0, 0, 0]
+        self.orphans: list[int] = []  # parts of a generation never finished, to delete
 
     @property
     def is_open(self) -> bool:
         """Whether a database connection is open."""
         return self._conn is not None
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The open connection (StoreError if closed)."""
+        if self._conn is None:
+            raise StoreError(f"local cache {self.cache_dir} is not open")
+        return self._conn
+
+    # -- open --------------------------------------------------------------------------------
+
     def open(self) -> tuple[list[str], dict[str, list[bytes]]]:
-        """Lock, open (or recover), and read the docs up to the preload budget.
+        """Lock, open (salvaging a damaged file), and read docs up to the preload budget.
 
         Returns the names of the stored docs and the contents of those it read.
         """
         self._lock_fd = acquire_lock(self.cache_dir)
         try:
-            try:
-                self._conn = self._connect()
-                preloaded = self._preload()
-            except _Corrupt as exc:
-                self._drop_conn()
-                target = move_aside(self.path)
-                log.error(
-                    "local cache %s is corrupt (%s); moved it to %s and opened a fresh cache; "
-                    "its documents will be re-synced from peers and checkpoints",
-                    self.path,
-                    exc,
-                    target,
-                )
-                self.recovered_from = target
-                self._conn = self._connect()
-                preloaded = {}
+            found = self._open_file()
+            preloaded = self._preload(found)
         except sqlite3.Error as exc:
             self.abandon()
             raise StoreError(f"cannot open local cache {self.path}: {exc}") from exc
+        except OSError as exc:
+            self.abandon()
+            raise cache_os_error(self.cache_dir, exc, "open") from exc
         except BaseException:
             self.abandon()
             raise
         return self.docs(), preloaded
 
+    def _open_file(self) -> ScanResult:
+        for suffix in ("", "-wal", "-shm"):  # a rebuild that never finished
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}.new{suffix}")
+        for suffix in ("", "-wal"):
+            if suffix == "" or os.path.exists(f"{self.path}{suffix}"):
+                make_private(Path(f"{self.path}{suffix}"))
+        conn: sqlite3.Connection | None = None
+        reason: str | None = None  # None: a sound schema-1 file, rebuilt into schema 2
+        try:
+            check_header(self.path)
+            conn = connect(self.path)
+            version = read_version(conn, self.path)
+            if version == 0:
+                create_tables(conn)
+                version = SCHEMA_VERSION
+            if version == SCHEMA_VERSION:
+                found = scan(conn, self._preload_bytes)
+                self._conn, conn = conn, None
+                self._settle_scan(found, "open")
+                return found
+        except (sqlite3.DatabaseError, Damaged, UnicodeDecodeError) as exc:
+            if not is_damage(exc):
+                close_quietly(conn)
+                raise
+            reason = str(exc)
+            if self._conn is not None:  # the scan passed, settling it met damage
+                conn, self._conn = self._conn, None
+        except BaseException:
+            close_quietly(conn)
+            raise
+        return self._rebuild(conn, reason, "open")
+
+    def _settle_scan(
+        self,
+        found: ScanResult,
+        during: str,
+        salvaged: ScanResult | None = None,
+        reason: str | None = None,
+        moved: Path | None = None,
+        midrun: list[str] | None = None,
+    ) -> None:
+        """Index what a scan found; quarantine what failed its checks; report any loss."""
+        recorded = found.meta
+        ok = recorded is not None and meta_crc(*recorded[:3]) == recorded[3]
+        self.counts = [
+            len(found.rows) + sum(b.table == "log" for b in found.bad),
+            len(found.parts) + sum(b.table == "snapshot" for b in found.bad),
+            recorded[2] if ok and recorded is not None else 0,
+        ]
+        if not ok or recorded is None:
+            found.unreadable.append("the row counts (cannot tell whether rows went missing)")
+        elif [recorded[0], recorded[1]] != self.counts[:2]:
+            found.damaged = True
+            found.unreadable.append(
+                f"{recorded[0]} log rows and {recorded[1]} snapshot parts were written, "
+                f"{self.counts[0]} and {self.counts[1]} are left: rows vanished"
+            )
+        repairs = take_repairable(found)
+        stale = self._index(found, building=self.counts[2])
+        self.counts[2] = 0  # what was being built is gone (or about to be)
+        self.incremental = self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        resync = recorded is None or tuple(recorded[:3]) != tuple(self.counts)
+        if found.bad or stale or found.unreadable or repairs or resync:
+            self._quarantine(found.bad, stale, repairs)
+        sources = [f for f in (salvaged, found) if f is not None]
+        lost = found.bad or found.unreadable or (salvaged is not None and lossy(salvaged))
+        if not (lost or repairs or reason is not None):
+            return
+        rec = record(sources, reason or "", during, moved)
+        fate = ""
+        if midrun is not None:
+            hit = midrun if rec.everything or rec.unattributed else [d for d, _ in rec.lost]
+            fate = self._on_recover(sorted(set(hit) & set(midrun)))
+        self._report(rec, fate)
+
+    def _index(self, found: ScanResult, building: int = 0) -> list[int]:
+        """Rebuild `docs_rows` from a scan; return superseded snapshot parts to delete."""
+        self.docs_rows, stale = index_docs(found, building)
+        self.orphans = []
+        self._touched = set(self.docs_rows)
+        ids = [0] + [r.id for r in found.rows] + [b.id for b in found.bad if b.table == "log"]
+        self._next_id = max(ids) + 1
+        all_parts = [p.id for p in found.parts] + [b.id for b in found.bad]
+        self.next_part_id = max([0, *all_parts]) + 1
+        self.next_gen = max([0, *(p.gen for p in found.parts)]) + 1
+        return stale
+
+    def _preload(self, found: ScanResult) -> dict[str, list[bytes]]:
+        budget = self._preload_bytes
+        cached = {r.id: r.data for r in found.rows if r.data is not None}
+        out: dict[str, list[bytes]] = {}
+        for doc in self.docs():
+            d = self.docs_rows[doc]
+            size = d.snapshot_bytes + d.log_bytes
+            if size > budget or any(i not in cached for i in d.log):
+                continue
+            budget -= size
+            out[doc] = self._guarded("load", self._load, doc, cached)
+        return out
+
+    # -- reads and writes ------------------------------------------------------------------
+
     def insert(self, rows: list[tuple[str, bytes]]) -> None:
         """Append rows (doc, update) to the log in one durable transaction."""
-        with_crc = [(doc, data, row_crc(doc, data)) for doc, data in rows]
-        self._guarded("append", self._insert, with_crc)
-        for doc, data in rows:
-            stats = self._stats.setdefault(doc, _Stats())
-            stats.log_rows += 1
-            stats.log_bytes += len(data)
-            self._dirty.add(doc)
+        self._guarded("append", self._insert, rows)
 
     def load(self, doc: str) -> list[bytes]:
-        """The doc's snapshot (if any) then its log rows; rows failing their CRC are skipped."""
-        return self._guarded("load", self._load, doc)
+        """The doc's snapshot (if any) then its log rows; damaged ones are quarantined."""
+        return self._guarded("load", self._load, doc, {})
 
     def docs(self) -> list[str]:
         """Names of the docs with stored state, sorted."""
-        return sorted(d for d, s in self._stats.items() if s.log_rows or s.snapshot_bytes)
+        return sorted(doc for doc, d in self.docs_rows.items() if d.log or d.parts)
 
-    def compact(self, doc: str) -> None:
-        """Fold the doc's log into its snapshot."""
-        self._guarded("compact", self._compact, doc)
-
-    def auto_compact(self) -> None:
-        """Compact the docs written since their last compaction whose log got too long."""
-        for doc in list(self._dirty):
-            s = self._stats.get(doc)
-            if s is not None and should_compact(
-                s.log_rows, s.log_bytes, s.snapshot_bytes, self._min_rows, self._min_bytes
+    def touched(self) -> list[str]:
+        """Docs appended to since the last call whose log now calls for a compaction."""
+        out = []
+        for doc in self._touched:
+            d = self.docs_rows.get(doc)
+            if d is not None and should_compact(
+                len(d.log), d.log_bytes, d.snapshot_bytes, self.min_rows, self.min_bytes
             ):
-                try:
-                    self.compact(doc)
-                except (sqlite3.Error, StoreError) as exc:
-                    log.error(
-                        "local cache %s: compaction of doc %r failed: %s", self.path, doc, exc
-                    )
-                    self._dirty.discard(doc)
+                out.append(doc)
+        self._touched = set()
+        return out
+
+    def close_candidates(self) -> list[str]:
+        """Docs to compact before closing: written since their last compaction, with a tail."""
+        return sorted(
+            doc
+            for doc, d in self.docs_rows.items()
+            if d.dirty and len(d.log) >= CLOSE_COMPACT_MIN_ROWS
+        )
+
+    def write(
+        self, what: str, sql: str, rows: list[tuple[Any, ...]], building: int | None = None
+    ) -> None:
+        """Run `sql` (an INSERT INTO or DELETE FROM log or snapshot) for each of `rows` in
+        one durable transaction, with the row counts and (if given) the generation being
+        built (no recovery here)."""
+        conn = self.conn
+        verb, _, table = sql.split()[:3]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            changed = conn.executemany(sql, rows).rowcount
+            counts = list(self.counts)
+            counts[table != "log"] += changed if verb == "INSERT" else -changed
+            if building is not None:
+                counts[2] = building
+            set_counts(conn, *counts)
+            if self.failpoint is not None:
+                self.failpoint(what)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        self.counts = counts
+
+    def guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run `fn`; if it meets damage, rebuild the file and run it again once."""
+        return self._guarded(what, fn, *args)
 
     def close(self) -> None:
-        """Compact docs with a log tail, close the file, release the lock."""
-        # No recovery here: nobody could re-write the docs any more. A corrupt page met now
-        # is met again, and handled, by the next open or load.
+        """Close the file and release the lock (compactions are the store's business)."""
         try:
-            for doc, s in self._stats.items():
-                if s.log_rows >= CLOSE_COMPACT_MIN_ROWS and doc in self._dirty:
-                    try:
-                        self._compact(doc)
-                    except (sqlite3.Error, StoreError) as exc:
-                        log.error(
-                            "local cache %s: compaction of %r failed: %s", self.path, doc, exc
-                        )
-        finally:
             was_open = self._conn is not None
             self._drop_conn()
             if was_open:
                 _keep_wal_file(self.path)
+        finally:
             self.abandon()
 
     def abandon(self) -> None:
@@ -185,212 +334,264 @@ class CacheDb:
         release_lock(self._lock_fd)
         self._lock_fd = None
 
-    # -- internals -------------------------------------------------------------------------
-
-    def _guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        if self._conn is None:
-            raise StoreError(f"local cache {self.cache_dir} is not open")
+    def backup(self, dest: Path) -> None:
+        """Write a consistent copy of the file to `dest` (0600), atomically (SQLite's online
+        backup, from this connection: the exclusive lock keeps other readers out)."""
+        tmp = dest.with_name(f".{dest.name}.partial")
+        unlink_db(tmp)
+        make_private(tmp)
         try:
-            return fn(*args)
-        except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
-                raise
-            self._recover(what, exc)
-        if what == "load":
-            raise CorruptCacheError(
-                f"local cache {self.path} was corrupt when reading doc {args[0]!r}; it was "
-                f"moved to {self.recovered_from}; the doc will be re-synced from peers"
-            )
-        return fn(*args)
-
-    def _recover(self, what: str, exc: sqlite3.DatabaseError) -> None:
-        docs = self.docs()
-        self._drop_conn()
-        self._stats, self._dirty = {}, set()
-        target = move_aside(self.path)
-        self.recovered_from = target
-        fate = self._on_recover(docs)
-        log.error(
-            "local cache %s is corrupt (%s, during %s); moved it to %s and opened a fresh "
-            "cache; the %d docs it held %s",
-            self.path,
-            exc,
-            what,
-            target,
-            len(docs),
-            fate,
-        )
-        self._conn = self._connect()
-
-    def _connect(self) -> sqlite3.Connection:
-        existed = os.path.exists(self.path)
-        # Opened on one thread, used on another (the store's worker), never concurrently.
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, timeout=0.5, check_same_thread=False
-        )
-        try:
-            # We hold LOCK anyway; exclusive mode skips the -shm file and per-transaction
-            # file locks (faster open and commits) and keeps any rogue opener out.
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-            # The first read of the file: SQLite reports garbage (NOTADB) or a file shorter
-            # than its header says (CORRUPT) here.
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError(f"local cache {self.path}: cannot enable WAL (got {mode})")
-            conn.execute("PRAGMA synchronous=FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-            elif version != SCHEMA_VERSION:
-                raise StoreError(
-                    f"local cache {self.path} has schema version {version}, this library "
-                    f"reads {SCHEMA_VERSION} (written by a newer version?)"
-                )
-            # These walk the whole log and the snapshot table's b-tree (not the snapshots'
-            # overflow pages: the preload reads those).
-            self._stats = {}
-            for doc, n, size in conn.execute(
-                "SELECT doc, COUNT(*), SUM(length(data)) FROM log GROUP BY doc"
-            ):
-                self._stats[doc] = _Stats(n, size)
-            for doc, size in conn.execute("SELECT doc, length(data) FROM snapshot"):
-                self._stats.setdefault(doc, _Stats()).snapshot_bytes = size
-            self._dirty = {d for d, s in self._stats.items() if s.log_rows}
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            if _is_corrupt(exc):
-                raise _Corrupt(str(exc)) from exc
-            raise StoreError(f"cannot open local cache {self.path}: {exc}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        if not existed:
-            fsync_dir(self.cache_dir)  # SQLite syncs the dir for its WAL, not for a new db
-        return conn
-
-    def _preload(self) -> dict[str, list[bytes]]:
-        budget = self._preload_bytes
-        out: dict[str, list[bytes]] = {}
-        for doc in self.docs():
-            s = self._stats[doc]
-            if s.log_bytes + s.snapshot_bytes > budget:
-                continue
-            budget -= s.log_bytes + s.snapshot_bytes
+            target = sqlite3.connect(tmp)
             try:
-                out[doc] = self._load(doc)
-            except sqlite3.DatabaseError as exc:
-                if _is_corrupt(exc):
-                    raise _Corrupt(str(exc)) from exc
-                raise
+                self.conn.backup(target)
+            finally:
+                target.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            unlink_db(tmp)
+            raise
+        fsync_dir(dest.parent)
+
+    def vacuum_step(self, pages: int) -> bool:
+        """Give up to `pages` free pages back to the file system; True while more are free."""
+        if not self.incremental:
+            return False
+        conn = self.conn
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        total = conn.execute("PRAGMA page_count").fetchone()[0]
+        if free < max(256, total // 8):
+            return False
+        # executescript steps the pragma to its end (execute would free a single page).
+        conn.executescript(f"PRAGMA incremental_vacuum({pages});")
+        if conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+            return True
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file shrinks at checkpoint
+        return False
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _insert(self, rows: list[tuple[str, bytes]]) -> None:
+        first = self._next_id
+        values = [(first + i, doc, row_crc(doc, data), data) for i, (doc, data) in enumerate(rows)]
+        try:
+            self.write("append", "INSERT INTO log (id, doc, crc, data) VALUES (?, ?, ?, ?)", values)
+        except sqlite3.IntegrityError:  # an id taken behind our back: resync, once
+            top = self.conn.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
+            self._next_id = top + 1
+            first = self._next_id
+            values = [(first + i, d, c, data) for i, (_, d, c, data) in enumerate(values)]
+            self.write("append", "INSERT INTO log (id, doc, crc, data) VALUES (?, ?, ?, ?)", values)
+        self._next_id = first + len(rows)
+        for rowid, doc, _, data in values:
+            d = self.docs_rows.setdefault(doc, DocRows())
+            d.log[rowid] = len(data)
+            d.log_bytes += len(data)
+            d.dirty = True
+            self._touched.add(doc)
+
+    def _load(self, doc: str, cached: dict[int, bytes | None]) -> list[bytes]:
+        d = self.docs_rows.get(doc)
+        if d is None:
+            return []
+        out = []
+        snapshot = self.read_snapshot(doc)
+        if snapshot is not None:
+            out.append(snapshot)
+        rows = self.read_rows(doc, [i for i in d.log if cached.get(i) is None])
+        for rowid in list(d.log):
+            data = cached.get(rowid) or rows.get(rowid)
+            if data is not None:
+                out.append(data)
         return out
 
-    def _insert(self, rows: list[tuple[str, bytes, int]]) -> None:
-        conn = self._conn
-        assert conn is not None
+    def read_snapshot(self, doc: str) -> bytes | None:
+        """The doc's snapshot, its parts checked; a damaged one is quarantined and reported."""
+        d = self.docs_rows.get(doc)
+        if d is None or not d.parts:
+            return None
+        raw, chunks = doc.encode(), []
+        for index, (rowid, _) in enumerate(d.parts):
+            row = self.conn.execute(
+                "SELECT CAST(doc AS BLOB), gen, part, parts, crc, data FROM snapshot WHERE id = ?",
+                (rowid,),
+            ).fetchone()
+            if row is None:
+                why, suspect = f"part {index} is missing", Bad("snapshot", rowid, doc, "")
+            else:
+                name, gen, part, parts, crc, data = row
+                why = ""
+                if (name, gen, part, parts) != (raw, d.gen, index, len(d.parts)):
+                    why = f"part {index} belongs elsewhere"
+                elif not isinstance(data, bytes) or part_crc(raw, gen, part, parts, data) != crc:
+                    why = f"part {index} fails its checksum"
+                # If a bit flipped in the part's doc name, the loss is that other doc's.
+                suspect = Bad(
+                    "snapshot",
+                    rowid,
+                    None,
+                    why,
+                    raw_doc=raw,
+                    data=data if isinstance(data, bytes) else None,
+                    crc=crc if isinstance(crc, int) else None,
+                    head=f"{gen}.{part}.{parts}".encode(),
+                )
+            if why:
+                suspect.reason = why
+                bad = [Bad("snapshot", i, doc, why) for i, _ in d.parts if i != rowid]
+                bad.append(suspect)
+                d.parts, d.gen = [], -1
+                self._quarantine(bad, [])
+                self._report(record([ScanResult(bad=bad)], "", "load", None))
+                return None
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def read_rows(self, doc: str, ids: list[int]) -> dict[int, bytes]:
+        """The checked data of log rows `ids` of `doc`; damaged ones are quarantined."""
+        out: dict[int, bytes] = {}
+        raw = doc.encode()
+        bad: list[Bad] = []
+        for i in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for rowid, name, crc, data in self.conn.execute(
+                f"SELECT id, CAST(doc AS BLOB), crc, data FROM log WHERE id IN ({marks})", chunk
+            ):
+                if name == raw and isinstance(data, bytes) and row_crc(doc, data) == crc:
+                    out[rowid] = data
+                else:
+                    bad.append(Bad("log", rowid, doc, "checksum mismatch", raw_doc=name))
+        bad += [Bad("log", i, doc, "row is missing") for i in ids if i not in out]
+        if bad:
+            d = self.docs_rows[doc]
+            for b in bad:
+                d.log_bytes -= d.log.pop(b.id, 0)
+            self._quarantine([b for b in bad if b.reason != "row is missing"], [])
+            self._report(record([ScanResult(bad=bad)], "", "load", None))
+        return out
+
+    def _quarantine(
+        self, bad: list[Bad], stale: list[int], repairs: list[tuple[int, str]] | None = None
+    ) -> None:
+        """Move failing rows into the quarantine table; drop superseded snapshot parts; put
+        back the doc names of `repairs` (rowid, name) after keeping a copy of each."""
+        conn = self.conn
+        counts = list(self.counts)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO log (doc, data, crc) VALUES (?, ?, ?)", rows)
+            for rowid, name in repairs or []:
+                conn.execute(
+                    "INSERT INTO quarantine (at, source, doc, reason, data) "
+                    "SELECT ?, ?, CAST(doc AS BLOB), 'doc name repaired', data FROM log "
+                    "WHERE id = ?",
+                    (time.time(), f"log row {rowid}", rowid),
+                )
+                fixed = conn.execute("UPDATE log SET doc = ? WHERE id = ?", (name, rowid))
+                if fixed.rowcount != 1:
+                    raise Damaged(f"log row {rowid} is out of place in its table")
+            for b in bad:
+                copied = conn.execute(
+                    "INSERT INTO quarantine (at, source, doc, reason, data) "
+                    f"SELECT ?, ?, CAST(doc AS BLOB), ?, data FROM {b.table} WHERE id = ?",
+                    (time.time(), f"{b.table} row {b.id}", b.reason, b.id),
+                ).rowcount
+                if not copied:  # unreadable as a whole: keep what we know
+                    quarantine_copy(conn, b)
+                gone = conn.execute(f"DELETE FROM {b.table} WHERE id = ?", (b.id,)).rowcount
+                if not gone:  # read in a scan, not found by its key: the b-tree is damaged
+                    raise Damaged(f"{b.table} row {b.id} is out of place in its table")
+                counts[b.table != "log"] -= gone
+            dropped = conn.executemany("DELETE FROM snapshot WHERE id = ?", [(i,) for i in stale])
+            counts[1] -= dropped.rowcount
+            set_counts(conn, *counts)
+            if self.failpoint is not None:
+                self.failpoint("quarantine")
             conn.execute("COMMIT")
+            self.counts = counts
+        except sqlite3.DatabaseError as exc:
+            _rollback(conn)
+            if is_damage(exc):
+                raise
+            # They stay where they are, out of every doc; the next open finds them again.
+            log.warning("local cache %s: could not quarantine damaged rows: %s", self.path, exc)
         except BaseException:
             _rollback(conn)
             raise
 
-    def _read(self, doc: str) -> tuple[bytes | None, list[tuple[int, bytes]]]:
-        assert self._conn is not None
-        snapshot = None
-        row = self._conn.execute("SELECT data, crc FROM snapshot WHERE doc = ?", (doc,)).fetchone()
-        if row is not None:
-            if row_crc(doc, row[0]) == row[1]:
-                snapshot = bytes(row[0])
-            else:
-                log.warning(
-                    "local cache %s: the snapshot of doc %r fails its checksum; skipped "
-                    "(the doc will be re-synced)",
-                    self.path,
-                    doc,
-                )
-        rows = []
-        for rowid, data, crc in self._conn.execute(
-            "SELECT id, data, crc FROM log WHERE doc = ? ORDER BY id", (doc,)
-        ):
-            if row_crc(doc, data) == crc:
-                rows.append((rowid, bytes(data)))
-            else:
-                log.warning(
-                    "local cache %s: log row %d of doc %r fails its checksum; skipped "
-                    "(the doc will be re-synced)",
-                    self.path,
-                    rowid,
-                    doc,
-                )
-        return snapshot, rows
-
-    def _load(self, doc: str) -> list[bytes]:
-        snapshot, rows = self._read(doc)
-        head = [] if snapshot is None else [snapshot]
-        return head + [data for _, data in rows]
-
-    def _compact(self, doc: str) -> None:
-        conn = self._conn
-        assert conn is not None
-        self._dirty.discard(doc)
-        stats = self._stats.get(doc)
-        if stats is None or stats.log_rows == 0:
-            return
-        snapshot, rows = self._read(doc)
-        state, keep = compact_updates(snapshot, [data for _, data in rows])
-        max_id = conn.execute("SELECT MAX(id) FROM log WHERE doc = ?", (doc,)).fetchone()[0]
-        kept = [rows[i] for i in keep]
-        conn.execute("BEGIN IMMEDIATE")
+    def _guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         try:
-            conn.execute(
-                "INSERT OR REPLACE INTO snapshot (doc, data, crc) VALUES (?, ?, ?)",
-                (doc, state, row_crc(doc, state)),
-            )
-            if kept:
-                kept_ids = {rowid for rowid, _ in kept}
-                conn.executemany(
-                    "DELETE FROM log WHERE id = ?",
-                    [
-                        (i,)
-                        for (i,) in conn.execute(
-                            "SELECT id FROM log WHERE doc = ? AND id <= ?", (doc, max_id)
-                        ).fetchall()
-                        if i not in kept_ids
-                    ],
-                )
-            else:
-                conn.execute("DELETE FROM log WHERE doc = ? AND id <= ?", (doc, max_id))
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        if kept:
-            log.warning(
-                "local cache %s: doc %r has %d updates whose dependencies are missing; kept "
-                "them in the log",
-                self.path,
-                doc,
-                len(kept),
-            )
-        stats.snapshot_bytes = len(state)
-        stats.log_rows = len(kept)
-        stats.log_bytes = sum(len(data) for _, data in kept)
+            return fn(*args)
+        except (sqlite3.DatabaseError, Damaged, UnicodeDecodeError) as exc:
+            if not is_damage(exc) or self._conn is None:
+                raise
+            self.recover(what, exc)
+        return fn(*args)
+
+    def recover(self, what: str, exc: BaseException) -> None:
+        """Rebuild the file after damage met by `what` after open."""
+        before = self.docs()
+        old, self._conn = self._conn, None
+        self._rebuild(old, str(exc), what, midrun=before)
+
+    def _rebuild(
+        self,
+        old: sqlite3.Connection | None,
+        reason: str | None,
+        during: str,
+        midrun: list[str] | None = None,
+    ) -> ScanResult:
+        """Copy what `old` holds into a fresh file, switch to it, and scan that.
+
+        `reason` None: a schema-1 file upgraded (kept aside only if anything failed). The
+        damaged file is kept as `store.sqlite3.corrupt-<n>`, never deleted. If the fresh file
+        cannot be written (a full disk), nothing is switched: StoreError, the old file stays
+        in place (and in use, after open), and the next attempt salvages it again.
+        """
+        self.rebuilds += 1
+        new_path = Path(f"{self.path}.new")
+        try:
+            salvaged = salvage_into(old, new_path)
+            if salvaged.everything:  # SQLite cannot read the file as it is: repair a copy
+                salvaged = salvage_repaired(self.path, new_path) or salvaged
+        except Exception as exc:
+            unlink_db(new_path)
+            if midrun is not None:
+                self._conn = old  # still readable where it is not damaged
+            elif old is not None:
+                close_quietly(old)
+            what = "upgrade" if reason is None else "rebuild the damaged"
+            raise StoreError(
+                f"cannot {what} local cache {self.path} (that needs about as much free "
+                f"space as the file): {exc}"
+            ) from exc
+        close_quietly(old)
+        moved = replace_db(self.path, new_path, keep_old=reason is not None or lossy(salvaged))
+        if moved is not None:
+            self.recovered_from = moved
+        self._conn = connect(self.path)
+        found = scan(self._conn, self._preload_bytes)
+        if reason is None and not lossy(salvaged):
+            log.info("local cache %s upgraded to schema %d", self.path, SCHEMA_VERSION)
+            self._settle_scan(found, during)
+        else:
+            self._settle_scan(found, during, salvaged, reason or "", moved, midrun)
+        return found
+
+    def _report(self, rec: CacheRecovery, fate: str = "") -> None:
+        self.recoveries.append(rec)
+        del self.recoveries[:-_MAX_RECOVERIES]
+        report(self.path, rec, fate)
 
     def _drop_conn(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):  # a corrupt file may fail to checkpoint
                 conn.close()
-
-
-class _Corrupt(CorruptCacheError):
-    """The database file failed to open or to read at open; it will be moved aside."""
-
-
-def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 def _keep_wal_file(db: Path) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
+from ..status import CacheRecovery
+
 __all__ = ["SnapshotSource", "Store"]
 
 SnapshotSource = Callable[[str], bytes | None]
-"""Given a doc name, its full state as one update (or None); called on the event loop."""
+"""Given a doc name, its full state as one update (or None); called on the event loop.
+
+The state must hold every update appended for that doc so far (a node's replica does: it
+appends only what it has applied), since compaction deletes the log rows it covers."""
 
 
 class Store(Protocol):
@@ -19,6 +24,11 @@ class Store(Protocol):
     @property
     def recovered_from(self) -> Path | None:
         """Where a corrupt cache was moved (at open or later), or None."""
+        ...
+
+    @property
+    def recoveries(self) -> Sequence[CacheRecovery]:
+        """What each recovery of damaged data since open found and lost, oldest first."""
         ...
 
     async def open(self) -> None:

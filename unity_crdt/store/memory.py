@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from ..errors import StoreError
 from ..ids import check_doc_id
+from ..status import CacheRecovery
 from ._compaction import COMPACT_MIN_BYTES, COMPACT_MIN_ROWS, compact_updates, should_compact
 
 __all__ = ["MemoryStore"]
@@ -32,6 +34,11 @@ class MemoryStore:
     def recovered_from(self) -> Path | None:
         """Always None: memory cannot be corrupt on disk."""
         return None
+
+    @property
+    def recoveries(self) -> Sequence[CacheRecovery]:
+        """Always empty: nothing to recover."""
+        return ()
 
     async def __aenter__(self) -> Self:
         await self.open()

@@ -3,19 +3,24 @@
 `SqliteStore` keeps everything in `cache_dir/store.sqlite3` (the engine is `store._engine`) and
 does all SQLite work off the event loop: the open on the loop's default executor, everything
 after it on one dedicated worker thread, so the event loop never blocks on a commit. Appends
-that arrive while a commit is in flight are committed together (group commit).
+that arrive while a commit is in flight are committed together (group commit). Compactions
+run in steps between other jobs (`store._compactor`).
+
+The worker never dies silently: an exception of any kind fails the jobs it was running, and
+if the thread itself must stop, every waiting and later call fails with StoreError and the
+cache lock is released, so `close()` and a node's `flush()` never hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import functools
 import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,8 +28,11 @@ from typing import Any, Self
 
 from ..errors import StoreError
 from ..ids import check_doc_id
+from ..status import CacheRecovery
 from ._compaction import COMPACT_MIN_BYTES, COMPACT_MIN_ROWS
+from ._compactor import Compaction, steps
 from ._engine import CacheDb
+from ._schema import is_damage
 from .base import SnapshotSource
 
 __all__ = ["PRELOAD_BYTES", "SqliteStore"]
@@ -34,8 +42,10 @@ log = logging.getLogger(__name__)
 # Open reads the docs' contents too, up to this many bytes in all: the node loads every doc
 # right after open, and this way those loads cost no thread round trip.
 PRELOAD_BYTES = 8 * 2**20
+_MAX_ATTEMPTS = 3  # a compaction restarted by this many rebuilds gives up
 
 _Done = tuple["_Job", Any, BaseException | None]
+_DEFERRED = object()  # a compaction job: its future is settled when the compaction ends
 
 
 @dataclass
@@ -52,13 +62,16 @@ class SqliteStore:
     so a cold start costs one hand-off, not one per doc; `docs()` and the first `load()` of a
     preloaded doc answer without one. The worker thread starts with the first job after open.
 
-    If SQLite finds the file corrupt after open, the file is moved aside, a fresh cache is
-    opened and the operation retried on it, except `load`, which raises CorruptCacheError
-    (the node logs it; that doc re-syncs from peers). The fresh cache lacks what the old file
-    held: with `snapshot_source`, every doc the old file held is then asked for (on the event
-    loop) and its state appended, so every update this process acknowledged (its docs in
-    memory hold them all) is on disk again. Without it, those docs are back in the cache only
-    once peers or checkpoints re-send them; the error log says which of the two happened.
+    `snapshot_source(doc)` (optional, called on the event loop) returns the doc's full state
+    as held in memory, covering every update appended so far; `state_vector_source(doc)` its
+    state vector. With them, compaction writes that state instead of re-applying the log
+    (see `store._compactor`), and after a rebuild of a damaged file the docs that lost rows
+    are written again from memory. Without them, compaction applies the log to a fresh Doc,
+    and lost rows are back only once peers or checkpoints re-send them.
+
+    Damage met after open (see `store._engine`) rebuilds the file from what it still holds
+    and retries the operation; `recoveries` says what each recovery found and lost.
+    `failpoint` (tests) is called on the worker thread before each commit.
     """
 
     def __init__(
@@ -68,10 +81,12 @@ class SqliteStore:
         compact_min_rows: int = COMPACT_MIN_ROWS,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
         snapshot_source: SnapshotSource | None = None,
+        state_vector_source: Callable[[str], bytes] | None = None,
         preload_bytes: int = PRELOAD_BYTES,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.snapshot_source = snapshot_source
+        self.state_vector_source = state_vector_source
         self._db = CacheDb(
             self.cache_dir,
             min_rows=compact_min_rows,
@@ -86,15 +101,33 @@ class SqliteStore:
         self._closed = False
         self._ready = False  # open() has finished: jobs may go to the worker
         self._started = False  # the worker thread was started
+        self._dead: BaseException | None = None  # why the worker thread stopped
         # What open read, valid on the event-loop side until an append or a recovery.
         self._preloaded: dict[str, list[bytes]] = {}
         self._docs_at_open: list[str] | None = None
+        # Worker side: compactions under way (one step each per turn), docs asked for.
+        self._compactions: collections.deque[Compaction] = collections.deque()
+        self._requested: set[str] = set()
         self.commits = 0  # append transactions committed: fewer than appends means batching
 
     @property
     def recovered_from(self) -> Path | None:
         """Where a corrupt cache file was last moved (at open or later), or None."""
         return self._db.recovered_from
+
+    @property
+    def recoveries(self) -> Sequence[CacheRecovery]:
+        """What each recovery since open found and lost, oldest first (the last 32)."""
+        return tuple(self._db.recoveries)
+
+    @property
+    def failpoint(self) -> Callable[[str], None] | None:
+        """Called with the operation's name on the worker thread before each commit (tests)."""
+        return self._db.failpoint
+
+    @failpoint.setter
+    def failpoint(self, fn: Callable[[str], None] | None) -> None:
+        self._db.failpoint = fn
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -111,8 +144,12 @@ class SqliteStore:
             raise StoreError(f"local cache {self.cache_dir} is already open")
         self._loop = asyncio.get_running_loop()
         self._closed = self._ready = False
+        self._dead = None
         self._db.recovered_from = None
+        self._db.recoveries.clear()
         self._jobs = queue.SimpleQueue()
+        self._compactions.clear()
+        self._requested.clear()
         # The one-off open runs on the loop's default executor, usually a warm thread (the
         # node has just used it); our worker thread starts with the first job after it.
         # Starting a thread is a good part of a cold start, and next to a running open it
@@ -142,7 +179,7 @@ class SqliteStore:
         await fut
 
     async def load(self, doc: str) -> list[bytes]:
-        """The snapshot (if any) then the log tail in order; damaged rows are skipped."""
+        """The snapshot (if any) then the log tail in order; damaged rows are left out."""
         check_doc_id(doc)
         self._check_open()
         preloaded = self._preloaded.pop(doc, None)
@@ -162,7 +199,14 @@ class SqliteStore:
     async def compact(self, doc: str) -> None:
         """Fold `doc`'s log into its snapshot now."""
         check_doc_id(doc)
-        await self._submit("compact", doc)
+        self._check_open()
+        await self._compaction_job(doc)
+
+    async def backup(self, dest: str | Path) -> None:
+        """Copy the cache to the SQLite file `dest`, holding every append submitted before
+        this call: a safe backup of a live cache (a copy of its files is not)."""
+        self._check_open()
+        await self._submit("backup", Path(dest))
 
     async def close(self) -> None:
         """Commit everything queued, compact dirty docs, close the file, release the lock."""
@@ -172,13 +216,28 @@ class SqliteStore:
             raise StoreError(f"local cache {self.cache_dir} is still opening")
         self._preloaded, self._docs_at_open = {}, None
         try:
-            await self._submit("close")
+            if self._dead is None and not self._closed:
+                if self.snapshot_source is not None:
+                    for doc in await self._submit("close_candidates"):
+                        # Queued ahead of the close, which waits for them.
+                        self._compaction_job(doc).add_done_callback(self._quietly)
+                await self._submit("close")
+        except StoreError:
+            if self._dead is None:
+                raise
         finally:
             await self._stop_thread()
+        if self._dead is not None:
+            log.error("local cache %s closed after its worker stopped: %r", self.path, self._dead)
 
     # -- event-loop side -------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        if self._dead is not None:
+            raise StoreError(
+                f"local cache {self.cache_dir}: the store worker stopped ({self._dead!r}); "
+                "nothing more can be read or written until the node restarts"
+            )
         if self._thread is None or self._closed or not self._ready or self._loop is None:
             raise StoreError(f"local cache {self.cache_dir} is not open")
 
@@ -193,7 +252,24 @@ class SqliteStore:
             assert self._thread is not None
             self._started = True
             self._thread.start()
+        if self._dead is not None:  # the worker died after the check: nobody would answer
+            self._fail_queued()
         return fut
+
+    def _compaction_job(self, doc: str) -> asyncio.Future[Any]:
+        """Queue a compaction of `doc`: with the state in memory, read now, when there is one."""
+        state = sv = None
+        if self.snapshot_source is not None:
+            try:
+                state = self.snapshot_source(doc)
+                if state is not None and self.state_vector_source is not None:
+                    sv = self.state_vector_source(doc)
+            except Exception as exc:
+                log.error("local cache %s: no state of doc %r to compact: %s", self.path, doc, exc)
+                state = None
+        if state is None:
+            return self._submit("compact", doc)
+        return self._submit("snapshot", doc, bytes(state), sv)
 
     async def _stop_thread(self) -> None:
         thread, self._thread = self._thread, None
@@ -207,24 +283,40 @@ class SqliteStore:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn)
 
+    def _auto_compact(self, doc: str) -> None:
+        # The worker asked: read the state now, on the loop, and queue it behind every append
+        # submitted so far (the job queue is FIFO).
+        if self._closed or self._dead is not None:
+            return
+        try:
+            fut = self._compaction_job(doc)
+        except StoreError:
+            return
+        fut.add_done_callback(self._quietly)
+
+    def _quietly(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("local cache %s: a background write failed: %s", self.path, fut.exception())
+
     def _on_recover(self, docs: list[str]) -> str:
         # Worker thread, mid-recovery: the re-write must run on the loop, which owns the docs.
         self._call_soon(lambda: self._refill(docs))
+        if not docs:
+            return "no doc in memory lost anything"
         if self.snapshot_source is None:
-            return "are only in memory, with peers and in checkpoints until they re-sync"
-        return "are re-written from the docs in memory"
+            return "the docs that lost rows are only in memory, with peers and in checkpoints"
+        return "the docs that lost rows are re-written from the docs in memory"
 
     def _refill(self, docs: list[str]) -> None:
-        self._preloaded, self._docs_at_open = {}, None
+        self._docs_at_open = None
         source = self.snapshot_source
-        if source is None:
-            return
         for doc in docs:
             try:
-                state = source(doc)
-                if state is not None:
-                    fut = self._submit("append", doc, bytes(state))
-                    fut.add_done_callback(functools.partial(self._refilled, doc))
+                state = source(doc) if source is not None else None
+                # Without a state: read at open and not loaded yet, still to be had here.
+                blobs = [bytes(state)] if state is not None else self._preloaded.get(doc, [])
+                for blob in blobs:
+                    self._submit("append", doc, blob).add_done_callback(self._quietly)
             except Exception as exc:
                 log.error(
                     "local cache %s: could not re-write doc %r after a recovery: %s",
@@ -233,54 +325,78 @@ class SqliteStore:
                     exc,
                 )
 
-    def _refilled(self, doc: str, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error(
-                "local cache %s: could not re-write doc %r after a recovery: %s",
-                self.path,
-                doc,
-                fut.exception(),
-            )
-
     # -- worker thread ---------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while True:
-            first = self._jobs.get()
-            if first is None:
-                self._db.abandon()  # no-op unless close() failed or open() was cancelled
-                return
-            batch = [first]
+        batch: list[_Job] = []
+        try:
             while True:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)
-                    break
-                batch.append(job)
-            done: list[_Done] = []
-            appends: list[_Job] = []
-            for job in batch:
-                if job.kind == "append" and self._db.is_open:
-                    appends.append(job)
-                    continue
-                if appends:
-                    done += self._commit(appends)
-                    appends = []
-                done.append(self._run(job))
+                taken = self._take(block=not self._compactions)
+                if taken is None:
+                    self._db.abandon()  # no-op unless close() failed or open() was cancelled
+                    return
+                batch = taken
+                self._settle(self._process(batch))
+                batch = []
+                if self._db.is_open:
+                    self._step()
+                    self._request()
+        except BaseException as exc:
+            self._die(exc, batch)
+
+    def _take(self, block: bool) -> list[_Job] | None:
+        try:
+            first = self._jobs.get() if block else self._jobs.get_nowait()
+        except queue.Empty:
+            return []
+        if first is None:
+            return None
+        batch = [first]
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)
+                break
+            batch.append(job)
+        return batch
+
+    def _process(self, batch: list[_Job]) -> list[_Done]:
+        done: list[_Done] = []
+        appends: list[_Job] = []
+        for job in batch:
+            if job.kind == "append" and self._db.is_open:
+                appends.append(job)
+                continue
             if appends:
                 done += self._commit(appends)
-            self._settle(done)
-            if self._db.is_open:
-                self._db.auto_compact()
+                appends = []
+            done.append(self._run(job))
+        if appends:
+            done += self._commit(appends)
+        return done
 
     def _run(self, job: _Job) -> _Done:
         try:
-            if not self._db.is_open:
+            db = self._db
+            if not db.is_open:
                 raise StoreError(f"local cache {self.cache_dir} is not open")
-            handler: Callable[..., Any] = getattr(self._db, job.kind)
+            if job.kind in ("snapshot", "compact"):
+                doc = job.args[0]
+                d = db.docs_rows.get(doc)
+                covered = list(d.log) if d is not None else []
+                state, sv = (job.args[1], job.args[2]) if job.kind == "snapshot" else (None, None)
+                self._compactions.append(Compaction(doc, state, sv, covered, [job.fut]))
+                self._requested.add(doc)
+                return job, _DEFERRED, None
+            if job.kind == "close":
+                self._close_db()
+                return job, None, None
+            if job.kind == "close_candidates":
+                return job, db.close_candidates(), None
+            handler: Callable[..., Any] = getattr(db, job.kind)
             return job, handler(*job.args), None
         except sqlite3.Error as exc:
             return job, None, StoreError(f"local cache {self.path}: {job.kind} failed: {exc}")
@@ -290,13 +406,78 @@ class SqliteStore:
     def _commit(self, jobs: list[_Job]) -> list[_Done]:
         try:
             self._db.insert([(doc, data) for doc, data in (job.args for job in jobs)])
-        except (sqlite3.Error, StoreError) as exc:
+        except Exception as exc:
             err = StoreError(f"could not write to local cache {self.path}: {exc}")
             return [(job, None, err) for job in jobs]
         self.commits += 1
         return [(job, None, None) for job in jobs]
 
+    def _step(self) -> None:
+        """Run one step of the oldest compaction under way."""
+        if not self._compactions:
+            return
+        job, db = self._compactions[0], self._db
+        if job.running is None or job.rebuilds != db.rebuilds:  # new, or the file was rebuilt
+            if job.attempts >= _MAX_ATTEMPTS:
+                self._finish(job, StoreError(f"compaction of doc {job.doc!r} kept meeting damage"))
+                return
+            job.attempts += 1
+            job.rebuilds = db.rebuilds
+            job.running = steps(db, job)
+        try:
+            next(job.running)
+        except StopIteration:
+            self._finish(job, None)
+        except Exception as exc:
+            if is_damage(exc) and db.is_open:
+                try:
+                    db.recover("compact", exc)  # the next step starts the compaction again
+                except Exception as again:
+                    self._finish(job, again)
+                return
+            self._finish(job, exc)
+
+    def _finish(self, job: Compaction, exc: BaseException | None) -> None:
+        self._compactions.remove(job)
+        self._requested.discard(job.doc)
+        if exc is not None and not isinstance(exc, StoreError):
+            exc = StoreError(f"local cache {self.path}: compaction of {job.doc!r} failed: {exc}")
+        if exc is not None and not job.waiters:
+            log.error("%s", exc)
+        for fut in job.waiters:
+            self._settle([(_Job("compact", (), fut), None, exc)])
+
+    def _request(self) -> None:
+        for doc in self._db.touched():
+            if doc in self._requested:
+                continue
+            self._requested.add(doc)
+            if self.snapshot_source is None:
+                d = self._db.docs_rows.get(doc)
+                self._compactions.append(Compaction(doc, None, None, list(d.log) if d else []))
+            else:
+                self._call_soon(lambda doc=doc: self._auto_compact(doc))  # type: ignore[misc]
+
+    def _close_db(self) -> None:
+        """Finish every compaction under way, then (without a source) compact the docs that
+        want it by applying their logs, then close the file."""
+        db = self._db
+        try:
+            while self._compactions:
+                self._step()
+            if self.snapshot_source is None:  # after those: they may leave a tail
+                for doc in db.close_candidates():
+                    self._compactions.append(Compaction(doc, None))
+                while self._compactions:
+                    self._step()
+        finally:
+            db.close()
+
     def _settle(self, done: list[_Done]) -> None:
+        done = [d for d in done if d[1] is not _DEFERRED]
+        if not done:
+            return
+
         def apply() -> None:
             for job, result, exc in done:
                 if job.fut.done():
@@ -307,3 +488,31 @@ class SqliteStore:
                     job.fut.set_result(result)
 
         self._call_soon(apply)
+
+    def _die(self, exc: BaseException, batch: list[_Job]) -> None:
+        """The worker thread must stop: fail every job it holds or will be given."""
+        self._dead = exc
+        log.error("local cache %s: the store worker stopped: %r", self.path, exc)
+        err = StoreError(
+            f"local cache {self.cache_dir}: the store worker stopped ({exc!r}); nothing "
+            "more can be written until the node restarts"
+        )
+        self._settle([(job, None, err) for job in batch])
+        for c in list(self._compactions):
+            self._settle([(_Job("compact", (), fut), None, err) for fut in c.waiters])
+        self._compactions.clear()
+        self._fail_queued()
+        with contextlib.suppress(Exception):
+            self._db.abandon()
+
+    def _fail_queued(self) -> None:
+        err = StoreError(f"local cache {self.cache_dir}: the store worker stopped ({self._dead!r})")
+        failed: list[_Done] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                failed.append((job, None, err))
+        self._settle(failed)

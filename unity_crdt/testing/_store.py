@@ -75,6 +75,7 @@ async def check_store(factory: Callable[[], Store], *, reopens: bool = True) -> 
     """
     store = factory()
     await store.open()
+    _expect(not store.recoveries, "a fresh store reports a recovery")
     try:
         reopen_state = await _check_roundtrip(store)
         await _check_empty_and_docs(store)
