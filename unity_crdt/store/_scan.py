@@ -28,8 +28,8 @@ from ._schema import is_damage, meta_crc, set_counts
 __all__ = [
     "Bad",
     "LogRow",
-    "Part",
     "ScanResult",
+    "SnapshotPart",
     "attribute",
     "decode_name",
     "fix_name",
@@ -60,7 +60,7 @@ class LogRow:
 
 
 @dataclass
-class Part:
+class SnapshotPart:
     """One snapshot part's metadata (its data is checked against `crc` when read)."""
 
     id: int
@@ -91,7 +91,7 @@ class ScanResult:
     """What a scan or a salvage read, and what it could not."""
 
     rows: list[LogRow] = field(default_factory=list)
-    parts: list[Part] = field(default_factory=list)
+    parts: list[SnapshotPart] = field(default_factory=list)
     bad: list[Bad] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # stretches of unknown docs
     damaged: bool = False  # SQLite itself reported damage
@@ -287,7 +287,7 @@ def scan(conn: sqlite3.Connection, keep_bytes: int) -> ScanResult:
         if why is not None:
             found.bad.append(Bad("snapshot", rowid, None, why, raw_doc=raw))
             continue
-        found.parts.append(Part(rowid, raw.decode(), gen, part, parts, crc, size))
+        found.parts.append(SnapshotPart(rowid, raw.decode(), gen, part, parts, crc, size))
     found.meta = conn.execute(
         "SELECT log_rows, parts, building, crc FROM meta WHERE id = 1"
     ).fetchone()
