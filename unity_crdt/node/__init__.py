@@ -299,6 +299,7 @@ class Node:
                 self._replica,
                 cfg.yjs_token,
                 on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
+                on_join=self._front_end_joined,
                 origins=cfg.yjs_origins,
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
@@ -429,6 +430,12 @@ class Node:
                 mesh.send(peer, msgs)
         if self._endpoint is not None and source != FRONTEND:
             self._endpoint.apply_peer_awareness(doc, fresh)
+
+    def _front_end_joined(self, doc: str) -> None:
+        """A front end opened `doc`: show it what peers said before anyone here held it."""
+        snapshot = self._presence.promote(doc, self._now())
+        if snapshot is not None and self._endpoint is not None:
+            self._endpoint.apply_peer_awareness(doc, snapshot)
 
     async def _presence_loop(self) -> None:
         while True:
