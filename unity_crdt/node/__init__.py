@@ -36,7 +36,7 @@ from ..sync.codec import PROTOCOL_VERSION, Awareness, Notice
 from ..sync.presence import Presence
 from ..sync.replica import Replica
 from ..sync.router import Router
-from ..sync.session import PullGate, SeenFilter, SyncSession
+from ..sync.session import DocQuota, PullGate, SeenFilter, SyncSession
 from ._discovery import start_discovery
 from ._status import node_status
 
@@ -85,6 +85,7 @@ class Node:
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
         self._pulls = PullGate(config.anti_entropy_interval)
+        self._quota = DocQuota(config.new_docs_burst, config.new_docs_rate)
         self._router = Router()
         self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -403,8 +404,7 @@ class Node:
             idle_timeout=cfg.idle_timeout,
             on_awareness=lambda doc, update: self._spread_presence(doc, update, source=peer),
             max_doc_bytes=cfg.max_doc_bytes,
-            new_docs_burst=cfg.new_docs_burst,
-            new_docs_rate=cfg.new_docs_rate,
+            quota=self._quota,
             on_notice=self._on_notice,
         )
         # After the HELLO the link queues next: tell the newcomer who is here.

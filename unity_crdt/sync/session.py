@@ -48,9 +48,9 @@ counts (`heard`), so a long transfer is not mistaken for silence.
 Synced status. `is_synced(doc)` is True only when the digest the peer last advertised equals
 ours now: acknowledged state, not "the first handshake finished".
 
-Limits. New docs a peer makes this node create are rate limited (`new_docs_burst`, refilled at
-`new_docs_rate` per second): over the quota a pull or an update is skipped, counted, and
-retried by anti-entropy. Errors: anything but PING/PONG before the peer's HELLO, a version
+Limits. New docs peers make this node create are rate limited by a node-wide `DocQuota` (a
+burst, refilled per second): over it a pull or an update is skipped, counted, and retried by
+anti-entropy. Errors: anything but PING/PONG before the peer's HELLO, a version
 mismatch, an invalid update or state vector, or a part stream over `max_doc_bytes` raises
 ProtocolError; the driver closes the link with its code, and the replica is left unchanged by
 the bad input. A round whose answers never come is abandoned after `anti_entropy_interval`
@@ -172,6 +172,30 @@ class PullGate:
             del self._owners[doc]
 
 
+class DocQuota:
+    """How many new docs peers may make this node create: a burst, refilled per second.
+
+    One per node, shared by all its links: a member that reconnects (or mints a new device
+    key) gets no fresh allowance. Over it, a pull or an update of a new doc is skipped and
+    anti-entropy retries it later, so legitimate docs arrive late, never lost.
+    """
+
+    def __init__(self, burst: int = 50_000, rate: float = 1000.0) -> None:
+        self.burst, self.rate = float(burst), rate
+        self._tokens = float(burst)
+        self._refilled: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one doc creation; False when the quota is used up."""
+        if self._refilled is not None and now > self._refilled:
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now if self._refilled is None else max(self._refilled, now)
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 @dataclass(slots=True)
 class SessionStats:
     """Counters of one session, for status pages and tests."""
@@ -214,8 +238,7 @@ class SyncSession:
         allow: Callable[[str], bool] | None = None,
         on_awareness: Callable[[str, bytes], None] | None = None,
         max_doc_bytes: int = 256 * 2**20,
-        new_docs_burst: int = 50_000,
-        new_docs_rate: float = 1000.0,
+        quota: DocQuota | None = None,
         on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         self.replica = replica
@@ -251,8 +274,7 @@ class SyncSession:
         self._changed_at: float | None = None
         self._round_peer_fp: bytes | None = None
         self._round_started = now
-        self._tokens = float(new_docs_burst)
-        self._burst, self._rate, self._refilled = float(new_docs_burst), new_docs_rate, now
+        self.quota = quota if quota is not None else DocQuota()
 
     # -- status -----------------------------------------------------------------------------
 
@@ -333,7 +355,6 @@ class SyncSession:
         silent = now - self._last_heard
         if silent >= self.idle_timeout:
             raise ProtocolError(f"nothing heard from peer for {silent:.1f} s", ErrorCode.TIMEOUT)
-        self._refill(now)
         if self.busy and now - self._round_started >= self.anti_entropy_interval:
             self._abandon_round()  # an answer never came: the next SUMMARY starts afresh
         out: list[Outgoing] = []
@@ -589,17 +610,10 @@ class SyncSession:
         return self._allow is None or self._allow(doc)
 
     def _take_token(self, now: float) -> bool:
-        self._refill(now)
-        if self._tokens < 1:
-            self.stats.over_quota += 1
-            return False
-        self._tokens -= 1
-        return True
-
-    def _refill(self, now: float) -> None:
-        if now > self._refilled:
-            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
-            self._refilled = now
+        if self.quota.take(now):
+            return True
+        self.stats.over_quota += 1
+        return False
 
     def _our_digest(self, doc: str) -> bytes | None:
         return None if self.replica.is_empty(doc) else self.replica.digest(doc)
