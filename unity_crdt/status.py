@@ -108,6 +108,8 @@ class NodeStatus:
     checkpoint_warnings: tuple[str, ...] = ()
     relay: RelayStatus | None = None
     cache: CacheStatus = field(default_factory=CacheStatus)
+    # Docs a peer holds with other content under the same ids (a member equivocated, #11 F6).
+    equivocations: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

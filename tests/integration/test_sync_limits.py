@@ -15,6 +15,7 @@ import psutil
 import pycrdt
 from meshkit import Attacker, NodeFactory, eventually, string_item
 
+from unity_crdt.ids import PeerAddress
 from unity_crdt.sync import codec
 
 MB = 2**20
@@ -105,3 +106,44 @@ async def test_f14_a_member_that_never_reads_loses_its_link_and_memory_stays_bou
     await eventually(
         lambda: str(b.doc("notes").get("t", type=pycrdt.Text)) == "still here", 10.0, "bob"
     )
+
+
+def _item(client: int, text: str) -> bytes:
+    doc = pycrdt.Doc(client_id=client)
+    doc.get("t", type=pycrdt.Text).insert(0, text)
+    return doc.get_update()
+
+
+async def test_f6_two_versions_of_one_edit_are_detected_and_reported(
+    make_node: NodeFactory,
+) -> None:
+    """A member sends different items under one Yjs id to two nodes. Their digests (ids and
+    deletions) agree, so sync alone would call them synced forever; the content checks that
+    ride on anti-entropy see the difference and both nodes report it."""
+    a = await make_node("alice")
+    b = await make_node("bob")  # not linked yet: each gets its own version first
+    client = 4242
+    for node, text in ((a, "version A"), (b, "version B")):
+        m = await Attacker.connect(node.url)
+        await _hello(m)
+        await m.send_message(codec.encode(codec.Update("contract", _item(client, text))))
+        await eventually(lambda node=node: "contract" in node.docs, 5.0, "the update lands")
+        await m.channel.close()
+    assert b._mesh is not None
+    b._mesh.add_address(PeerAddress.parse(a.url))
+    await a.wait_for_peers(1)
+    # Same ids, same deletions: the digests agree and each side believes the other synced.
+    assert a._replica.digest("contract") == b._replica.digest("contract")
+    assert str(a.doc("contract").get("t", type=pycrdt.Text)) == "version A"
+    assert str(b.doc("contract").get("t", type=pycrdt.Text)) == "version B"
+    await eventually(
+        lambda: (
+            a.status().equivocations == ("contract",) and b.status().equivocations == ("contract",)
+        ),
+        15.0,
+        "both nodes report the equivocation",
+    )
+    # Honest docs raise no such report.
+    a.doc("honest").get("t", type=pycrdt.Text).insert(0, "fine")
+    await asyncio.sleep(3 * a.config.anti_entropy_interval)
+    assert a.status().equivocations == ("contract",)

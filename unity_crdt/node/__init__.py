@@ -97,6 +97,7 @@ class Node:
         self._endpoint: YWebsocketEndpoint | None = None
         self._discovery: Discovery | None = None
         self._relay: Relay | None = None
+        self._equivocations: set[str] = set()  # docs a peer holds differently under one id
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -406,12 +407,24 @@ class Node:
             max_doc_bytes=cfg.max_doc_bytes,
             quota=self._quota,
             on_notice=self._on_notice,
+            on_equivocation=lambda doc: self._equivocation(doc, link),
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
         snapshot = [Awareness(doc, snap) for doc, snap in self._presence.snapshot(self._now())]
         if snapshot:
             asyncio.get_running_loop().call_soon(link.send, snapshot)
         return session
+
+    def _equivocation(self, doc: str, link: Link) -> None:
+        """A peer holds other content than ours under the same ids: someone equivocated."""
+        if doc not in self._equivocations:
+            log.error(
+                "doc %r: %s holds different content under the same ids (a member sent two "
+                "versions of one edit); the copies will not converge on their own",
+                doc,
+                link.label,
+            )
+        self._equivocations.add(doc)
 
     def _spread_presence(self, doc: str, update: bytes, source: str | None) -> None:
         """Merge presence from a peer, a front end or this node; relay only what is new.

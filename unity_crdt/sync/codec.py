@@ -53,6 +53,7 @@ class MsgType(IntEnum):
     PART = 12
     BUCKETS = 13
     NOTICE = 14
+    CHECK = 20  # 15-19 left free for membership
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,15 @@ class Advert:
 
     doc: str
     digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The sender holds `doc` at `digest` (ids and deletions) with this `content` digest."""
+
+    doc: str
+    digest: bytes
+    content: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +209,7 @@ Message: TypeAlias = (
     | Pong
     | Batch
     | Notice
+    | Check
 )
 
 
@@ -387,6 +398,21 @@ def _dec_advert(r: _Reader) -> Advert:
     return Advert(doc, digest)
 
 
+def _enc_check(out: bytearray, msg: Check) -> None:
+    if len(msg.content) != DIGEST_SIZE:
+        raise ConfigError(f"content digest must be {DIGEST_SIZE} bytes")
+    _put_entries(out, [(msg.doc, msg.digest)], 1)
+    out += msg.content
+
+
+def _dec_check(r: _Reader) -> Check:
+    entries = _read_entries(r)
+    if len(entries) != 1:
+        raise DecodeError("a check names exactly one doc")
+    ((doc, digest),) = entries.items()
+    return Check(doc, digest, r.take(DIGEST_SIZE))
+
+
 def _enc_part(out: bytearray, msg: Part) -> None:
     _put_doc(out, msg.doc)
     out.append(1 if msg.final else 0)
@@ -501,6 +527,7 @@ _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
     Inventory: (MsgType.INVENTORY, _enc_inventory),
     Advert: (MsgType.ADVERT, _enc_advert),
     Part: (MsgType.PART, _enc_part),
+    Check: (MsgType.CHECK, _enc_check),
     SyncStep1: (MsgType.DOC, _enc_doc),
     SyncStep2: (MsgType.DOC, _enc_doc),
     Update: (MsgType.DOC, _enc_doc),
@@ -518,6 +545,7 @@ _DECODERS: dict[int, _Decoder] = {
     MsgType.INVENTORY: _dec_inventory,
     MsgType.ADVERT: _dec_advert,
     MsgType.PART: _dec_part,
+    MsgType.CHECK: _dec_check,
     MsgType.DOC: _dec_doc,
     MsgType.PING: lambda r: Ping(r.varuint()),
     MsgType.PONG: lambda r: Pong(r.varuint()),

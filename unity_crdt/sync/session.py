@@ -60,6 +60,7 @@ from a peer.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -73,6 +74,7 @@ from .codec import (
     Awareness,
     Batch,
     Buckets,
+    Check,
     Hello,
     Inventory,
     InventoryRequest,
@@ -92,6 +94,7 @@ from .yjs import bucket_of, check_state_vector, check_update, entry_hash, is_emp
 EMPTY_UPDATE = b"\x00\x00"
 PAGE_ENTRIES = 1024
 PART_SIZE = 512 * 1024  # well inside one 1 MiB frame, so parts interleave with live traffic
+CHECKS_PER_ROUND = 8  # content checks sent with each anti-entropy SUMMARY (#11 F6)
 _UNKNOWN = b""  # a peer digest made stale by an update from that peer
 
 
@@ -214,6 +217,7 @@ class SessionStats:
     denied: int = 0
     over_quota: int = 0
     pulls_deferred: int = 0
+    equivocations: int = 0
     rounds_completed: int = 0
     rounds_abandoned: int = 0
     unsolicited: int = 0
@@ -240,6 +244,7 @@ class SyncSession:
         max_doc_bytes: int = 256 * 2**20,
         quota: DocQuota | None = None,
         on_notice: Callable[[Notice], None] | None = None,
+        on_equivocation: Callable[[str], None] | None = None,
     ) -> None:
         self.replica = replica
         self.peer = peer
@@ -256,6 +261,8 @@ class SyncSession:
         self._allow = allow
         self._on_awareness = on_awareness
         self._on_notice = on_notice
+        self._on_equivocation = on_equivocation
+        self._check_cursor = ""  # content checks rotate through the docs by name
         self._last_heard = self._last_summary = self._last_ping = now
         self._ping_nonce = 0
         self._ping_sent: tuple[int, float] | None = None
@@ -366,7 +373,7 @@ class SyncSession:
         if now - self._last_summary >= self.anti_entropy_interval:
             # HELLO again too (3 bytes): whatever became of the first, the peer can answer.
             self._last_summary = now
-            out += [Hello(PROTOCOL_VERSION, {}), self._summary()]
+            out += [Hello(PROTOCOL_VERSION, {}), self._summary(), *self._checks()]
         elif self._peer_ready and self._ack_due(now):
             self._last_summary = now
             out.append(self._summary())
@@ -429,6 +436,8 @@ class SyncSession:
             isinstance(msg, Awareness) and self._allowed(msg.doc) and self._on_awareness is not None
         ):
             self._on_awareness(msg.doc, msg.payload)
+        elif isinstance(msg, Check):
+            self._on_check(msg)
         elif isinstance(msg, Notice) and self._allowed(msg.doc) and self._on_notice is not None:
             self._on_notice(msg)
 
@@ -536,6 +545,36 @@ class SyncSession:
         self._awaiting.add(doc)
         self.stats.step1_sent += 1
         out.append(SyncStep1(doc, self.replica.state_vector(doc)))
+
+    def _checks(self) -> list[Outgoing]:
+        """Content checks of up to CHECKS_PER_ROUND docs the peer acknowledged, in turn.
+
+        Digests cover ids and deletions only; a member that sent different items under one id
+        to two nodes leaves them with equal digests and different content. The content digest
+        shows it.
+        """
+        names = self.replica.names()
+        start = bisect.bisect_right(names, self._check_cursor)
+        out: list[Outgoing] = []
+        for name in names[start:] + names[:start]:
+            if len(out) == CHECKS_PER_ROUND:
+                break
+            if self.is_synced(name) and not self.replica.is_empty(name):
+                out.append(
+                    Check(name, self.replica.digest(name), self.replica.content_digest(name))
+                )
+                self._check_cursor = name
+        return out
+
+    def _on_check(self, msg: Check) -> None:
+        if not self._allowed(msg.doc) or msg.doc not in self.replica:
+            return
+        if self.replica.digest(msg.doc) != msg.digest:
+            return  # not the same ids: an ordinary difference, for the pulls to settle
+        if self.replica.content_digest(msg.doc) != msg.content:
+            self.stats.equivocations += 1
+            if self._on_equivocation is not None:
+                self._on_equivocation(msg.doc)
 
     def _on_update(self, msg: Update, now: float) -> None:
         if msg.update in self.seen:
