@@ -275,8 +275,8 @@ class SyncSession:
         self._awaiting_buckets = False
         self._awaiting: set[str] = set()
         self._deferred: set[str] = set()  # pulls waiting for another link's pull of the doc
-        self._partial: dict[str, bytearray | None] = {}  # None: drop to the final part
-        self._partial_bytes = 0
+        self._partial: dict[str, list[bytes] | None] = {}  # None: drop to the final part
+        self._partial_size: dict[str, int] = {}
         # Changes are counted where they happen and timed at the next tick, which has a clock.
         self._changes = self._changes_seen = 0
         self._changed_at: float | None = None
@@ -474,7 +474,7 @@ class SyncSession:
         self.pulls.release_all(self)
         # Streams under way are dropped to their final part (see _on_part).
         self._partial = dict.fromkeys(self._partial)
-        self._partial_bytes = 0
+        self._partial_size.clear()
 
     def _on_inventory_request(self, msg: InventoryRequest, out: list[Outgoing]) -> None:
         if msg.bucket is None:
@@ -598,26 +598,25 @@ class SyncSession:
         # ours is decided at its first part, and holds to its final one. A stream that began
         # before we pulled (a late answer) is dropped whole, never spliced into the next.
         if msg.doc not in self._partial:
-            wanted = msg.doc in self._awaiting
-            self._partial[msg.doc] = bytearray() if wanted else None
-        buf = self._partial[msg.doc]
-        if buf is None:
+            self._partial[msg.doc] = [] if msg.doc in self._awaiting else None
+        chunks = self._partial[msg.doc]
+        if chunks is None:
             self.stats.unsolicited += 1
             if msg.final:
                 del self._partial[msg.doc]
             return
-        if len(buf) + len(msg.data) > self.max_doc_bytes:
+        size = self._partial_size.get(msg.doc, 0) + len(msg.data)
+        if size > self.max_doc_bytes:
             raise ProtocolError(
                 f"doc {msg.doc!r} is over the limit of {self.max_doc_bytes} bytes",
                 ErrorCode.TOO_LARGE,
             )
-        buf += msg.data
-        self._partial_bytes += len(msg.data)
+        chunks.append(msg.data)  # joined once at the end: one copy of a 200 MB doc, not many
+        self._partial_size[msg.doc] = size
         self._round_progress = now
         if msg.final:  # the replica guards the whole update as it applies it
-            del self._partial[msg.doc]
-            self._partial_bytes -= len(buf)
-            self._on_step2(msg.doc, bytes(buf), now, out)
+            del self._partial[msg.doc], self._partial_size[msg.doc]
+            self._on_step2(msg.doc, b"".join(chunks), now, out)
 
     def _on_step2(self, doc: str, update: bytes, now: float, out: list[Outgoing]) -> None:
         self._apply(doc, update, self.pulled_origin)
