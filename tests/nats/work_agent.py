@@ -59,7 +59,7 @@ def make_config(cfg: dict[str, Any]) -> NodeConfig:
         peers=tuple(cfg.get("peers", ())),
         mdns=bool(cfg.get("mdns", False)),
         mdns_interfaces=(host,),
-        relay_url=cfg.get("relay"),
+        relay_url=tuple(r) if isinstance(r := cfg.get("relay"), list) else r,
         coordination_url=cfg.get("coordination"),
         work_heartbeat=float(cfg.get("heartbeat", 0.5)),
         anti_entropy_interval=2.0,
