@@ -4,6 +4,7 @@ clock runs 10 s fast, and five nodes contend for one lease 200 times."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def test_five_nodes_contend_for_one_lease(tmp_path: Path, nats_server: Any) -> N
         tokens = [h[0] for h in held]
         assert len(held) == 200 and tokens == sorted(set(tokens)), "tokens must strictly increase"
         gaps = []
-        for (_, _, end, _), (_, start, _, _) in zip(held, held[1:], strict=False):
+        for (_, _, end, _), (_, start, _, _) in itertools.pairwise(held):
             assert start >= end, "two holders at once"
             gaps.append(start - end)
         gaps.sort()
