@@ -347,6 +347,7 @@ class WorkEngine:
             lease=spec.lease,
             max_attempts=spec.max_attempts,
             last_alive=last_alive,
+            seen_at=lambda c: st.board.seen_at.get(c.key, now),
         )
 
     # -- who works on what --------------------------------------------------------------------
@@ -379,10 +380,29 @@ class WorkEngine:
             self._enqueue(st, task, live)
 
     def _enqueue(self, st: _JobState, task: str, live: list[str]) -> None:
+        self._push(st, task, self._owner(st, task, live))
+
+    def _owner(self, st: _JobState, task: str, live: list[str]) -> str | None:
+        """The worker that should claim `task`: by rendezvous order; with redundancy, the
+        j-th of the workers holding no other slot of the input, for the j-th open slot."""
+        spec = st.board.spec
+        assert spec is not None
         index, slot = rules.task_position(task)
         order = rules.owners(st.board.job_id, index, live)
-        owner = order[slot] if slot < len(order) else None
-        self._push(st, task, owner)
+        k = spec.redundancy
+        if k == 1:
+            return order[0] if order else None
+        busy: set[str] = set()
+        open_slots = []
+        for s in range(k):
+            holder = self._slot_holder(st, rules.task_key(index, s, k))
+            if s == slot or holder is None:
+                open_slots.append(s)
+            elif holder is not None:
+                busy.add(holder)
+        free = [d for d in order if d not in busy]
+        j = open_slots.index(slot)
+        return free[j] if j < len(free) else None
 
     @staticmethod
     def _push(st: _JobState, task: str, owner: str | None) -> None:
@@ -433,11 +453,16 @@ class WorkEngine:
             st.board.flush()
 
     def _take(self, worker: _Worker, st: _JobState, free: int, live: dict[str, int]) -> int:
+        skipped: list[tuple[str, str | None]] = []  # not for us: back in their queue after
         mine = st.queues.get(self.me)
         while free > 0 and mine:
             task = mine.popleft()
-            if self._dequeue(st, task) and self._try_claim(worker, st, task):
-                free -= 1
+            if self._dequeue(st, task):
+                got = self._try_claim(worker, st, task)
+                free -= got is True
+                if got is None:
+                    skipped.append((task, None))  # a sibling slot is ours: anyone else's
+        k = st.board.spec.redundancy if st.board.spec else 1
         for owner, queue in st.queues.items():
             if owner == self.me:
                 continue
@@ -451,13 +476,25 @@ class WorkEngine:
                 )
             ):
                 task = queue.pop()
-                if self._dequeue(st, task) and self._try_claim(worker, st, task):
-                    free -= 1
+                if not self._dequeue(st, task):
+                    continue
+                index = rules.task_position(task)[0]
+                if k > 1 and self.me in rules.owners(st.board.job_id, index, live)[:k]:
+                    skipped.append((task, owner))  # we own another slot of this input
+                    continue
+                got = self._try_claim(worker, st, task)
+                free -= got is True
+                if got is None:
+                    skipped.append((task, owner))
             if free <= 0:
                 break
+        for task, owner in skipped:
+            self._push(st, task, owner)
         return free
 
-    def _try_claim(self, worker: _Worker, st: _JobState, task: str) -> bool:
+    def _try_claim(self, worker: _Worker, st: _JobState, task: str) -> bool | None:
+        """Claim `task` if it is claimable: True if claimed, None if only a sibling slot
+        of ours stands in the way, False if it is not to be claimed now."""
         if task in st.claiming or st.blocked_until.get(task, 0.0) > self.now():
             return False
         v = self._judge(st, task)
@@ -468,8 +505,7 @@ class WorkEngine:
                 st.watch.add(task)  # someone holds it: notice when they stop
             return False
         if not self._eligible(st, task):
-            self._push(st, task, None)  # a sibling slot is ours: anyone else may take it
-            return False
+            return None
         attempt = v.attempts + 1
         if self.kv is not None and self.kv.ready:
             st.claiming.add(task)
@@ -486,13 +522,18 @@ class WorkEngine:
         if spec is None or spec.redundancy == 1:
             return True
         index, slot = rules.task_position(task)
-        for s in range(spec.redundancy):
-            if s == slot:
-                continue
-            for c in st.board.task_claims(rules.task_key(index, s, spec.redundancy)):
-                if c.device == self.me and c.state != LOST:
-                    return False
-        return True
+        return all(
+            self._slot_holder(st, rules.task_key(index, s, spec.redundancy)) != self.me
+            for s in range(spec.redundancy)
+            if s != slot
+        )
+
+    def _slot_holder(self, st: _JobState, task: str) -> str | None:
+        """The device whose claim of `task` counts (its result, or its live claim)."""
+        v = st.finished.get(task) or self._judge(st, task)
+        if v.current is None or v.state in (State.EXPIRED, State.FAILED):
+            return None
+        return v.current.device
 
     async def _claim_strict(self, worker: _Worker, st: _JobState, task: str, attempt: int) -> None:
         assert self.kv is not None and st.board.spec is not None

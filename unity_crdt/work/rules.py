@@ -38,6 +38,7 @@ meet at the same task.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -71,6 +72,7 @@ BACKOFF_BASE = 0.5  # seconds before the second attempt; doubled for each furthe
 BACKOFF_MAX = 30.0
 STEAL_SLACK = 8  # tasks an owner keeps for itself beyond twice its concurrency
 
+_TASK_KEY = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.(0|[1-9][0-9]{0,3}))?")
 _INVERT = str.maketrans(
     {chr(c): chr(0x10FFFF - c) for c in range(ord("0"), ord("z") + 1)}
 )  # device ids are lower-case base32: inverting them makes "smaller id wins" a max()
@@ -83,11 +85,10 @@ def task_key(index: int, slot: int, redundancy: int) -> str:
 
 def task_position(key: str) -> tuple[int, int]:
     """(input index, slot) of a task key; ValueError if it is not one."""
-    index, _, slot = key.partition(".")
-    i, s = int(index), int(slot or 0)
-    if i < 0 or s < 0 or str(i) != index or (slot and str(s) != slot):
+    m = _TASK_KEY.fullmatch(key)
+    if m is None:
         raise ValueError(f"not a task key: {key!r}")
-    return i, s
+    return int(m[1]), int(m[2] or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +152,11 @@ def judge(
     lease: float,
     max_attempts: int,
     last_alive: Callable[[Claim], float],
+    seen_at: Callable[[Claim], float],
 ) -> Verdict:
     """The state of one task from its claims. `last_alive(claim)` is when this node last saw a
-    sign of life of the claim's holder (a heartbeat, a link, the claim itself arriving)."""
+    sign of life of the claim's holder (a heartbeat, a link, the claim itself arriving);
+    `seen_at(claim)` is when this node first saw the claim in its present state."""
     best_ok: Claim | None = None
     current: Claim | None = None
     attempts = 0
@@ -168,11 +171,11 @@ def judge(
         return Verdict(State.DONE, best_ok, attempts)
     if current is None:
         return Verdict(State.PENDING, None, attempts)
-    seen = last_alive(current)
     if current.state == ERR:
         if attempts >= max_attempts:
             return Verdict(State.FAILED, current, attempts)
-        return Verdict(State.RETRY, current, attempts, seen + backoff(attempts))
+        return Verdict(State.RETRY, current, attempts, seen_at(current) + backoff(attempts))
+    seen = last_alive(current)
     if current.device == me or now - seen <= lease:
         return Verdict(State.RUNNING, current, attempts, seen)
     if attempts >= max_attempts:
