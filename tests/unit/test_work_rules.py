@@ -97,6 +97,10 @@ def test_owners_spread_inputs_over_workers() -> None:
 def test_stealing_leaves_the_owner_its_last_tasks() -> None:
     assert not rules.may_steal(2 * 4 + rules.STEAL_SLACK, 4)
     assert rules.may_steal(2 * 4 + rules.STEAL_SLACK + 1, 4)
+    # A fast owner keeps what it claims within the steal horizon.
+    fast = 1000.0
+    keep = 2 * 4 + rules.STEAL_SLACK + fast * rules.STEAL_HORIZON
+    assert not rules.may_steal(int(keep), 4, fast) and rules.may_steal(int(keep) + 1, 4, fast)
 
 
 def test_lease_holder_is_the_highest_token_among_live_holders() -> None:

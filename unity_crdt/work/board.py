@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ JOBS_DOC = "_work/jobs"
 BEATS_DOC = "_work/beats"
 LEASES_DOC = "_work/leases"
 JOB_PREFIX = "_work/job/"
+RATE_WINDOW = 2.0  # seconds over which an owner's claim rate is measured
 
 DocFor = Callable[[str], "pycrdt.Doc[Any]"]
 
@@ -138,6 +140,7 @@ class JobBoard:
         self.claims: dict[str, dict[str, Claim]] = {}  # task -> claim key -> claim
         self.values: dict[str, Any] = {}  # claim key -> result ("ok") or error text ("err")
         self.seen_at: dict[str, float] = {}  # claim key -> when this node saw its state
+        self.claim_times: dict[str, deque[float]] = {}  # device -> its recent claims, seen here
         self._spec_map = doc.get("spec", type=pycrdt.Map)
         self._claims_map = doc.get("claims", type=pycrdt.Map)
         self._pending: dict[str, str] = {}
@@ -192,6 +195,11 @@ class JobBoard:
             per_task = self.claims.setdefault(claim.task, {})
             old = per_task.get(key)
             per_task[key] = claim
+            if old is None:
+                times = self.claim_times.setdefault(claim.device, deque())
+                times.append(now)
+                while times and now - times[0] > RATE_WINDOW:
+                    times.popleft()
             if old is None or old.state != claim.state:
                 self.seen_at[key] = now
             if value is not None:
@@ -238,6 +246,16 @@ class JobBoard:
         with self.doc.transaction():
             for key, raw in pending.items():
                 self._claims_map[key] = raw
+
+    def claim_rate(self, device: str) -> float:
+        """Claims per second `device` made in this job lately (as they arrived here)."""
+        times = self.claim_times.get(device)
+        if not times:
+            return 0.0
+        now = self._now()
+        while times and now - times[0] > RATE_WINDOW:
+            times.popleft()
+        return len(times) / RATE_WINDOW
 
     def task_claims(self, task: str) -> list[Claim]:
         """Every claim of a task."""

@@ -472,7 +472,9 @@ class WorkEngine:
                 and (
                     owner is None
                     or owner not in live
-                    or rules.may_steal(st.backlog.get(owner, 0), live.get(owner, 1))
+                    or rules.may_steal(
+                        st.backlog.get(owner, 0), live.get(owner, 1), st.board.claim_rate(owner)
+                    )
                 )
             ):
                 task = queue.pop()

@@ -31,8 +31,8 @@ Workers prefer tasks by rendezvous hashing: every node orders the live workers o
 hash of (job, input, device) and the first `k` of that order own the input's `k` slots. With the
 same view of the workers, nobody claims what another owns, so without faults no two workers
 claim the same task. A worker that runs out of its own tasks steals from the *tail* of another
-owner's backlog, and only while that backlog is long (`may_steal`), so owner and thief never
-meet at the same task.
+owner's backlog, and only while that backlog is longer than what the owner claims in half a
+second (`may_steal`), so owner and thief never meet at the same task.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ STATES = (RUN, OK, ERR, LOST)
 BACKOFF_BASE = 0.5  # seconds before the second attempt; doubled for each further one
 BACKOFF_MAX = 30.0
 STEAL_SLACK = 8  # tasks an owner keeps for itself beyond twice its concurrency
+STEAL_HORIZON = 0.5  # seconds of an owner's claims a thief must leave it (sync lag, with room)
 
 _TASK_KEY = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.(0|[1-9][0-9]{0,3}))?")
 _INVERT = str.maketrans(
@@ -201,9 +202,13 @@ def owners(job_id: str, index: int, workers: Iterable[str]) -> list[str]:
     return sorted(workers, key=lambda d: hashlib.blake2b(salt + d.encode(), digest_size=8).digest())
 
 
-def may_steal(backlog: int, owner_concurrency: int) -> bool:
-    """Whether a thief may take the last task of an owner's backlog of unclaimed tasks."""
-    return backlog > 2 * owner_concurrency + STEAL_SLACK
+def may_steal(backlog: int, owner_concurrency: int, owner_rate: float = 0.0) -> bool:
+    """Whether a thief may take the last task of an owner's backlog of unclaimed tasks.
+
+    The thief's view of the backlog lags the owner's claims by a sync round, so it leaves the
+    owner what the owner claims within `STEAL_HORIZON` seconds at its observed claim rate
+    (claims per second), on top of twice its concurrency."""
+    return backlog > 2 * owner_concurrency + STEAL_SLACK + owner_rate * STEAL_HORIZON
 
 
 # -- leases ---------------------------------------------------------------------------------
