@@ -379,6 +379,7 @@ class Node:
             device_id=self.device_id,
             keys=self._keys,
             doc=self._replica.doc,
+            has=self._replica.__contains__,
             connected=lambda: {p.device_id for p in self.peers},
             settle=self._settle,
             spawn=self.spawn,

@@ -94,6 +94,7 @@ class WorkEngine:
         device_id: str,
         name: str,
         doc: Callable[[str], pycrdt.Doc[Any]],
+        has: Callable[[str], bool],
         connected: Callable[[], set[str]],
         spawn: Spawn,
         kv: KvStore | None,
@@ -104,6 +105,7 @@ class WorkEngine:
         self.me = device_id
         self.name = name
         self._doc = doc
+        self._has = has
         self._connected = connected
         self._spawn = spawn
         self.kv = kv
@@ -116,6 +118,7 @@ class WorkEngine:
         self._live: dict[str, dict[str, int]] = {}
         self.beats: BeatBoard | None = None
         self._index: JobIndex | None = None
+        self._started = False
         self.engaged_by_leases: Callable[[], bool] = lambda: False
         self._peers: tuple[float, set[str]] = (float("-inf"), set())
 
@@ -129,11 +132,22 @@ class WorkEngine:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the boards and start the heartbeat and scan loops."""
-        self.beats = BeatBoard(self._doc(BEATS_DOC), now=self.now, on_change=self.kick)
-        self._index = JobIndex(self._doc(JOBS_DOC), self._on_job)
+        """Start the heartbeat and scan loops; open the work docs if this node has them."""
+        self._started = True
         self._spawn(self._beat_loop(), "work heartbeat")
         self._spawn(self._scan_loop(), "work scan")
+        self._open_if_present()
+
+    def _open(self) -> JobIndex:
+        """Open the jobs index and the heartbeats (a node that never works has neither doc)."""
+        if self._index is None:
+            self.beats = BeatBoard(self._doc(BEATS_DOC), now=self.now, on_change=self.kick)
+            self._index = JobIndex(self._doc(JOBS_DOC), self._on_job)
+        return self._index
+
+    def _open_if_present(self) -> None:
+        if self._index is None and (self._has(JOBS_DOC) or self._has(BEATS_DOC)):
+            self._open()
 
     def close(self) -> None:
         """Stop observing the docs (the node cancels the tasks)."""
@@ -155,7 +169,8 @@ class WorkEngine:
         if kind in self.workers:
             raise ConfigError(f"this node already has a worker for {kind!r}")
         self.workers[kind] = _Worker(kind, handler, concurrency)
-        if self.beats is not None:
+        if self._started:
+            self._open()
             self._beat()
             self.kick()
 
@@ -163,8 +178,9 @@ class WorkEngine:
         self, kind: str, inputs: list[Any], lease: float, max_attempts: int, redundancy: int
     ) -> Job:
         """Record a new job; workers anywhere in the group pick it up."""
-        if self._index is None:
+        if not self._started:
             raise UnityCrdtError("node is not started")
+        index = self._open()
         if not isinstance(kind, str) or not kind:
             raise ConfigError("kind must be a non-empty string")
         if lease < 3 * self.heartbeat:
@@ -187,14 +203,15 @@ class WorkEngine:
         )
         board = self._board(spec.job_id)
         board.write_spec(spec)
-        self._index.add(spec)
+        index.add(spec)
         return Job(self, spec.job_id)
 
     def job(self, job_id: str) -> Job:
         """A handle on a job by id (its doc may still be on its way to this node)."""
         check_job_id(job_id)
-        if self._index is None:
+        if not self._started:
             raise UnityCrdtError("node is not started")
+        self._open()
         self._board(job_id)
         return Job(self, job_id)
 
@@ -355,13 +372,13 @@ class WorkEngine:
     def _alive(self, device: str) -> bool:
         if device == self.me or device in self.connected():
             return True
-        assert self.beats is not None
+        if self.beats is None:
+            return False
         seen = self.beats.last_beat.get(device)
         return seen is not None and self.now() - seen <= 3 * self.heartbeat
 
     def _live_workers(self, kind: str) -> dict[str, int]:
-        assert self.beats is not None
-        kinds = dict(self.beats.kinds)
+        kinds = dict(self.beats.kinds) if self.beats is not None else {}
         kinds[self.me] = {k: w.concurrency for k, w in self.workers.items()}
         return rules.live_workers(kinds, kind, self._alive)
 
@@ -661,7 +678,8 @@ class WorkEngine:
         )
 
     def _beat(self) -> None:
-        assert self.beats is not None
+        if self.beats is None:
+            return
         kinds = {k: w.concurrency for k, w in self.workers.items()}
         self.beats.beat(self.me, self.name, kinds)
 
@@ -677,6 +695,7 @@ class WorkEngine:
     async def _scan_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat / 4)
+            self._open_if_present()
             self.scan()
 
     def scan(self) -> None:

@@ -85,6 +85,7 @@ class LeaseManager:
         me: str,
         keys: GroupKeys,
         doc: Callable[[str], pycrdt.Doc[Any]],
+        has: Callable[[str], bool],
         kv: KvStore | None,
         spawn: Spawn,
         now: Callable[[], float],
@@ -96,6 +97,7 @@ class LeaseManager:
         self.me = me
         self._keys = keys
         self._doc = doc
+        self._has = has
         self.kv = kv
         self._spawn = spawn
         self.now = now
@@ -107,13 +109,22 @@ class LeaseManager:
         self._wake: dict[str, asyncio.Event] = {}
         self._kv_view: dict[str, tuple[int, dict[str, Any], float]] = {}
         self.board: LeaseBoard | None = None
+        self._started = False
 
     def start(self) -> None:
-        """Open the leases doc, follow the bucket's leases, start the renewal loop."""
-        self.board = LeaseBoard(self._doc(LEASES_DOC), now=self.now, on_change=self._on_board)
+        """Follow the bucket's leases, start the renewal loop, open the leases doc if here."""
+        self._started = True
+        if self._has(LEASES_DOC):
+            self._board()
         if self.kv is not None:
             self.kv.on_lease = self._on_kv
         self._spawn(self._renew_loop(), "lease renewals")
+
+    def _board(self) -> LeaseBoard:
+        """The leases doc (opened on first use: a node that never leases has none)."""
+        if self.board is None:
+            self.board = LeaseBoard(self._doc(LEASES_DOC), now=self.now, on_change=self._on_board)
+        return self.board
 
     def close(self) -> None:
         """Stop observing the doc."""
@@ -133,8 +144,9 @@ class LeaseManager:
             raise ConfigError(f"a lease name is 1-{MAX_NAME} UTF-8 bytes")
         if ttl < 1.0:
             raise ConfigError("ttl must be >= 1 second (the coordination server's granularity)")
-        if self.board is None:
+        if not self._started:
             raise UnityCrdtError("node is not started")
+        self._board()
         if name in self.held:
             raise UnityCrdtError(f"this node already holds the lease {name!r}")
         wake = self._wake.setdefault(name, asyncio.Event())
@@ -229,6 +241,8 @@ class LeaseManager:
             if left <= 0:
                 return None
             return LeaseInfo(str(payload.get("d", "")), name, rev, left)
+        if self.board is None:
+            return None
         holder = self._holder(name)
         if holder is None:
             return None
@@ -276,6 +290,8 @@ class LeaseManager:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(0.1)
+            if self.board is None and self._has(LEASES_DOC):
+                self._board()  # a peer's lease entries arrived
             now = self.now()
             for lease in list(self.held.values()):
                 if not lease.strict or lease.lost.is_set() or lease.renewing:
