@@ -94,13 +94,13 @@ def test_owners_spread_inputs_over_workers() -> None:
     assert all(800 < n < 1200 for n in counts.values()), counts
 
 
-def test_stealing_leaves_the_owner_its_last_tasks() -> None:
-    assert not rules.may_steal(2 * 4 + rules.STEAL_SLACK, 4)
-    assert rules.may_steal(2 * 4 + rules.STEAL_SLACK + 1, 4)
-    # A fast owner keeps what it claims within the steal horizon.
-    fast = 1000.0
-    keep = 2 * 4 + rules.STEAL_SLACK + fast * rules.STEAL_HORIZON
-    assert not rules.may_steal(int(keep), 4, fast) and rules.may_steal(int(keep) + 1, 4, fast)
+def test_an_owner_hands_work_only_to_an_idle_peer_and_keeps_its_share() -> None:
+    keep = 2 * 4 + rules.HANDOFF_KEEP
+    assert rules.handoff(keep, 4, 0, 0, 4) == 0  # nothing to spare
+    assert rules.handoff(keep + 100, 4, 0, 0, 4) == 8  # at most twice the peer's concurrency
+    assert rules.handoff(keep + 6, 4, 0, 0, 4) == 3  # at most half of what is spare
+    assert rules.handoff(keep + 100, 4, 1, 0, 4) == 0  # the peer still has queued work
+    assert rules.handoff(keep + 100, 4, 0, 4, 4) == 0  # ... or no free slot
 
 
 def test_lease_holder_is_the_highest_token_among_live_holders() -> None:

@@ -6,6 +6,7 @@ Everything collective work records lives in ordinary CRDT docs under the reserve
     _work/jobs        Map "jobs": job id -> {kind, n, k, by, at}          (the index of jobs)
     _work/job/<id>    Map "spec": "spec" -> {kind, n, k, lease, max, by, at}, "inputs" -> [...]
                       Map "claims": "<task>|<attempt>|<device>" -> {t, s, v | e, x}
+                      Map "handoff": "<task>" -> device (its owner gave it away)
     _work/beats       Map "beats": device -> {n (name), k ({kind: concurrency}), b (counter)}
     _work/leases      Map "leases": JSON [name, device] -> {t, h (held), ttl, x (strict)}
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +49,6 @@ JOBS_DOC = "_work/jobs"
 BEATS_DOC = "_work/beats"
 LEASES_DOC = "_work/leases"
 JOB_PREFIX = "_work/job/"
-RATE_WINDOW = 2.0  # seconds over which an owner's claim rate is measured
 
 DocFor = Callable[[str], "pycrdt.Doc[Any]"]
 
@@ -140,21 +139,56 @@ class JobBoard:
         self.claims: dict[str, dict[str, Claim]] = {}  # task -> claim key -> claim
         self.values: dict[str, Any] = {}  # claim key -> result ("ok") or error text ("err")
         self.seen_at: dict[str, float] = {}  # claim key -> when this node saw its state
-        self.claim_times: dict[str, deque[float]] = {}  # device -> its recent claims, seen here
         self._spec_map = doc.get("spec", type=pycrdt.Map)
         self._claims_map = doc.get("claims", type=pycrdt.Map)
+        self._handoff_map = doc.get("handoff", type=pycrdt.Map)
+        self.handoffs: dict[str, str] = {}  # task -> the device its owner gave it to
         self._pending: dict[str, str] = {}
+        self._pending_handoffs: dict[str, str] = {}
         self._subs = [
             self._spec_map.observe(lambda _e: self._read_spec()),
             self._claims_map.observe(self._on_claims),
+            self._handoff_map.observe(self._on_handoffs),
         ]
         self._read_spec()
         self._ingest({k: v for k, v in self._claims_map.items()})
+        self._read_handoffs(dict(self._handoff_map.items()))
 
     def close(self) -> None:
         """Stop observing the doc."""
-        for sub, root in zip(self._subs, (self._spec_map, self._claims_map), strict=True):
+        roots = (self._spec_map, self._claims_map, self._handoff_map)
+        for sub, root in zip(self._subs, roots, strict=True):
             root.unobserve(sub)
+
+    def _on_handoffs(self, event: Any) -> None:
+        self._read_handoffs(
+            {
+                k: c.get("newValue")
+                for k, c in event.keys.items()
+                if c.get("action") in ("add", "update")
+            }
+        )
+
+    def _read_handoffs(self, entries: dict[str, Any]) -> None:
+        tasks = set()
+        for task, raw in entries.items():
+            try:
+                task_position(task)
+                device = _loads(raw)
+                if not isinstance(device, str):
+                    raise ValueError("not a device id")
+            except (ValueError, TypeError) as exc:
+                log.warning("job %s: malformed hand-off %r ignored: %s", self.job_id, task, exc)
+                continue
+            self.handoffs[task] = device
+            tasks.add(task)
+        if tasks:
+            self._on_change(self, tasks)
+
+    def hand_off(self, task: str, device: str) -> None:
+        """Record that this task's owner gives it to `device` (committed by `flush`)."""
+        self.handoffs[task] = device
+        self._pending_handoffs[task] = _dumps(device)
 
     def write_spec(self, spec: JobSpec) -> None:
         """Record a new job (the submitter does this once)."""
@@ -195,11 +229,6 @@ class JobBoard:
             per_task = self.claims.setdefault(claim.task, {})
             old = per_task.get(key)
             per_task[key] = claim
-            if old is None:
-                times = self.claim_times.setdefault(claim.device, deque())
-                times.append(now)
-                while times and now - times[0] > RATE_WINDOW:
-                    times.popleft()
             if old is None or old.state != claim.state:
                 self.seen_at[key] = now
             if value is not None:
@@ -236,26 +265,19 @@ class JobBoard:
     @property
     def dirty(self) -> bool:
         """Whether writes wait for `flush`."""
-        return bool(self._pending)
+        return bool(self._pending or self._pending_handoffs)
 
     def flush(self) -> None:
         """Commit the buffered writes in one transaction."""
-        if not self._pending:
+        if not self.dirty:
             return
         pending, self._pending = self._pending, {}
+        handoffs, self._pending_handoffs = self._pending_handoffs, {}
         with self.doc.transaction():
+            for key, raw in handoffs.items():
+                self._handoff_map[key] = raw
             for key, raw in pending.items():
                 self._claims_map[key] = raw
-
-    def claim_rate(self, device: str) -> float:
-        """Claims per second `device` made in this job lately (as they arrived here)."""
-        times = self.claim_times.get(device)
-        if not times:
-            return 0.0
-        now = self._now()
-        while times and now - times[0] > RATE_WINDOW:
-            times.popleft()
-        return len(times) / RATE_WINDOW
 
     def task_claims(self, task: str) -> list[Claim]:
         """Every claim of a task."""

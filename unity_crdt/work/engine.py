@@ -78,6 +78,7 @@ class _JobState:
     queues: dict[str | None, deque[str]] = field(default_factory=dict)  # owner -> tasks
     queued: dict[str, str | None] = field(default_factory=dict)  # task -> owner, unclaimed
     backlog: dict[str | None, int] = field(default_factory=dict)  # owner -> unclaimed tasks
+    running_by: dict[str, str] = field(default_factory=dict)  # running task -> its holder
     watch: set[str] = field(default_factory=set)  # tasks to re-judge over time
     claiming: set[str] = field(default_factory=set)
     blocked_until: dict[str, float] = field(default_factory=dict)  # strict: held elsewhere
@@ -325,6 +326,16 @@ class WorkEngine:
                 st.watch.add(task)
         if v.state in (State.RUNNING, State.DONE, State.FAILED):
             self._dequeue(st, task)
+        elif task in st.queued and task in st.board.handoffs and st.board.spec is not None:
+            live = sorted(self._live.get(st.board.spec.kind, {}))
+            owner = self._owner(st, task, live)
+            if owner != st.queued[task]:  # handed off to someone: into their queue
+                self._dequeue(st, task)
+                self._push(st, task, owner)
+        if v.state == State.RUNNING and v.current is not None:
+            st.running_by[task] = v.current.device
+        else:
+            st.running_by.pop(task, None)
         for worker in self.workers.values():
             for run in worker.running.values():
                 if run.job is st and run.claim.task == task and not run.task.lost.is_set():
@@ -405,6 +416,9 @@ class WorkEngine:
         spec = st.board.spec
         assert spec is not None
         index, slot = rules.task_position(task)
+        given = st.board.handoffs.get(task)
+        if given is not None and given in live:
+            return given
         order = rules.owners(st.board.job_id, index, live)
         k = spec.redundancy
         if k == 1:
@@ -430,12 +444,12 @@ class WorkEngine:
         st.backlog[owner] = st.backlog.get(owner, 0) + 1
 
     @staticmethod
-    def _dequeue(st: _JobState, task: str) -> bool:
-        """Forget a queued task (claimed, or taken from its queue); False if it was not queued."""
-        if task not in st.queued:
+    def _dequeue(st: _JobState, task: str, owner: object = ...) -> bool:
+        """Forget a queued task (claimed, or taken from `owner`'s queue); False if it was not
+        queued (for that owner: a task handed off stays behind in its old deque)."""
+        if task not in st.queued or (owner is not ... and st.queued[task] != owner):
             return False
-        owner = st.queued.pop(task)
-        st.backlog[owner] -= 1
+        st.backlog[st.queued.pop(task)] -= 1
         return True
 
     def kick(self) -> None:
@@ -474,32 +488,17 @@ class WorkEngine:
         mine = st.queues.get(self.me)
         while free > 0 and mine:
             task = mine.popleft()
-            if self._dequeue(st, task):
+            if self._dequeue(st, task, self.me):
                 got = self._try_claim(worker, st, task)
                 free -= got is True
                 if got is None:
                     skipped.append((task, None))  # a sibling slot is ours: anyone else's
-        k = st.board.spec.redundancy if st.board.spec else 1
         for owner, queue in st.queues.items():
-            if owner == self.me:
-                continue
-            while (
-                free > 0
-                and queue
-                and (
-                    owner is None
-                    or owner not in live
-                    or rules.may_steal(
-                        st.backlog.get(owner, 0), live.get(owner, 1), st.board.claim_rate(owner)
-                    )
-                )
-            ):
+            if owner == self.me or (owner is not None and owner in live):
+                continue  # a live owner's tasks are its own until it hands them off
+            while free > 0 and queue:
                 task = queue.pop()
-                if not self._dequeue(st, task):
-                    continue
-                index = rules.task_position(task)[0]
-                if k > 1 and self.me in rules.owners(st.board.job_id, index, live)[:k]:
-                    skipped.append((task, owner))  # we own another slot of this input
+                if not self._dequeue(st, task, owner):
                     continue
                 got = self._try_claim(worker, st, task)
                 free -= got is True
@@ -509,7 +508,33 @@ class WorkEngine:
                 break
         for task, owner in skipped:
             self._push(st, task, owner)
+        self._hand_off(worker, st, live)
         return free
+
+    def _hand_off(self, worker: _Worker, st: _JobState, live: dict[str, int]) -> None:
+        """Give idle live peers some of our backlog (only an owner gives its tasks away)."""
+        mine = st.queues.get(self.me)
+        if not mine or st.board.spec is None or st.board.spec.redundancy > 1:
+            return
+        running: dict[str, int] = {}
+        for device in st.running_by.values():
+            running[device] = running.get(device, 0) + 1
+        for peer, concurrency in live.items():
+            if peer == self.me:
+                continue
+            n = rules.handoff(
+                st.backlog.get(self.me, 0),
+                worker.concurrency,
+                st.backlog.get(peer, 0),
+                running.get(peer, 0),
+                concurrency,
+            )
+            while n > 0 and mine:
+                task = mine.pop()
+                if self._dequeue(st, task, self.me):
+                    st.board.hand_off(task, peer)
+                    self._push(st, task, peer)
+                    n -= 1
 
     def _try_claim(self, worker: _Worker, st: _JobState, task: str) -> bool | None:
         """Claim `task` if it is claimable: True if claimed, None if only a sibling slot

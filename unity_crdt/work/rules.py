@@ -30,9 +30,10 @@ mirror what the server decided, for progress and results.
 Workers prefer tasks by rendezvous hashing: every node orders the live workers of a kind by a
 hash of (job, input, device) and the first `k` of that order own the input's `k` slots. With the
 same view of the workers, nobody claims what another owns, so without faults no two workers
-claim the same task. A worker that runs out of its own tasks steals from the *tail* of another
-owner's backlog, and only while that backlog is longer than what the owner claims in half a
-second (`may_steal`), so owner and thief never meet at the same task.
+claim the same task. Nobody takes a task from a live owner either: an owner with a long
+backlog *hands off* tasks from its tail to an idle peer (`handoff`, recorded in the job's
+doc), and never claims them afterwards, so a hand-off cannot race the owner's claims. Tasks of
+an owner that is no longer live go to the next worker in their rendezvous order.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ __all__ = [
     "State",
     "Verdict",
     "backoff",
+    "handoff",
     "is_lost",
     "judge",
     "lease_holder",
     "live_workers",
-    "may_steal",
     "next_lease_token",
     "owners",
     "pick_order",
@@ -70,8 +71,7 @@ RUN, OK, ERR, LOST = "run", "ok", "err", "lost"
 STATES = (RUN, OK, ERR, LOST)
 BACKOFF_BASE = 0.5  # seconds before the second attempt; doubled for each further one
 BACKOFF_MAX = 30.0
-STEAL_SLACK = 8  # tasks an owner keeps for itself beyond twice its concurrency
-STEAL_HORIZON = 0.5  # seconds of an owner's claims a thief must leave it (sync lag, with room)
+HANDOFF_KEEP = 4  # tasks an owner keeps beyond twice its concurrency before it gives any away
 
 _TASK_KEY = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.(0|[1-9][0-9]{0,3}))?")
 _INVERT = str.maketrans(
@@ -202,13 +202,19 @@ def owners(job_id: str, index: int, workers: Iterable[str]) -> list[str]:
     return sorted(workers, key=lambda d: hashlib.blake2b(salt + d.encode(), digest_size=8).digest())
 
 
-def may_steal(backlog: int, owner_concurrency: int, owner_rate: float = 0.0) -> bool:
-    """Whether a thief may take the last task of an owner's backlog of unclaimed tasks.
+def handoff(
+    backlog: int, concurrency: int, peer_backlog: int, peer_running: int, peer_concurrency: int
+) -> int:
+    """How many of its unclaimed tasks an owner hands to an idle peer (0 if none).
 
-    The thief's view of the backlog lags the owner's claims by a sync round, so it leaves the
-    owner what the owner claims within `STEAL_HORIZON` seconds at its observed claim rate
-    (claims per second), on top of twice its concurrency."""
-    return backlog > 2 * owner_concurrency + STEAL_SLACK + owner_rate * STEAL_HORIZON
+    Only the owner of a task ever gives it away (it writes the hand-off, then never claims
+    it), so a hand-off can never race the owner's own claims. A peer gets work when it has
+    none queued and free slots; the owner keeps twice its concurrency plus `HANDOFF_KEEP`, and
+    gives at most half of the rest."""
+    if peer_backlog > 0 or peer_running >= peer_concurrency:
+        return 0
+    spare = backlog - 2 * concurrency - HANDOFF_KEEP
+    return max(0, min(2 * peer_concurrency, spare // 2))
 
 
 # -- leases ---------------------------------------------------------------------------------
