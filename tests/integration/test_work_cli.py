@@ -55,3 +55,13 @@ async def test_jobs_and_leases_commands(tmp_path: Path) -> None:
     assert "mode lan" in leases.stdout
     assert status.returncode == 0, status.stderr
     assert "work    lan; works on sq; running 0; 1 job (0 open), 1 lease held" in status.stdout
+
+
+def test_the_collective_demo_splits_a_job_across_three_nodes() -> None:
+    demo = Path(__file__).resolve().parents[2] / "demos" / "collective.py"
+    res = subprocess.run([sys.executable, str(demo)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "three nodes linked, lan mode" in res.stdout
+    assert "results in input order" in res.stdout
+    assert "three opinions per input: [['ada', 'grace', 'linus']" in res.stdout
+    assert "accepted=False" in res.stdout

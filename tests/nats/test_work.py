@@ -92,3 +92,16 @@ def test_tasks_of_a_killed_worker_finish_elsewhere(tmp_path: Path, mode: dict[st
     finally:
         for a in agents:
             a.proc.stop()
+
+
+def test_the_collective_demo_in_strict_mode() -> None:
+    import subprocess
+    import sys
+
+    demo = Path(__file__).resolve().parents[2] / "demos" / "collective.py"
+    res = subprocess.run(
+        [sys.executable, str(demo), "--strict"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "three nodes linked, strict mode" in res.stdout
+    assert "results in input order" in res.stdout

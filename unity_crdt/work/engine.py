@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import logging
 import secrets
-from collections import deque
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pycrdt
 
-from ..errors import ConfigError, CoordinationError, JobFailed, UnityCrdtError
+from ..errors import ConfigError, JobFailed, UnityCrdtError
 from ..status import JobStatus, Progress
 from . import rules
-from ._kv import KvStore, task_kv_key
+from ._claims import Claiming
+from ._kv import KvStore
+from ._runs import Running
+from ._state import Handler, JobState, Spawn, Worker
 from .board import (
     BEATS_DOC,
     JOB_PREFIX,
@@ -35,58 +35,17 @@ from .board import (
     JobSpec,
     check_job_id,
 )
-from .jobs import Job, Task
-from .rules import ERR, LOST, OK, RUN, Claim, State, Verdict
+from .jobs import Job
+from .rules import ERR, Claim, State, Verdict
 
-__all__ = ["Handler", "WorkEngine"]
+__all__ = ["WorkEngine"]
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Task], Any]
-Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 IDLE_BEATS = 15  # an idle node beats once every this many heartbeats (it stays registered)
 
 
-@dataclass
-class _Worker:
-    kind: str
-    handler: Handler
-    concurrency: int
-    running: dict[str, _Run] = field(default_factory=dict)  # claim key -> run
-    claiming: int = 0
-
-
-@dataclass
-class _Run:
-    job: _JobState
-    claim: Claim
-    task: Task
-    kv_key: str | None = None
-    rev: int = 0  # strict: the key's revision now (renewals move it)
-    valid_until: float = 0.0  # strict: no later than the server's expiry of our claim
-    renewed_at: float = 0.0
-    renewing: bool = False
-    closing: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # renewals and the close take turns
-
-
-@dataclass
-class _JobState:
-    board: JobBoard
-    finished: dict[str, Verdict] = field(default_factory=dict)
-    finished_at: dict[str, float] = field(default_factory=dict)
-    queues: dict[str | None, deque[str]] = field(default_factory=dict)  # owner -> tasks
-    queued: dict[str, str | None] = field(default_factory=dict)  # task -> owner, unclaimed
-    backlog: dict[str | None, int] = field(default_factory=dict)  # owner -> unclaimed tasks
-    running_by: dict[str, str] = field(default_factory=dict)  # running task -> its holder
-    watch: set[str] = field(default_factory=set)  # tasks to re-judge over time
-    claiming: set[str] = field(default_factory=set)
-    blocked_until: dict[str, float] = field(default_factory=dict)  # strict: held elsewhere
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    built: bool = False
-
-
-class WorkEngine:
+class WorkEngine(Claiming, Running):
     """This node's side of collective work (constructed by the node, which owns the tasks)."""
 
     def __init__(
@@ -113,8 +72,8 @@ class WorkEngine:
         self.heartbeat = heartbeat
         self.now = now
         self.clock = clock  # wall clock: only for display (submitted_at), never for decisions
-        self.workers: dict[str, _Worker] = {}
-        self.jobs: dict[str, _JobState] = {}
+        self.workers: dict[str, Worker] = {}
+        self.jobs: dict[str, JobState] = {}
         self._kicked = False
         self._live: dict[str, dict[str, int]] = {}
         self.beats: BeatBoard | None = None
@@ -169,7 +128,7 @@ class WorkEngine:
             raise ConfigError("concurrency must be >= 1")
         if kind in self.workers:
             raise ConfigError(f"this node already has a worker for {kind!r}")
-        self.workers[kind] = _Worker(kind, handler, concurrency)
+        self.workers[kind] = Worker(kind, handler, concurrency)
         if self._started:
             self._open()
             self._beat()
@@ -292,7 +251,7 @@ class WorkEngine:
         st = self.jobs.get(job_id)
         if st is None:
             doc = self._doc(JOB_PREFIX + job_id)
-            st = _JobState(
+            st = JobState(
                 JobBoard(job_id, doc, now=self.now, on_change=lambda b, t: self._on_change(b, t))
             )
             self.jobs[job_id] = st
@@ -313,7 +272,7 @@ class WorkEngine:
         self._check_done(st)
         self.kick()
 
-    def _rejudge(self, st: _JobState, task: str) -> Verdict:
+    def _rejudge(self, st: JobState, task: str) -> Verdict:
         v = self._judge(st, task)
         if v.final:
             if task not in st.finished:
@@ -349,14 +308,14 @@ class WorkEngine:
                         run.task.lost.set()
         return v
 
-    def _check_done(self, st: _JobState) -> None:
+    def _check_done(self, st: JobState) -> None:
         spec = st.board.spec
         if spec is not None and len(st.finished) >= spec.total:
             st.done.set()
         else:
             st.done.clear()
 
-    def _judge(self, st: _JobState, task: str) -> Verdict:
+    def _judge(self, st: JobState, task: str) -> Verdict:
         spec = st.board.spec
         assert spec is not None
         now = self.now()
@@ -393,65 +352,6 @@ class WorkEngine:
         kinds[self.me] = {k: w.concurrency for k, w in self.workers.items()}
         return rules.live_workers(kinds, kind, self._alive)
 
-    def _build_queues(self, st: _JobState) -> None:
-        spec = st.board.spec
-        if spec is None:
-            return
-        live = sorted(self._live_workers(spec.kind))
-        st.queues, st.queued, st.backlog = {}, {}, {}
-        for task in spec.task_keys():
-            if task in st.finished or task in st.claiming:
-                continue
-            v = self._judge(st, task)
-            if v.state == State.RUNNING or v.final:
-                continue
-            self._enqueue(st, task, live)
-
-    def _enqueue(self, st: _JobState, task: str, live: list[str]) -> None:
-        self._push(st, task, self._owner(st, task, live))
-
-    def _owner(self, st: _JobState, task: str, live: list[str]) -> str | None:
-        """The worker that should claim `task`: by rendezvous order; with redundancy, the
-        j-th of the workers holding no other slot of the input, for the j-th open slot."""
-        spec = st.board.spec
-        assert spec is not None
-        index, slot = rules.task_position(task)
-        given = st.board.handoffs.get(task)
-        if given is not None and given in live:
-            return given
-        order = rules.owners(st.board.job_id, index, live)
-        k = spec.redundancy
-        if k == 1:
-            return order[0] if order else None
-        busy: set[str] = set()
-        open_slots = []
-        for s in range(k):
-            holder = self._slot_holder(st, rules.task_key(index, s, k))
-            if s == slot or holder is None:
-                open_slots.append(s)
-            elif holder is not None:
-                busy.add(holder)
-        free = [d for d in order if d not in busy]
-        j = open_slots.index(slot)
-        return free[j] if j < len(free) else None
-
-    @staticmethod
-    def _push(st: _JobState, task: str, owner: str | None) -> None:
-        if task in st.queued:
-            return
-        st.queues.setdefault(owner, deque()).append(task)
-        st.queued[task] = owner
-        st.backlog[owner] = st.backlog.get(owner, 0) + 1
-
-    @staticmethod
-    def _dequeue(st: _JobState, task: str, owner: object = ...) -> bool:
-        """Forget a queued task (claimed, or taken from `owner`'s queue); False if it was not
-        queued (for that owner: a task handed off stays behind in its old deque)."""
-        if task not in st.queued or (owner is not ... and st.queued[task] != owner):
-            return False
-        st.backlog[st.queued.pop(task)] -= 1
-        return True
-
     def kick(self) -> None:
         """Look for work at the end of this loop turn (coalesced)."""
         if not self._kicked:
@@ -482,214 +382,6 @@ class WorkEngine:
                     break
         for st in self.jobs.values():
             st.board.flush()
-
-    def _take(self, worker: _Worker, st: _JobState, free: int, live: dict[str, int]) -> int:
-        skipped: list[tuple[str, str | None]] = []  # not for us: back in their queue after
-        mine = st.queues.get(self.me)
-        while free > 0 and mine:
-            task = mine.popleft()
-            if self._dequeue(st, task, self.me):
-                got = self._try_claim(worker, st, task)
-                free -= got is True
-                if got is None:
-                    skipped.append((task, None))  # a sibling slot is ours: anyone else's
-        for owner, queue in st.queues.items():
-            if owner == self.me or (owner is not None and owner in live):
-                continue  # a live owner's tasks are its own until it hands them off
-            while free > 0 and queue:
-                task = queue.pop()
-                if not self._dequeue(st, task, owner):
-                    continue
-                got = self._try_claim(worker, st, task)
-                free -= got is True
-                if got is None:
-                    skipped.append((task, owner))
-            if free <= 0:
-                break
-        for task, owner in skipped:
-            self._push(st, task, owner)
-        self._hand_off(worker, st, live)
-        return free
-
-    def _hand_off(self, worker: _Worker, st: _JobState, live: dict[str, int]) -> None:
-        """Give idle live peers some of our backlog (only an owner gives its tasks away)."""
-        mine = st.queues.get(self.me)
-        if not mine or st.board.spec is None or st.board.spec.redundancy > 1:
-            return
-        running: dict[str, int] = {}
-        for device in st.running_by.values():
-            running[device] = running.get(device, 0) + 1
-        for peer, concurrency in live.items():
-            if peer == self.me:
-                continue
-            n = rules.handoff(
-                st.backlog.get(self.me, 0),
-                worker.concurrency,
-                st.backlog.get(peer, 0),
-                running.get(peer, 0),
-                concurrency,
-            )
-            while n > 0 and mine:
-                task = mine.pop()
-                if self._dequeue(st, task, self.me):
-                    st.board.hand_off(task, peer)
-                    self._push(st, task, peer)
-                    n -= 1
-
-    def _try_claim(self, worker: _Worker, st: _JobState, task: str) -> bool | None:
-        """Claim `task` if it is claimable: True if claimed, None if only a sibling slot
-        of ours stands in the way, False if it is not to be claimed now."""
-        if task in st.claiming or st.blocked_until.get(task, 0.0) > self.now():
-            return False
-        v = self._judge(st, task)
-        if v.state == State.RETRY and v.at > self.now():
-            return False
-        if v.state not in (State.PENDING, State.EXPIRED, State.RETRY):
-            if not v.final:
-                st.watch.add(task)  # someone holds it: notice when they stop
-            return False
-        if not self._eligible(st, task):
-            return None
-        attempt = v.attempts + 1
-        if self.kv is not None and self.kv.ready:
-            st.claiming.add(task)
-            worker.claiming += 1
-            self._spawn(self._claim_strict(worker, st, task, attempt), "work claim")
-        else:
-            claim = Claim(task, attempt, self.me, attempt, RUN)
-            st.board.write(claim)
-            self._start(worker, st, claim)
-        return True
-
-    def _eligible(self, st: _JobState, task: str) -> bool:
-        spec = st.board.spec
-        if spec is None or spec.redundancy == 1:
-            return True
-        index, slot = rules.task_position(task)
-        return all(
-            self._slot_holder(st, rules.task_key(index, s, spec.redundancy)) != self.me
-            for s in range(spec.redundancy)
-            if s != slot
-        )
-
-    def _slot_holder(self, st: _JobState, task: str) -> str | None:
-        """The device whose claim of `task` counts (its result, or its live claim)."""
-        v = st.finished.get(task) or self._judge(st, task)
-        if v.current is None or v.state in (State.EXPIRED, State.FAILED):
-            return None
-        return v.current.device
-
-    async def _claim_strict(self, worker: _Worker, st: _JobState, task: str, attempt: int) -> None:
-        assert self.kv is not None and st.board.spec is not None
-        lease = st.board.spec.lease
-        key = task_kv_key(st.board.job_id, task)
-        sent = self.now()
-        try:
-            rev = await self.kv.create(key, {"d": self.me, "a": attempt}, lease)
-        except CoordinationError as exc:
-            log.warning("claim of %s/%s: %s; trying again later", st.board.job_id, task, exc)
-            rev = None
-        finally:
-            st.claiming.discard(task)
-            worker.claiming -= 1
-        if rev is None:
-            # Someone holds it (or held it and the server has not let go yet): look again
-            # after a while, or as soon as its doc says it finished.
-            st.blocked_until[task] = self.now() + min(lease / 4, 2.0)
-            st.watch.add(task)
-            self.kick()
-            return
-        claim = Claim(task, attempt, self.me, rev, RUN, strict=True)
-        st.board.write(claim)
-        run = self._start(worker, st, claim)
-        run.kv_key, run.rev = key, rev
-        run.valid_until, run.renewed_at = sent + lease, sent
-        st.board.flush()
-
-    # -- running ------------------------------------------------------------------------------
-
-    def _start(self, worker: _Worker, st: _JobState, claim: Claim) -> _Run:
-        spec = st.board.spec
-        assert spec is not None
-        index, slot = rules.task_position(claim.task)
-        task = Task(
-            id=f"{st.board.job_id}/{claim.task}",
-            job_id=st.board.job_id,
-            kind=spec.kind,
-            index=index,
-            slot=slot,
-            input=spec.inputs[index],
-            attempt=claim.attempt,
-            token=claim.token,
-        )
-        run = _Run(st, claim, task)
-        worker.running[claim.key] = run
-        st.watch.add(claim.task)
-        self._spawn(self._run(worker, run), f"work {task.id}")
-        return run
-
-    async def _run(self, worker: _Worker, run: _Run) -> None:
-        ok = False
-        value: Any
-        try:
-            out = worker.handler(run.task)
-            if inspect.isawaitable(out):
-                out = await out
-            value = json.loads(json.dumps(out))
-            ok = True
-        except asyncio.CancelledError:
-            worker.running.pop(run.claim.key, None)
-            raise
-        except Exception as exc:
-            value = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        try:
-            await self._finish(run, ok, value)
-        finally:
-            worker.running.pop(run.claim.key, None)
-            self._rejudge(run.job, run.claim.task)
-            self._check_done(run.job)
-            self.kick()
-
-    async def _finish(self, run: _Run, ok: bool, value: Any) -> None:
-        st, claim = run.job, run.claim
-        spec = st.board.spec
-        assert spec is not None
-        state = OK if ok else ERR
-        if not run.task.lost.is_set() and claim.strict:
-            state = await self._commit_strict(run, ok, spec)
-        elif not run.task.lost.is_set() and rules.is_lost(claim, st.board.task_claims(claim.task)):
-            run.task.lost.set()
-        if run.task.lost.is_set():
-            state = LOST
-        final = Claim(claim.task, claim.attempt, claim.device, claim.token, state, claim.strict)
-        st.board.write(final, value if state in (OK, ERR) else None)
-        st.board.flush()
-
-    async def _commit_strict(self, run: _Run, ok: bool, spec: JobSpec) -> str:
-        """Close our claim in the key-value store: the fence. LOST if it had passed on."""
-        assert self.kv is not None and run.kv_key is not None
-        last_try = ok or run.claim.attempt >= spec.max_attempts
-        # A failed attempt's marker lives as long as its backoff, so the server paces retries.
-        ttl = max(60.0, 4 * spec.lease) if last_try else rules.backoff(run.claim.attempt)
-        payload = {"d": self.me, "a": run.claim.attempt, "s": OK if ok else ERR}
-        run.closing = True
-        async with run.lock:  # a renewal in flight moves the revision we must close
-            rev = await self._close_claim(run, payload, ttl)
-        if rev is None:
-            run.task.lost.set()
-            return LOST
-        return OK if ok else ERR
-
-    async def _close_claim(self, run: _Run, payload: dict[str, Any], ttl: float) -> int | None:
-        assert self.kv is not None and run.kv_key is not None
-        while True:
-            try:
-                return await self.kv.update(run.kv_key, payload, run.rev, ttl)
-            except CoordinationError as exc:
-                if self.now() >= run.valid_until:
-                    log.warning("task %s: could not close its claim (%s)", run.task.id, exc)
-                    return None
-                await asyncio.sleep(0.2)
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -750,26 +442,6 @@ class WorkEngine:
                     run.renewing = True
                     self._spawn(self._renew(run), "work renew")
         self.kick()
-
-    async def _renew(self, run: _Run) -> None:
-        assert self.kv is not None and run.kv_key is not None and run.job.board.spec
-        lease = run.job.board.spec.lease
-        try:
-            async with run.lock:
-                if run.closing:
-                    return
-                sent = self.now()
-                rev = await self.kv.update(
-                    run.kv_key, {"d": self.me, "a": run.claim.attempt}, run.rev, lease
-                )
-        except CoordinationError:
-            return  # try again next scan; the deadline stays where it was
-        finally:
-            run.renewing = False
-        if rev is None:
-            run.task.lost.set()
-        else:
-            run.rev, run.renewed_at, run.valid_until = rev, sent, sent + lease
 
 
 def _new_job_id() -> str:
