@@ -39,7 +39,10 @@ class Claiming:
         def _live_workers(self, kind: str) -> dict[str, int]:
             raise NotImplementedError
 
-        def _start(self, worker: Worker, st: JobState, claim: Claim) -> Run:
+        def _start(self, worker: Worker, st: JobState, claim: Claim, *, spawn: bool = True) -> Run:
+            raise NotImplementedError
+
+        async def _run(self, worker: Worker, run: Run) -> None:
             raise NotImplementedError
 
         def kick(self) -> None:
@@ -222,7 +225,8 @@ class Claiming:
             return
         claim = Claim(task, attempt, self.me, rev, RUN, strict=True)
         st.board.write(claim)
-        run = self._start(worker, st, claim)
+        run = self._start(worker, st, claim, spawn=False)
         run.kv_key, run.rev = key, rev
         run.valid_until, run.renewed_at = sent + lease, sent
-        st.board.flush()
+        self.kick()  # the write is committed with others at the end of this loop turn
+        await self._run(worker, run)  # in this task: one task per claimed task, not two

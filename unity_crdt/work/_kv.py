@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import secrets
@@ -95,6 +96,8 @@ class KvStore:
         self._nc: Client | None = None
         self._kv: KeyValue | None = None
         self._watcher: Any = None
+        self._nonce_prefix = secrets.token_hex(6)
+        self._nonces = itertools.count()
         self.last_error: str | None = None
         self.on_lease: LeaseEvent | None = None
         self.on_ready: Callable[[], None] | None = None
@@ -211,7 +214,7 @@ class KvStore:
         self, key: str, payload: dict[str, Any], last: int, ttl: float, *, creating: bool
     ) -> int | None:
         subject = self._subject(key)
-        nonce = secrets.token_hex(8)
+        nonce = f"{self._nonce_prefix}{next(self._nonces)}"  # unique to this write
         data = self._seal(subject, {**payload, "nonce": nonce})
         unknown = False
         for _ in range(3):

@@ -42,7 +42,8 @@ class Running:
         def kick(self) -> None:
             raise NotImplementedError
 
-    def _start(self, worker: Worker, st: JobState, claim: Claim) -> Run:
+    def _start(self, worker: Worker, st: JobState, claim: Claim, *, spawn: bool = True) -> Run:
+        """Register a run of a claimed task and start it (or let the caller await `_run`)."""
         spec = st.board.spec
         assert spec is not None
         index, slot = rules.task_position(claim.task)
@@ -59,7 +60,8 @@ class Running:
         run = Run(st, claim, task)
         worker.running[claim.key] = run
         st.watch.add(claim.task)
-        self._spawn(self._run(worker, run), f"work {task.id}")
+        if spawn:
+            self._spawn(self._run(worker, run), f"work {task.id}")
         return run
 
     async def _run(self, worker: Worker, run: Run) -> None:
@@ -97,7 +99,7 @@ class Running:
             state = LOST
         final = Claim(claim.task, claim.attempt, claim.device, claim.token, state, claim.strict)
         st.board.write(final, value if state in (OK, ERR) else None)
-        st.board.flush()
+        self.kick()  # committed with the other writes of this loop turn
 
     async def _commit_strict(self, run: Run, ok: bool, spec: JobSpec) -> str:
         """Close our claim in the key-value store: the fence. LOST if it had passed on."""
