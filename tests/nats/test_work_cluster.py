@@ -69,6 +69,8 @@ def test_five_nodes_contend_for_one_lease(tmp_path: Path, nats_server: Any) -> N
     )
     try:
         deadline = time.monotonic() + 30
+        for a in agents:  # asking who holds the lease connects the node's strict mode
+            assert a.request(op="holder", name="session/user-42")["holder"] is None
         while any(a.request(op="live", kind="echo")["mode"] != "strict" for a in agents):
             assert time.monotonic() < deadline, "strict mode never came up"
             time.sleep(0.1)

@@ -3,8 +3,9 @@
 Built with the node (so `@node.worker` may come before `start()`), started by `Node._start`:
 it chooses the coordination mode from the config (strict on NATS key-value when
 `coordination_url`, or a NATS `relay_url`, is set; LAN otherwise), connects with the cloud
-channel's own `net.nats.connect` (so `work` never imports `net`), and hands the engine the
-node's docs, links and task spawner.
+channel's own `net.nats.connect` (so `work` never imports `net`) when the node first works,
+submits or leases (a node that never does opens no second NATS connection), and hands the
+engine the node's docs, links and task spawner.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Work:
         self.engine: Any = None  # work.engine.WorkEngine once started
         self.leases: Any = None  # work.leases.LeaseManager once started
         self.kv: Any = None  # work._kv.KvStore in strict mode
+        self.kv_started = False
         # Wall clock for display only (submission times, lease expiry shown to others). Tests
         # skew it to show that no decision depends on it.
         self.clock: Callable[[], float] = time.time
@@ -112,14 +114,22 @@ class Work:
             settle=settle,
         )
         self.engine.engaged_by_leases = lambda: bool(self.leases.held)
+        kv = self.kv
+        if kv is not None:
+            kv.on_ready = self.engine.kick
+            connecting: list[asyncio.Task[None]] = []
+
+            def first_use() -> None:  # connect once, when this node first works or leases
+                if not connecting:
+                    connecting.append(spawn(kv.run(), "coordination"))
+                    self.kv_started = True
+
+            self.engine.on_use = self.leases.on_use = first_use
         self.engine.start()
         self.leases.start()
         for kind, handler, concurrency in self._early:
             self.engine.add_worker(kind, handler, concurrency)
         self._early.clear()
-        if self.kv is not None:
-            self.kv.on_ready = self.engine.kick
-            spawn(self.kv.run(), "coordination")
 
     async def close(self) -> None:
         """Stop observing docs and close the coordination connection (tasks are the node's)."""
@@ -156,7 +166,11 @@ class Work:
             mode="strict" if strict else "lan",
             coordination_url=url,
             connected=strict,
-            error=None if kv is None or strict else (kv.last_error or "connecting"),
+            error=None
+            if kv is None or strict
+            else (kv.last_error or "connecting")
+            if self.kv_started
+            else "not used yet (connects when this node first works, submits or leases)",
             kinds=tuple(sorted(self.engine.workers)),
             running=self.engine.running,
             jobs=tuple(self.engine.job_statuses()),

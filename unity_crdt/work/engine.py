@@ -80,6 +80,7 @@ class WorkEngine(Claiming, Running):
         self._index: JobIndex | None = None
         self._started = False
         self.engaged_by_leases: Callable[[], bool] = lambda: False
+        self.on_use: Callable[[], None] = lambda: None  # the first use (connects strict mode)
         self._peers: tuple[float, set[str]] = (float("-inf"), set())
 
     def connected(self) -> set[str]:
@@ -101,6 +102,7 @@ class WorkEngine(Claiming, Running):
     def _open(self) -> JobIndex:
         """Open the jobs index and the heartbeats (a node that never works has neither doc)."""
         if self._index is None:
+            self.on_use()
             self.beats = BeatBoard(self._doc(BEATS_DOC), now=self.now, on_change=self.kick)
             self._index = JobIndex(self._doc(JOBS_DOC), self._on_job)
         return self._index

@@ -110,6 +110,7 @@ class LeaseManager:
         self._kv_view: dict[str, tuple[int, dict[str, Any], float]] = {}
         self.board: LeaseBoard | None = None
         self._started = False
+        self.on_use: Callable[[], None] = lambda: None  # the first use (connects strict mode)
 
     def start(self) -> None:
         """Follow the bucket's leases, start the renewal loop, open the leases doc if here."""
@@ -123,6 +124,7 @@ class LeaseManager:
     def _board(self) -> LeaseBoard:
         """The leases doc (opened on first use: a node that never leases has none)."""
         if self.board is None:
+            self.on_use()
             self.board = LeaseBoard(self._doc(LEASES_DOC), now=self.now, on_change=self._on_board)
         return self.board
 
@@ -227,6 +229,7 @@ class LeaseManager:
 
     def holder(self, name: str) -> LeaseInfo | None:
         """Who holds `name` now, as this node knows it."""
+        self.on_use()  # in strict mode the bucket's watch knows; follow it from now on
         mine = self.held.get(name)
         now = self.now()
         if mine is not None and not mine.lost.is_set():
