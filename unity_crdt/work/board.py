@@ -26,7 +26,7 @@ from typing import Any
 import pycrdt
 
 from ..errors import ConfigError
-from .rules import STATES, Claim, LeaseClaim, task_key, task_position
+from .rules import STATES, Claim, task_key, task_position
 
 __all__ = [
     "BEATS_DOC",
@@ -38,7 +38,6 @@ __all__ = [
     "JobBoard",
     "JobIndex",
     "JobSpec",
-    "LeaseBoard",
     "check_job_id",
 ]
 
@@ -378,74 +377,6 @@ class BeatBoard:
         """Write this node's heartbeat (the counter moves by one)."""
         counter = self._counters.get(device, 0) + 1
         self._map[device] = _dumps({"n": name, "k": kinds, "b": counter})
-
-    def close(self) -> None:
-        """Stop observing."""
-        self._map.unobserve(self._sub)
-
-
-class LeaseBoard:
-    """Lease entries (`_work/leases`): per name, each device's token and whether it holds it."""
-
-    def __init__(
-        self,
-        doc: pycrdt.Doc[Any],
-        *,
-        now: Callable[[], float],
-        on_change: Callable[[set[str]], None],
-    ) -> None:
-        self._map = doc.get("leases", type=pycrdt.Map)
-        self.doc = doc
-        self._now = now
-        self._on_change = on_change
-        self.entries: dict[str, dict[str, LeaseClaim]] = {}  # name -> device -> entry
-        self.seen_at: dict[tuple[str, str], float] = {}
-        self._sub = self._map.observe(self._on_event)
-        self._ingest(dict(self._map.items()))
-
-    def _on_event(self, event: Any) -> None:
-        self._ingest(
-            {
-                k: c.get("newValue")
-                for k, c in event.keys.items()
-                if c.get("action") in ("add", "update")
-            }
-        )
-
-    def _ingest(self, entries: dict[str, Any]) -> None:
-        names: set[str] = set()
-        now = self._now()
-        for key, raw in entries.items():
-            try:
-                name, device = _loads(key)
-                rec = _loads(raw)
-                entry = LeaseClaim(
-                    str(name),
-                    str(device),
-                    int(rec["t"]),
-                    bool(rec["h"]),
-                    float(rec["ttl"]),
-                    bool(rec.get("x")),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("leases: entry %r ignored: %s", key, exc)
-                continue
-            self.entries.setdefault(entry.name, {})[entry.device] = entry
-            self.seen_at[(entry.name, entry.device)] = now
-            names.add(entry.name)
-        if names:
-            self._on_change(names)
-
-    def write(self, entry: LeaseClaim) -> None:
-        """Record this device's entry for a lease (one transaction)."""
-        rec: dict[str, Any] = {"t": entry.token, "h": entry.held, "ttl": entry.ttl}
-        if entry.strict:
-            rec["x"] = 1
-        self._map[_dumps([entry.name, entry.device])] = _dumps(rec)
-
-    def of(self, name: str) -> list[LeaseClaim]:
-        """Every entry for a lease name."""
-        return list(self.entries.get(name, {}).values())
 
     def close(self) -> None:
         """Stop observing."""

@@ -31,10 +31,10 @@ from ..errors import ConfigError, CoordinationError, UnityCrdtError
 from ..status import LeaseInfo
 from . import rules
 from ._kv import KvStore, lease_key
-from .board import LEASES_DOC, LeaseBoard
+from .board import LEASES_DOC, _dumps, _loads
 from .rules import LeaseClaim
 
-__all__ = ["Lease", "LeaseContext", "LeaseManager"]
+__all__ = ["Lease", "LeaseBoard", "LeaseContext", "LeaseManager"]
 
 log = logging.getLogger(__name__)
 
@@ -327,3 +327,71 @@ class LeaseManager:
             lease.lost.set()
         else:
             lease.rev, lease.renewed_at, lease.valid_until = rev, sent, sent + lease.ttl
+
+
+class LeaseBoard:
+    """Lease entries (`_work/leases`): per name, each device's token and whether it holds it."""
+
+    def __init__(
+        self,
+        doc: pycrdt.Doc[Any],
+        *,
+        now: Callable[[], float],
+        on_change: Callable[[set[str]], None],
+    ) -> None:
+        self._map = doc.get("leases", type=pycrdt.Map)
+        self.doc = doc
+        self._now = now
+        self._on_change = on_change
+        self.entries: dict[str, dict[str, LeaseClaim]] = {}  # name -> device -> entry
+        self.seen_at: dict[tuple[str, str], float] = {}
+        self._sub = self._map.observe(self._on_event)
+        self._ingest(dict(self._map.items()))
+
+    def _on_event(self, event: Any) -> None:
+        self._ingest(
+            {
+                k: c.get("newValue")
+                for k, c in event.keys.items()
+                if c.get("action") in ("add", "update")
+            }
+        )
+
+    def _ingest(self, entries: dict[str, Any]) -> None:
+        names: set[str] = set()
+        now = self._now()
+        for key, raw in entries.items():
+            try:
+                name, device = _loads(key)
+                rec = _loads(raw)
+                entry = LeaseClaim(
+                    str(name),
+                    str(device),
+                    int(rec["t"]),
+                    bool(rec["h"]),
+                    float(rec["ttl"]),
+                    bool(rec.get("x")),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("leases: entry %r ignored: %s", key, exc)
+                continue
+            self.entries.setdefault(entry.name, {})[entry.device] = entry
+            self.seen_at[(entry.name, entry.device)] = now
+            names.add(entry.name)
+        if names:
+            self._on_change(names)
+
+    def write(self, entry: LeaseClaim) -> None:
+        """Record this device's entry for a lease (one transaction)."""
+        rec: dict[str, Any] = {"t": entry.token, "h": entry.held, "ttl": entry.ttl}
+        if entry.strict:
+            rec["x"] = 1
+        self._map[_dumps([entry.name, entry.device])] = _dumps(rec)
+
+    def of(self, name: str) -> list[LeaseClaim]:
+        """Every entry for a lease name."""
+        return list(self.entries.get(name, {}).values())
+
+    def close(self) -> None:
+        """Stop observing."""
+        self._map.unobserve(self._sub)

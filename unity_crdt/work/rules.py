@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -62,7 +62,6 @@ __all__ = [
     "live_workers",
     "next_lease_token",
     "owners",
-    "pick_order",
     "task_key",
     "task_position",
 ]
@@ -287,8 +286,3 @@ def live_workers(
 ) -> dict[str, int]:
     """Devices serving `kind` that are alive, with their concurrency."""
     return {d: k[kind] for d, k in kinds.items() if kind in k and alive(d)}
-
-
-def pick_order(tasks: Sequence[str]) -> list[str]:
-    """Tasks sorted by input index, then slot (the order a job's inputs are worked through)."""
-    return sorted(tasks, key=task_position)
