@@ -160,3 +160,24 @@ async def test_after_a_partition_heals_the_lower_token_loses(make: Make) -> None
     assert loser.lost.is_set() and not winner.lost.is_set()
     await asyncio.sleep(0.5)
     assert not winner.lost.is_set()
+
+
+async def test_an_unreachable_coordination_server_leaves_lan_mode_working(make: Make) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"nats://127.0.0.1:{s.getsockname()[1]}"
+    a = await make("a", coordination_url=dead)
+
+    @a.worker("twice")
+    async def twice(task: Any) -> int:
+        return 2 * int(task.input)
+
+    job = await a.submit("twice", [1, 2, 3], lease=2.0)
+    assert await job.results(timeout=20) == [2, 4, 6]
+    work = a.status().work
+    assert work is not None and work.mode == "lan" and not work.connected
+    assert work.coordination_url == dead and work.error
+    async with a.lease("x", ttl=2.0) as lease:  # leases fall back to LAN entries too
+        assert lease.token == 1
