@@ -105,3 +105,22 @@ def test_the_collective_demo_in_strict_mode() -> None:
     assert res.returncode == 0, res.stderr
     assert "three nodes linked, strict mode" in res.stdout
     assert "results in input order" in res.stdout
+
+
+def test_a_task_longer_than_its_lease_is_renewed_not_stolen(
+    tmp_path: Path, nats_server: Any
+) -> None:
+    agents = start_group(tmp_path, ["a", "b"], concurrency=2, relay=nats_server.url)
+    try:
+        wait_live(agents, 2)
+        # Each task runs 3x its lease: its worker renews the claim (compare-and-set with a
+        # fresh TTL) every lease / 3, so the idle peer, which probes the server, gets nothing.
+        inputs = [{"v": i, "sleep": 4.5} for i in range(2)]
+        job = agents[0].request(op="submit", inputs=inputs, lease=1.5)["job"]
+        got = agents[0].request(op="results", job=job, timeout=60)
+        assert got["results"] == [{"y": 0}, {"y": 2}]
+        runs = all_runs(tmp_path, agents)
+        assert all(len(r) == 1 and not r[0]["lost"] for r in runs.values()), runs
+    finally:
+        for a in agents:
+            a.proc.stop()
