@@ -7,6 +7,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     CorruptCacheError,
+    JobFailed,
     ProtocolError,
     SecurityError,
     StoreError,
@@ -14,7 +15,7 @@ from .errors import (
 )
 from .ids import PeerAddress
 from .node import Node
-from .status import PeerInfo
+from .status import LeaseInfo, PeerInfo, Progress
 from .store.memory import MemoryStore
 from .threaded import ThreadedNode
 
@@ -24,11 +25,14 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "CorruptCacheError",
+    "JobFailed",
+    "LeaseInfo",
     "MemoryStore",
     "Node",
     "NodeConfig",
     "PeerAddress",
     "PeerInfo",
+    "Progress",
     "ProtocolError",
     "SecurityError",
     "StoreError",

@@ -2,10 +2,10 @@
 
 Each subcommand is a `Command` (name, help, how to add its arguments, what to run), listed in
 COMMANDS. `run` (`cli._run`) hosts a node and its control API (`frontends.control`);
-`status`, `doc`, `checkpoint`, `restore` and `search` (`cli._client`) are clients of
-that API, because the running node holds the cache lock. Handlers import what they need
-lazily, so `unity-crdt keygen` stays instant. Every error is one line on stderr saying what to
-do, with exit code 2. The group secret is never printed.
+`status`, `doc`, `checkpoint`, `restore`, `search` (`cli._client`), `jobs` and `leases`
+(`cli._work`) are clients of that API, because the running node holds the cache lock.
+Handlers import what they need lazily, so `unity-crdt keygen` stays instant. Every error is
+one line on stderr saying what to do, with exit code 2. The group secret is never printed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import UnityCrdtError
 from . import _client as cli_client
 from . import _run as cli_run
+from . import _work as cli_work
 from ._common import EXIT_USAGE, PROG, Parser
 
 __all__ = [
@@ -117,6 +118,18 @@ COMMANDS: list[Command] = [
         "keyword search over the checkpointed text of searchable docs",
         cli_client.configure_search,
         cli_client.run_search,
+    ),
+    Command(
+        "jobs",
+        "show the group's jobs with progress bars (collective work)",
+        cli_work.configure_jobs,
+        cli_work.run_jobs,
+    ),
+    Command(
+        "leases",
+        "show who holds which lease, with its fencing token",
+        cli_work.configure_leases,
+        cli_work.run_leases,
     ),
     Command(
         "demo",

@@ -101,6 +101,7 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         + (f", yjs {st['yjs_url']}" if st["yjs_url"] else ""),
         f"relay   {_relay_line(st.get('relay'))}",
         f"cache   {_cache_line(st.get('cache') or {})}",
+        f"work    {_work_line(st.get('work'))}",
         f"peers   {len(st['peers'])}",
     ]
     for warning in st.get("checkpoint_warnings", ()):
@@ -147,6 +148,12 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             ],
         )
     return lines
+
+
+def _work_line(work: dict[str, Any] | None) -> str:
+    from ._work import work_line
+
+    return work_line(work)
 
 
 def _relay_line(relay: dict[str, Any] | None) -> str:

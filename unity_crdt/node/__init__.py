@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pycrdt
 
@@ -39,6 +39,7 @@ from ..sync.router import Router
 from ..sync.session import DocQuota, PullGate, SeenFilter, SyncSession
 from ._discovery import start_discovery
 from ._status import node_status
+from ._work import Work
 
 if TYPE_CHECKING:
     from ..checkpoint.format import CheckpointSink, DocHit, SearchMode
@@ -46,9 +47,13 @@ if TYPE_CHECKING:
     from ..frontends.ywebsocket import YWebsocketEndpoint
     from ..net.mdns import Discovery
     from ..net.relay import Relay
+    from ..status import LeaseInfo
+    from ..work.jobs import Job
+    from ..work.leases import LeaseContext
     from ._checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
+H = TypeVar("H", bound=Callable[..., Any])
 
 REFRESH_MIN_INTERVAL = 5.0
 FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
@@ -98,6 +103,7 @@ class Node:
         self._discovery: Discovery | None = None
         self._relay: Relay | None = None
         self._equivocations: set[str] = set()  # docs a peer holds differently under one id
+        self._work = Work(config)
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -205,6 +211,40 @@ class Node:
             raise UnityCrdtError("node is not started")
         mesh = self._mesh
         await asyncio.wait_for(mesh.wait_until(lambda: len(mesh.links) >= count), timeout)
+
+    # -- collective work (unity_crdt.work; docs/collective.md) --------------------------------
+
+    def worker(self, kind: str, concurrency: int = 1) -> Callable[[H], H]:
+        """Decorator: this node runs tasks of `kind` with the decorated `async def f(task)`."""
+        return self._work.worker(kind, concurrency)
+
+    async def submit(
+        self,
+        kind: str,
+        inputs: list[Any],
+        *,
+        lease: float = 30.0,
+        max_attempts: int = 3,
+        redundancy: int = 1,
+    ) -> Job:
+        """Start a job: one task per input (times `redundancy`), run by the group's workers."""
+        return await self._work.require().submit(kind, inputs, lease, max_attempts, redundancy)  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> Job:
+        """Follow a job by id, from any node of the group."""
+        return self._work.require().job(job_id)  # type: ignore[no-any-return]
+
+    def lease(self, name: str, ttl: float = 15.0, timeout: float | None = None) -> LeaseContext:
+        """`async with node.lease(name) as lease:` exclusive across the group; `lease.token`
+        fences writes, `lease.lost` is set if it passed on."""
+        from ..work.leases import LeaseContext
+
+        self._work.require()
+        return LeaseContext(self._work.leases, name, ttl, timeout)
+
+    def lease_holder(self, name: str) -> LeaseInfo | None:
+        """Who holds the lease `name` now (as this node knows it), or None."""
+        return self._work.lease_holder(name)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -338,6 +378,15 @@ class Node:
             )
             if self._relay is not None:
                 await self._relay.start()
+        await self._work.start(
+            device_id=self.device_id,
+            keys=self._keys,
+            doc=self._replica.doc,
+            has=self._replica.__contains__,
+            connected=lambda: {p.device_id for p in self.peers},
+            settle=self._settle,
+            spawn=self.spawn,
+        )
         log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
 
     async def close(self) -> None:
@@ -358,6 +407,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._work.close()
         unsaved = None
         try:
             await self.flush()
@@ -389,6 +439,15 @@ class Node:
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def _settle(self) -> float:
+        """One sync round with every linked peer (for LAN leases): twice the slowest RTT."""
+        rtts = [
+            lk.session.stats.rtt or 0.0
+            for lk in (self._mesh.links.values() if self._mesh else ())
+            if lk.session
+        ]
+        return min(1.0, max(0.05, 2 * max(rtts, default=0.0) + 0.03))
 
     def _make_session(self, link: Link) -> SyncSession:
         assert link.remote is not None
