@@ -184,3 +184,22 @@ async def test_crossing_dials_keep_exactly_one_link(tmp_path: Path) -> None:
         await eventually(lambda: text(b, "d") == "once", 2.0)
         await asyncio.sleep(0.3)
         assert len(got) == 1, "an update was delivered twice"
+
+
+async def test_a_stalled_process_does_not_drop_its_links(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long GC pause or a suspended laptop stops every timer; when the process runs again,
+    the peer's frames wait unread in the socket. The link must read them before it judges the
+    peer silent, not close on the first tick."""
+    import time
+
+    a = await make_node("a", ping_interval=0.5, idle_timeout=2.0)
+    b = await make_node("b", peers=(a.url,), ping_interval=0.5, idle_timeout=2.0)
+    await b.wait_for_peers(1)
+    await asyncio.sleep(1.0)
+    time.sleep(3.0)  # the whole process stops for longer than the idle timeout
+    await asyncio.sleep(2.0)
+    closes = [r.getMessage() for r in caplog.records if "closed" in r.getMessage()]
+    assert not closes, closes
+    assert len(a.peers) == 1 and len(b.peers) == 1

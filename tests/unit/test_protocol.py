@@ -191,6 +191,14 @@ def test_keepalive_ping_pong_and_idle_timeout() -> None:
     with pytest.raises(ProtocolError) as info:
         s.tick(40.25)
     assert info.value.code == ErrorCode.TIMEOUT
+    # Our own stall (the driver saw its timer fire far too late) is not the peer's silence:
+    # a ping asks at once, and the peer has the rest of the timeout to answer.
+    t = SyncSession(replica, peer="p", now=0.0, ping_interval=10, idle_timeout=30)
+    t.resumed(100.0)
+    assert any(isinstance(m, Ping) for m in t.tick(100.0))
+    t.tick(119.0)
+    with pytest.raises(ProtocolError):
+        t.tick(120.0)
 
 
 def test_anti_entropy_repairs_a_lost_update_and_restores_synced_status() -> None:

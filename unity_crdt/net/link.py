@@ -29,6 +29,7 @@ from .channel import Channel
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.5
+STALL_SECONDS = 1.0  # a tick this late means the whole process stalled, not the peer
 # Websocket close code (private-use range) and reason telling a dialler its handshake failed.
 CLOSE_HANDSHAKE_REFUSED = 4001
 HANDSHAKE_REFUSED = "handshake refused"
@@ -268,9 +269,16 @@ class Link:
     async def _ticker(self) -> None:
         session = self.session
         assert session is not None
+        last = self._clock()
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            self.send(session.tick(self._clock()))
+            now = self._clock()
+            if now - last > TICK_SECONDS + STALL_SECONDS:
+                # This process did not run for a while (a long GC pause, a suspended laptop):
+                # that silence is ours, not the peer's, whose frames may wait unread.
+                session.resumed(now)
+            last = now
+            self.send(session.tick(now))
 
     async def _send_close(self, code: ErrorCode, reason: str) -> None:
         if self._secure is None or self.channel.closed:

@@ -358,6 +358,10 @@ class SyncSession:
         self.stats.parts_sent += len(parts)
         return parts
 
+    def resumed(self, now: float) -> None:
+        """This side did not run for a while: the peer's silence counts from now (a ping asks)."""
+        self._last_heard = max(self._last_heard, now - self.ping_interval)
+
     def tick(self, now: float) -> list[Outgoing]:
         """Periodic duties: SUMMARY (acknowledgement, anti-entropy), PING; raise on silence."""
         silent = now - self._last_heard
