@@ -7,6 +7,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     CorruptCacheError,
+    MembershipError,
     ProtocolError,
     SecurityError,
     StoreError,
@@ -14,7 +15,7 @@ from .errors import (
 )
 from .ids import PeerAddress
 from .node import Node
-from .status import PeerInfo
+from .status import Member, PeerInfo
 from .store.memory import MemoryStore
 from .threaded import ThreadedNode
 
@@ -24,6 +25,8 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "CorruptCacheError",
+    "Member",
+    "MembershipError",
     "MemoryStore",
     "Node",
     "NodeConfig",

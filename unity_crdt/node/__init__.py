@@ -20,24 +20,25 @@ import pycrdt
 
 from ..config import NodeConfig
 from ..crypto.frames import PeerHello
-from ..crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
+from ..crypto.keys import DeviceIdentity, GroupKeys
 from ..errors import ConfigError, StoreError, UnityCrdtError
 from ..ids import PeerAddress, check_doc_id
 from ..net.channel import Listener, Transport, resolve_transports
 from ..net.link import Link
 from ..net.mesh import Mesh
 from ..net.relay import RELAY_ORIGIN
-from ..status import NodeStatus, PeerInfo
+from ..status import Member, NodeStatus, PeerInfo
 from ..store.base import Store
 from ..store.files import load_or_create_secret_file, prepare_cache_dir
 from ..store.sqlite import SqliteStore
 from ..store.writer import CacheWriter
-from ..sync.codec import PROTOCOL_VERSION, Awareness, Notice
+from ..sync.codec import PROTOCOL_VERSION, Awareness, Members, Notice
 from ..sync.presence import Presence
 from ..sync.replica import Replica
 from ..sync.router import Router
 from ..sync.session import PullGate, SeenFilter, SyncSession
 from ._discovery import start_discovery
+from ._members import MembersService
 from ._status import node_status
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class Node:
         self._endpoint: YWebsocketEndpoint | None = None
         self._discovery: Discovery | None = None
         self._relay: Relay | None = None
+        self._members: MembersService | None = None
+        self._services_started = False
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -197,6 +200,24 @@ class Node:
         """Live presence states in `doc` across the mesh and front ends: client id -> state."""
         return self._presence.states(doc)
 
+    @property
+    def members(self) -> list[Member]:
+        """The group's roster: every device admitted, "active" or "revoked"."""
+        return self._require_members().members()
+
+    async def invite(self, ttl: float = 600.0) -> str:
+        """A single-use join code for one new device (its `group_secret`), valid `ttl` s."""
+        return await self._require_members().invite(ttl)
+
+    async def revoke(self, device_id: str) -> None:
+        """Cut a device out: the others move to new keys; it gets nothing written after."""
+        await self._require_members().revoke(device_id)
+
+    def _require_members(self) -> MembersService:
+        if self._members is None:
+            raise UnityCrdtError("node is not started")
+        return self._members
+
     async def wait_for_peers(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least `count` peers are linked (handy in scripts and tests)."""
         if self._mesh is None:
@@ -232,15 +253,16 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         prepare_cache_dir(cfg.cache_path)
-        self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
-        if not self._keys.salted:
-            log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
         key = await asyncio.to_thread(
             load_or_create_secret_file,
             cfg.cache_path / "device.key",
             lambda: DeviceIdentity.generate().private_bytes(),
         )
         self._identity = DeviceIdentity.from_private_bytes(key)
+        members = self._members = MembersService(self)
+        self._keys = await members.open(cfg.group_secret)
+        if not self._keys.salted:
+            log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
         await self._store.open()
         if self._store.recovered_from is not None:
             log.error(
@@ -280,6 +302,11 @@ class Node:
             make_session=self._make_session,
             spawn=self.spawn,
             on_joined=self._on_joined,
+            lookup=members.lookup,
+            screen=members.screen,
+            dial_keys=members.dial_keys,
+            on_failure=members.on_failure,
+            on_left=members.on_left,
         )
         listen = self._transports.get(cfg.transport)
         if listen is None:
@@ -287,10 +314,11 @@ class Node:
         self._listener = await listen.listen(
             PeerAddress(cfg.host, cfg.port, cfg.transport), self._mesh.accept
         )
-        for url in cfg.peers:
-            self._mesh.add_address(PeerAddress.parse(url))
+        if members.state != "revoked":  # a revoked device links to no one
+            for url in cfg.peers:
+                self._mesh.add_address(PeerAddress.parse(url))
         self.spawn(self._presence_loop(), "presence")
-        if cfg.mdns:
+        if cfg.mdns and members.state != "revoked":
             await self._start_discovery()
         if cfg.yjs_endpoint:
             from ..frontends.ywebsocket import YWebsocketEndpoint
@@ -306,36 +334,56 @@ class Node:
             from ..checkpoint.sinks import open_sink
 
             self._sink = open_sink(cfg.checkpoint_url, cfg)
-        if self._sink is not None:
+        if members.joined:  # an invited device starts these once it joined
+            await self._start_services()
+        log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
+
+    async def _start_services(self) -> None:
+        """Checkpoints and the relay: they need the group's keys of an epoch."""
+        assert self._keys is not None and self._members is not None
+        self._services_started = True
+        cfg, keys = self.config, self._keys
+        ledger, outbox, readers = self._members.startup_names()
+        if self._sink is not None and self._checkpoints is None:
             from ._checkpoints import Checkpoints
 
             self._checkpoints = Checkpoints(
                 cfg,
-                self._keys,
+                keys,
                 self.device_id,
                 self._sink,
                 self._replica,
                 spawn=self.spawn,
                 notify=self._notify,
+                ledger=ledger,
+                readers=readers,
             )
             await self._checkpoints.start()
-        if cfg.relay_url:
-            from ._relay import make_relay
+        await self._start_relay(keys, outbox)
 
-            checkpoints = self._checkpoints
-            self._relay = make_relay(
-                cfg,
-                self._keys,
-                self.device_id,
-                self._replica,
-                self._seen,
-                spawn=self.spawn,
-                on_notice=self._on_notice,
-                on_gap=checkpoints.pull_everything if checkpoints else None,
-            )
-            if self._relay is not None:
-                await self._relay.start()
-        log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
+    async def _start_relay(self, keys: GroupKeys, outbox: str) -> None:
+        if not self.config.relay_url or self._relay is not None:
+            return
+        from ._relay import make_relay
+
+        checkpoints, members = self._checkpoints, self._members
+        assert members is not None
+        self._relay = make_relay(
+            self.config,
+            keys,
+            self.device_id,
+            self._replica,
+            self._seen,
+            spawn=self.spawn,
+            on_notice=self._on_notice,
+            on_gap=checkpoints.pull_everything if checkpoints else None,
+            on_members=lambda msg: members.receive(None, msg),
+            outbox=outbox,
+        )
+        if self._relay is not None:
+            await self._relay.start()
+            # Relay-only members learn of us too (and of what we did while it was down).
+            self._relay.send_members(members.own_ops())
 
     async def close(self) -> None:
         """Close every link, flush the cache, and stop every task."""
@@ -365,6 +413,8 @@ class Node:
             await self._checkpoints.close()
         if self._relay is not None:
             await self._relay.close()
+        if self._members is not None:
+            await self._members.save()
         await self._store.close()
         if unsaved is not None:
             raise unsaved
@@ -405,6 +455,8 @@ class Node:
             new_docs_burst=cfg.new_docs_burst,
             new_docs_rate=cfg.new_docs_rate,
             on_notice=self._on_notice,
+            allow=self._members.allow(link) if self._members else None,
+            on_members=lambda msg: self._receive_members(link, msg),
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
         snapshot = [Awareness(doc, snap) for doc, snap in self._presence.snapshot(self._now())]
@@ -472,7 +524,13 @@ class Node:
         # Compaction deletes the rows a state covers: never for a doc missing some rows.
         return None if name in self._partial else self._full_state(name)
 
+    def _receive_members(self, link: Link, msg: Members) -> None:
+        if self._members is not None:
+            self._members.receive(link, msg)
+
     def _on_joined(self, link: Link) -> None:
+        if self._members is not None:
+            self._members.on_joined(link)
         # A link coming back often means a network came back: peers that appeared meanwhile
         # are not re-announced by mDNS on their own, so ask again (at most every few seconds).
         now = self._now()
@@ -483,9 +541,9 @@ class Node:
     # -- discovery --------------------------------------------------------------------------
 
     async def _start_discovery(self) -> None:
-        assert self._keys is not None and self._listener is not None and self._mesh is not None
+        assert self._members is not None and self._listener is not None and self._mesh is not None
         self._discovery = await start_discovery(
-            self.config, self._keys, self._listener.address, self._mesh
+            self.config, self._members.beacons, self._listener.address, self._mesh
         )
 
     # -- checkpoints and commit notices -----------------------------------------------------

@@ -76,6 +76,7 @@ from .codec import (
     Hello,
     Inventory,
     InventoryRequest,
+    Members,
     Message,
     Notice,
     Part,
@@ -217,6 +218,7 @@ class SyncSession:
         new_docs_burst: int = 50_000,
         new_docs_rate: float = 1000.0,
         on_notice: Callable[[Notice], None] | None = None,
+        on_members: Callable[[Members], None] | None = None,
     ) -> None:
         self.replica = replica
         self.peer = peer
@@ -233,6 +235,7 @@ class SyncSession:
         self._allow = allow
         self._on_awareness = on_awareness
         self._on_notice = on_notice
+        self._on_members = on_members
         self._last_heard = self._last_summary = self._last_ping = now
         self._ping_nonce = 0
         self._ping_sent: tuple[int, float] | None = None
@@ -410,6 +413,8 @@ class SyncSession:
             self._on_awareness(msg.doc, msg.payload)
         elif isinstance(msg, Notice) and self._allowed(msg.doc) and self._on_notice is not None:
             self._on_notice(msg)
+        elif isinstance(msg, Members) and self._on_members is not None:
+            self._on_members(msg)
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
