@@ -20,6 +20,7 @@ from unity_crdt.checkpoint.directory import DirectorySink
 from unity_crdt.checkpoint.policy import Checkpointer
 from unity_crdt.crypto.keys import derive_group_keys, open_blob
 from unity_crdt.errors import SecurityError
+from unity_crdt.ids import PeerAddress
 from unity_crdt.members.invites import InviteCode, parse_invite
 
 pytestmark = pytest.mark.slow
@@ -335,3 +336,54 @@ def test_open_blob_refuses_a_foreign_key() -> None:
     blob = seal_blob(new.checkpoint_key, b"x")
     with pytest.raises(SecurityError):
         open_blob(derive_group_keys(SECRET).checkpoint_key, blob)
+
+
+async def test_limits_a_member_not_yet_told_still_trusts_the_revoked_device(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The documented limit: until the revocation reaches a member, that member links with the
+    revoked device like any other, and what it takes from it then spreads."""
+    a = await make_node("alice")
+    b = await make_node("bob", peers=(a.url,))
+    c = await make_node("carol", peers=(a.url,))
+    await eventually(lambda: all(len(n.members) == 3 for n in (a, b, c)), T, "rosters")
+    await b.close()
+    await c.close()
+    await a.revoke(c.device_id)
+    (tmp_path / "carol" / "membership.json").unlink()  # the thief ignores what it was told
+    thief = await make_node("carol")
+    write(thief, "thief-edit. ")
+    b = await make_node("bob", peers=(thief.url,))  # bob meets the thief first
+    await eventually(lambda: "thief-edit" in text(b), T, "bob trusts the thief")
+    assert epoch(b) == 0
+    b._mesh.add_address(PeerAddress.parse(a.url))  # type: ignore[union-attr]
+    await eventually(lambda: epoch(b) == 1, T, "bob learns the revocation from alice")
+    await eventually(lambda: not thief.peers, T, "bob then cuts the thief")
+    await eventually(lambda: "thief-edit" in text(a), T, "what bob took spreads")
+
+
+async def test_limits_a_revoked_device_can_forge_an_old_epoch_checkpoint_as_a_member(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The documented limit: checkpoint objects are sealed with the epoch's key, not signed by
+    their writer, so in an epoch it still has the key of, a revoked device can write an object
+    that claims another member and an early time; restore() of older epochs takes it."""
+    cp = {"checkpoint_url": sink_url(tmp_path), "checkpoint_interval": 30.0}
+    a = await make_node("alice", **cp)
+    b = await make_node("bob", peers=(a.url,), **cp)
+    c = await make_node("carol", peers=(a.url,), **cp)
+    await eventually(lambda: all(len(n.members) == 3 for n in (a, b, c)), T, "rosters")
+    await a.revoke(c.device_id)
+    forged = pycrdt.Doc()
+    forged.get("t", type=pycrdt.Text).insert(0, "forged")
+    fake = Checkpointer(
+        derive_group_keys(SECRET),
+        b.device_id,  # claims to be bob, an active member
+        DirectorySink(tmp_path / "sink"),
+        lambda name: forged.get_update(),
+        clock=lambda: 1_000_000.0,
+    )
+    fake.mark_dirty("notes")
+    await fake.checkpoint()
+    await a.restore()
+    assert "forged" in text(a)

@@ -188,9 +188,9 @@ class Relay:
 
     def send_members(self, ops: tuple[bytes, ...]) -> None:
         """Queue roster ops on the group's stream: members read them in order with the
-        updates, so one who missed a revocation learns it before what followed it."""
-        if not self._halted:
-            self._queue(self._sealer.updates_subject, codec.encode(Members(ops)))
+        updates, so one who missed a revocation learns it before what followed it (also on a
+        halted relay: the old epoch's channel is where its members look)."""
+        self._queue(self._sealer.updates_subject, codec.encode(Members(ops)))
 
     def halt(self) -> None:
         """A new epoch took over: apply nothing more that arrives, take nothing more to send

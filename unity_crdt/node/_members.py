@@ -402,7 +402,8 @@ class MembersService:
         self._probation.pop(link, None)
         closed = link.peer_closed
         if closed is not None and closed[0] is ErrorCode.REVOKED and self.state != "revoked":
-            self._become_revoked(f"a member refused us: {closed[1]}")
+            who = link.remote.name if link.remote is not None else "a member"
+            self._become_revoked(f"{who!r} refused it: revoked")
         elif closed is not None and closed[0] is ErrorCode.NOT_MEMBER:
             error = (
                 f"a member refused this device: {closed[1]} (revoked, or new with the group "
@@ -479,8 +480,8 @@ class MembersService:
             return
         if view.state(self.me) == "revoked":
             if self.state != "revoked":
-                by = view.members[self.me].revoked_by or "?"
-                self._become_revoked(f"revoked by {by[:8]}")
+                by = view.members.get(view.members[self.me].revoked_by or "")
+                self._become_revoked(f"by {by.name!r}" if by else "by a member")
             return
         self._set_state(view)
         for dev, m in view.members.items():
@@ -489,6 +490,10 @@ class MembersService:
         held = self._held_current(view)
         moved = held is not None and (self.epoch is None or held.op_id != self.epoch.op_id)
         if moved and held is not None and held.number >= self._epoch_number():
+            if relay is not None and self.epoch is not None:
+                # At once, before the relay hands us its next message: what the old channel
+                # carries after this point may come from a device the new epoch excludes.
+                relay.halt()
             self._node.spawn(self._switch_soon(), "switch epoch")
         if self.state == "member":
             if view.needs_rekey:
@@ -592,8 +597,9 @@ class MembersService:
         self._node.spawn(self._switch_soon(), "join the group")
 
     def _become_revoked(self, why: str) -> None:
-        self.state, self.error = "revoked", f"this device was revoked from the group ({why})"
-        log.error("%s: it syncs with no one any more", self.error)
+        self.state = "revoked"
+        self.error = f"this device was revoked from the group ({why}); it syncs with no one"
+        log.error("%s", self.error)
         node = self._node
         if node._checkpoints is not None:
             node._checkpoints.stop()
