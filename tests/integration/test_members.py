@@ -387,3 +387,59 @@ async def test_limits_a_revoked_device_can_forge_an_old_epoch_checkpoint_as_a_me
     await fake.checkpoint()
     await a.restore()
     assert "forged" in text(a)
+
+
+async def test_concurrent_revocations_by_two_members_converge_on_one_new_epoch(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node("alice")
+    b = await make_node("bob", peers=(a.url,))
+    x = await make_node("xavier", peers=(a.url,))
+    y = await make_node("yvonne", peers=(a.url,))
+    await eventually(lambda: all(len(n.members) == 4 for n in (a, b, x, y)), T, "rosters")
+    # Bob goes off on his own and revokes yvonne; meanwhile alice revokes xavier.
+    await b.close()
+    b = await make_node("bob")  # no peers: isolated
+    await b.revoke(y.device_id)
+    await a.revoke(x.device_id)
+    assert epoch(a) == epoch(b) == 1  # two different epochs, both numbered 1
+    b._mesh.add_address(PeerAddress.parse(a.url))  # type: ignore[union-attr]
+    # One of the two epoch-1 secrets went to a device the other revoked: a member rekeys.
+    await eventually(lambda: epoch(a) == 2 and epoch(b) == 2, T, "one new epoch")
+    for n in (a, b):
+        states = {m.name: m.state for m in n.members}
+        assert states == {
+            "alice": "active",
+            "bob": "active",
+            "xavier": "revoked",
+            "yvonne": "revoked",
+        }
+    view_a, view_b = a._members.roster.view(), b._members.roster.view()  # type: ignore[union-attr]
+    assert view_a.epoch == view_b.epoch and set(view_a.epoch.sealed) == {a.device_id, b.device_id}
+    assert not view_a.needs_rekey
+    await eventually(lambda: not x.peers and not y.peers, T, "both cut off")
+    write(a, "after both. ")
+    await eventually(lambda: "after both" in text(b), T, "alice and bob sync")
+    assert "after both" not in text(x) and "after both" not in text(y)
+
+
+def test_a_threaded_node_lists_invites_and_revokes(tmp_path: Path) -> None:
+    """The same calls from a GUI thread (ThreadedNode blocks on the node's loop)."""
+    import time
+
+    from unity_crdt import ThreadedNode
+
+    with ThreadedNode(node_config(tmp_path, "alice")) as alice:
+        code = alice.invite(ttl=60)
+        with ThreadedNode(
+            node_config(tmp_path, "tab", group_secret=code, peers=(alice.url,))
+        ) as tab:
+            deadline = time.monotonic() + T
+            while len(alice.members()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert {m.name for m in alice.members()} == {"alice", "tab"}
+            alice.revoke(tab.device_id)
+            assert {m.name: m.state for m in alice.members()}["tab"] == "revoked"
+            assert alice.status().membership.epoch == 1  # type: ignore[union-attr]
+            with pytest.raises(MembershipError, match="already revoked"):
+                alice.revoke(tab.device_id)

@@ -452,6 +452,15 @@ class MembersService:
                     if isinstance(op.body, Join) and op.author == dev and not op.body.secret:
                         own.append(raw)
             return tuple(own[:1])
+        # Only an ADD of this device can make it a member: without one, take nothing (and
+        # spend no signature checks on a stranger's ops).
+        names = False
+        for raw in ops:
+            with contextlib.suppress(SecurityError):
+                op = decode_op(raw)
+                names = names or (isinstance(op.body, Add) and op.body.target == dev)
+        if not names:
+            return ()
         trial = Roster(self.roster.group_id)
         trial.add_many(o.raw for o in self.roster.ops)
         trial.add_many(ops)
