@@ -302,11 +302,11 @@ class Node:
             make_session=self._make_session,
             spawn=self.spawn,
             on_joined=self._on_joined,
-            lookup=members.lookup,
-            screen=members.screen,
+            lookup=members.gate.lookup,
+            screen=members.gate.screen,
             dial_keys=members.dial_keys,
-            on_failure=members.on_failure,
-            on_left=members.on_left,
+            on_failure=members.gate.on_failure,
+            on_left=members.gate.on_left,
         )
         listen = self._transports.get(cfg.transport)
         if listen is None:
@@ -455,7 +455,7 @@ class Node:
             new_docs_burst=cfg.new_docs_burst,
             new_docs_rate=cfg.new_docs_rate,
             on_notice=self._on_notice,
-            allow=self._members.allow(link) if self._members else None,
+            allow=self._members.gate.allow(link) if self._members else None,
             on_members=lambda msg: self._receive_members(link, msg),
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
@@ -530,7 +530,7 @@ class Node:
 
     def _on_joined(self, link: Link) -> None:
         if self._members is not None:
-            self._members.on_joined(link)
+            self._members.gate.on_joined(link)
         # A link coming back often means a network came back: peers that appeared meanwhile
         # are not re-announced by mDNS on their own, so ask again (at most every few seconds).
         now = self._now()
