@@ -132,6 +132,8 @@ class NodeStatus:
     relay: RelayStatus | None = None
     cache: CacheStatus = field(default_factory=CacheStatus)
     membership: MembershipStatus | None = None
+    # Docs a peer holds with other content under the same ids (a member equivocated, #11 F6).
+    equivocations: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

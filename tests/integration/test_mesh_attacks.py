@@ -171,10 +171,32 @@ async def attack_oversized_frame(m: Attacker) -> None:
 async def attack_update_under_a_non_type_parent(m: Attacker) -> None:
     """F3: an item whose parent is a string item sent in an earlier update (pycrdt raises)."""
     client = random.randrange(1, 2**31)
-    await m.send_message(codec.encode(codec.Hello(1, {})))
+    await m.send_message(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))
     await m.send_message(codec.encode(codec.Update("junk", string_item(client, "abc", "t"))))
     poison = string_item(client + 1, "x", (client, 0))
     await m.send_message(codec.encode(codec.Update("junk", poison)))
+
+
+async def attack_flood_of_new_docs(m: Attacker) -> None:
+    """F5: 2,000 new docs at once; a per-peer quota holds the node to its burst."""
+    await m.send_message(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))
+    base = random.randrange(1, 2**31)
+    parts = [
+        codec.encode(codec.Update(f"flood-{base}-{i}", string_item(base + i, "x", "t")))
+        for i in range(2000)
+    ]
+    await m.send_message(codec.encode_batch(parts))
+
+
+async def attack_never_reads(m: Attacker) -> None:
+    """F14: ask for everything, ping without end, never read an answer."""
+    await m.send_message(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))
+    for _ in range(20):
+        pings = [codec.encode(codec.Ping(n)) for n in range(4000)]
+        try:
+            await asyncio.wait_for(m.send_message(codec.encode_batch(pings)), 2.0)
+        except Exception:
+            return
 
 
 async def attack_made_up_presence(m: Attacker) -> None:
@@ -182,7 +204,7 @@ async def attack_made_up_presence(m: Attacker) -> None:
     from unity_crdt.sync.yprotocol import encode_awareness
 
     tag = random.randrange(2**32)
-    await m.send_message(codec.encode(codec.Hello(1, {})))
+    await m.send_message(codec.encode(codec.Hello(codec.PROTOCOL_VERSION, {})))
     parts = [
         codec.encode(codec.Awareness(f"made-up-{tag}-{i}", encode_awareness([(i + 1, 0, b"1")])))
         for i in range(2000)
@@ -268,7 +290,8 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
     import random
 
     rng = random.Random(10)
-    nodes = [await make_node("h0")]
+    # F5: the target lets peers make it create few new docs (5 a second after a burst of 300).
+    nodes = [await make_node("h0", new_docs_burst=300, new_docs_rate=5.0)]
     for i in range(1, 10):
         nodes.append(await make_node(f"h{i}", peers=(rng.choice(nodes).url,)))
     target = nodes[0]
@@ -285,6 +308,8 @@ async def test_soak_ten_peers_with_a_junk_sender(make_node: NodeFactory) -> None
             attack_update_before_hello,
             attack_update_under_a_non_type_parent,
             attack_made_up_presence,
+            attack_flood_of_new_docs,
+            attack_never_reads,
         ]
         while not stop.is_set():
             m = await Attacker.connect(target.url)

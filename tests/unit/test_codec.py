@@ -78,7 +78,7 @@ def test_worked_examples_have_exact_bytes(msg: Message, hexstr: str) -> None:
 def test_constants() -> None:
     assert PROTOCOL_VERSION == 2 and DIGEST_SIZE == 16
     assert Limits(64 * 2**20, 255, 100_000, 10_000) == DEFAULT_LIMITS
-    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20]
 
 
 def test_doc_messages_are_byte_compatible_with_y_protocols(

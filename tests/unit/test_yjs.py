@@ -299,7 +299,11 @@ def test_guarded_pipeline_keeps_rss_bounded_and_unguarded_does_not(tmp_path: Pat
     # much of the reservation gets touched varies with machine load), or kill the process.
     unguarded = _run_rss(tmp_path, "unguarded")
     assert unguarded.returncode == 0, unguarded.stderr
-    assert json.loads(unguarded.stdout)["peak"] > 150 * mb
+    # The control shows the bombs are real: pycrdt reserves hundreds of MB for them. (When the
+    # machine is short of memory the kernel refuses that reservation outright, pycrdt raises
+    # ValueError, and the control measures nothing: the report says so.)
+    control = json.loads(unguarded.stdout)
+    assert control["peak"] > 150 * mb, control
     crashed = _run_rss(tmp_path, "unguarded", "deep")
     assert crashed.returncode < 0  # killed by SIGSEGV: pycrdt recursed off the stack
 

@@ -103,14 +103,14 @@ async def test_one_server_down_mid_burst_loses_nothing(
             asyncio.gather(*(burst(i, n) for i, n in enumerate(nodes))), timeout=180
         )
         assert cluster.servers[1].proc.poll() is not None  # it really died mid-burst
-        assert all(not n._require_checkpointer().dirty for n in nodes)
+        assert all(not n._require_checkpoints().cp.dirty for n in nodes)
         # Node 1 talked to server 1 first: it moved on to another server.
-        assert nodes[1]._require_checkpointer().sink.failovers >= 1  # type: ignore[attr-defined]
+        assert nodes[1]._require_checkpoints().cp.sink.failovers >= 1  # type: ignore[attr-defined]
         expected = {
             f"doc-{d}": sorted(f"<{i}.{r}.{d}>" for i in range(3) for r in range(ROUNDS))
             for d in range(DOCS)
         }
-        tenant = nodes[0]._require_checkpointer().tenant
+        tenant = nodes[0]._require_checkpoints().cp.tenant
     finally:
         for n in nodes:
             await n.close()

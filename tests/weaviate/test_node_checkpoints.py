@@ -140,7 +140,7 @@ async def test_weaviate_down_then_back_loses_nothing(
     finally:
         await asyncio.to_thread(weaviate_server.restart)
     # The periodic loop resumes by itself once the server is back.
-    await until(lambda: not a._require_checkpointer().dirty, 30.0, "checkpoints resumed")
+    await until(lambda: not a._require_checkpoints().cp.dirty, 30.0, "checkpoints resumed")
     await a.close()
     await b.close()
     fresh = await make_node("fresh")

@@ -187,11 +187,14 @@ class YWebsocketEndpoint:
         *,
         limits: YWebsocketLimits | None = None,
         on_awareness: Callable[[str, bytes], None] | None = None,
+        on_join: Callable[[str], None] | None = None,
         origin_factory: Callable[[str], Hashable] = ClientOrigin,
         origins: Iterable[str] = DEFAULT_YJS_ORIGINS,
     ) -> None:
         """`token=None` makes a random token; `on_awareness(doc, update)` sees client presence;
-        `origins` is the browser Origin allowlist (see `_origin.OriginPolicy`)."""
+        `on_join(doc)` runs as a client joins a room, before it is shown the room's presence
+        (the node hands over what peers said before anyone had the doc open); `origins` is the
+        browser Origin allowlist (see `_origin.OriginPolicy`)."""
         if token is not None and len(token) < 16:
             raise ConfigError("the y-websocket token must be at least 16 characters")
         self._host = host
@@ -199,6 +202,7 @@ class YWebsocketEndpoint:
         self._token_bytes = self.token.encode("utf-8")
         self.limits = limits or YWebsocketLimits()
         self._on_awareness = on_awareness
+        self._on_join = on_join
         self._origin_factory = origin_factory
         self.origins = OriginPolicy(origins)
         self._loopback_only = True  # set from the bound host by start()
@@ -394,6 +398,8 @@ class YWebsocketEndpoint:
         writer.add_done_callback(self._writers.discard)
         try:
             client.send(sync_message(SYNC_STEP1, self._host.state_vector(doc)))
+            if self._on_join is not None:
+                self._on_join(doc)
             snapshot = self._snapshot(room)
             if snapshot is not None:
                 client.send(awareness_message(snapshot))

@@ -36,7 +36,7 @@ from ..sync.codec import PROTOCOL_VERSION, Awareness, Members, Notice
 from ..sync.presence import Presence
 from ..sync.replica import Replica
 from ..sync.router import Router
-from ..sync.session import PullGate, SeenFilter, SyncSession
+from ..sync.session import DocQuota, PullGate, SeenFilter, SyncSession
 from ._discovery import start_discovery
 from ._members import MembersService
 from ._status import node_status
@@ -86,6 +86,7 @@ class Node:
         self._replica = Replica(on_update=self._on_update)
         self._seen = SeenFilter()
         self._pulls = PullGate(config.anti_entropy_interval)
+        self._quota = DocQuota(config.new_docs_burst, config.new_docs_rate)
         self._router = Router()
         self._presence = Presence(timeout=config.presence_timeout)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -99,6 +100,7 @@ class Node:
         self._relay: Relay | None = None
         self._members: MembersService | None = None
         self._services_started = False
+        self._equivocations: set[str] = set()  # docs a peer holds differently under one id
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -327,6 +329,7 @@ class Node:
                 self._replica,
                 cfg.yjs_token,
                 on_awareness=lambda doc, update: self._spread_presence(doc, update, FRONTEND),
+                on_join=self._front_end_joined,
                 origins=cfg.yjs_origins,
             )
             await self._endpoint.start(cfg.yjs_host, cfg.yjs_port)
@@ -452,17 +455,28 @@ class Node:
             idle_timeout=cfg.idle_timeout,
             on_awareness=lambda doc, update: self._spread_presence(doc, update, source=peer),
             max_doc_bytes=cfg.max_doc_bytes,
-            new_docs_burst=cfg.new_docs_burst,
-            new_docs_rate=cfg.new_docs_rate,
+            quota=self._quota,
             on_notice=self._on_notice,
             allow=self._members.gate.allow(link) if self._members else None,
             on_members=lambda msg: self._receive_members(link, msg),
+            on_equivocation=lambda doc: self._equivocation(doc, link),
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
         snapshot = [Awareness(doc, snap) for doc, snap in self._presence.snapshot(self._now())]
         if snapshot:
             asyncio.get_running_loop().call_soon(link.send, snapshot)
         return session
+
+    def _equivocation(self, doc: str, link: Link) -> None:
+        """A peer holds other content than ours under the same ids: someone equivocated."""
+        if doc not in self._equivocations:
+            log.error(
+                "doc %r: %s holds different content under the same ids (a member sent two "
+                "versions of one edit); the copies will not converge on their own",
+                doc,
+                link.label,
+            )
+        self._equivocations.add(doc)
 
     def _spread_presence(self, doc: str, update: bytes, source: str | None) -> None:
         """Merge presence from a peer, a front end or this node; relay only what is new.
@@ -481,6 +495,12 @@ class Node:
                 mesh.send(peer, msgs)
         if self._endpoint is not None and source != FRONTEND:
             self._endpoint.apply_peer_awareness(doc, fresh)
+
+    def _front_end_joined(self, doc: str) -> None:
+        """A front end opened `doc`: show it what peers said before anyone here held it."""
+        snapshot = self._presence.promote(doc, self._now())
+        if snapshot is not None and self._endpoint is not None:
+            self._endpoint.apply_peer_awareness(doc, snapshot)
 
     async def _presence_loop(self) -> None:
         while True:

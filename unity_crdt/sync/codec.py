@@ -53,7 +53,8 @@ class MsgType(IntEnum):
     PART = 12
     BUCKETS = 13
     NOTICE = 14
-    MEMBERS = 15
+    MEMBERS = 15  # 16-19 left free for membership
+    CHECK = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,15 @@ class Advert:
 
     doc: str
     digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The sender holds `doc` at `digest` (ids and deletions) with this `content` digest."""
+
+    doc: str
+    digest: bytes
+    content: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +220,7 @@ Message: TypeAlias = (
     | Batch
     | Notice
     | Members
+    | Check
 )
 
 
@@ -398,6 +409,21 @@ def _dec_advert(r: _Reader) -> Advert:
     return Advert(doc, digest)
 
 
+def _enc_check(out: bytearray, msg: Check) -> None:
+    if len(msg.content) != DIGEST_SIZE:
+        raise ConfigError(f"content digest must be {DIGEST_SIZE} bytes")
+    _put_entries(out, [(msg.doc, msg.digest)], 1)
+    out += msg.content
+
+
+def _dec_check(r: _Reader) -> Check:
+    entries = _read_entries(r)
+    if len(entries) != 1:
+        raise DecodeError("a check names exactly one doc")
+    ((doc, digest),) = entries.items()
+    return Check(doc, digest, r.take(DIGEST_SIZE))
+
+
 def _enc_part(out: bytearray, msg: Part) -> None:
     _put_doc(out, msg.doc)
     out.append(1 if msg.final else 0)
@@ -531,6 +557,7 @@ _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
     Inventory: (MsgType.INVENTORY, _enc_inventory),
     Advert: (MsgType.ADVERT, _enc_advert),
     Part: (MsgType.PART, _enc_part),
+    Check: (MsgType.CHECK, _enc_check),
     SyncStep1: (MsgType.DOC, _enc_doc),
     SyncStep2: (MsgType.DOC, _enc_doc),
     Update: (MsgType.DOC, _enc_doc),
@@ -549,6 +576,7 @@ _DECODERS: dict[int, _Decoder] = {
     MsgType.INVENTORY: _dec_inventory,
     MsgType.ADVERT: _dec_advert,
     MsgType.PART: _dec_part,
+    MsgType.CHECK: _dec_check,
     MsgType.DOC: _dec_doc,
     MsgType.PING: lambda r: Ping(r.varuint()),
     MsgType.PONG: lambda r: Pong(r.varuint()),

@@ -108,6 +108,12 @@ class Presence:
                 if not table and doc not in self._local:
                     del tables[doc]
 
+    def promote(self, doc: str, now: float) -> bytes | None:
+        """`doc` is held now (a front end opened it): keep its states with the others, and
+        return them all (live ones), to show the newcomer; None if there are none."""
+        table = self._table(doc)
+        return table.snapshot(now, self.timeout)
+
     def snapshot(self, now: float) -> list[tuple[str, bytes]]:
         """Every live state of held docs, per doc: what a newly linked peer should hear first."""
         out = []

@@ -28,6 +28,7 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 from ..errors import ConfigError, DecodeError, ErrorCode, ProtocolError, StoreError
 from ..ids import check_doc_id
 from .codec import BUCKETS
+from .content import content_digest
 from .yjs import (
     bucket_of,
     check_state_vector,
@@ -77,6 +78,7 @@ class Replica:
         self._client_id_factory = client_id_factory
         self._docs: dict[str, Doc[Any]] = {}
         self._digests: dict[str, bytes] = {}
+        self._contents: dict[str, bytes] = {}  # content digests (#11 F6), dropped on change
         # Inventory fingerprints: the XOR of one 128-bit hash per non-empty doc, overall and per
         # bucket, kept up to date incrementally (a change XORs the doc's old entry out; `_fold`
         # XORs the new one in), so an unchanged inventory of any size costs nothing to summarise
@@ -251,8 +253,16 @@ class Replica:
         hi = len(names) if upto is None else bisect.bisect_right(names, upto)
         return [n for n in names[lo:hi] if n in self._entries]
 
+    def content_digest(self, name: str) -> bytes:
+        """A 16-byte digest of what `name` holds (`sync.content`), cached until it changes."""
+        cached = self._contents.get(name)
+        if cached is None:
+            cached = self._contents[name] = content_digest(self.diff(name, EMPTY_STATE_VECTOR))
+        return cached
+
     def _changed(self, name: str) -> None:
         self._digests.pop(name, None)
+        self._contents.pop(name, None)
         entry = self._entries.pop(name, None)
         if entry is not None:
             self._fingerprint ^= entry

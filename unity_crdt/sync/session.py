@@ -48,9 +48,9 @@ counts (`heard`), so a long transfer is not mistaken for silence.
 Synced status. `is_synced(doc)` is True only when the digest the peer last advertised equals
 ours now: acknowledged state, not "the first handshake finished".
 
-Limits. New docs a peer makes this node create are rate limited (`new_docs_burst`, refilled at
-`new_docs_rate` per second): over the quota a pull or an update is skipped, counted, and
-retried by anti-entropy. Errors: anything but PING/PONG before the peer's HELLO, a version
+Limits. New docs peers make this node create are rate limited by a node-wide `DocQuota` (a
+burst, refilled per second): over it a pull or an update is skipped, counted, and retried by
+anti-entropy. Errors: anything but PING/PONG before the peer's HELLO, a version
 mismatch, an invalid update or state vector, or a part stream over `max_doc_bytes` raises
 ProtocolError; the driver closes the link with its code, and the replica is left unchanged by
 the bad input. A round whose answers never come is abandoned after `anti_entropy_interval`
@@ -60,6 +60,7 @@ from a peer.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -73,6 +74,7 @@ from .codec import (
     Awareness,
     Batch,
     Buckets,
+    Check,
     Hello,
     Inventory,
     InventoryRequest,
@@ -88,11 +90,12 @@ from .codec import (
     Update,
 )
 from .replica import RemoteOrigin, Replica
-from .yjs import bucket_of, check_state_vector, check_update, entry_hash, is_empty_update
+from .yjs import bucket_of, check_state_vector, entry_hash, is_empty_update
 
 EMPTY_UPDATE = b"\x00\x00"
 PAGE_ENTRIES = 1024
 PART_SIZE = 512 * 1024  # well inside one 1 MiB frame, so parts interleave with live traffic
+CHECKS_PER_ROUND = 8  # content checks sent with each anti-entropy SUMMARY (#11 F6)
 _UNKNOWN = b""  # a peer digest made stale by an update from that peer
 
 
@@ -173,6 +176,30 @@ class PullGate:
             del self._owners[doc]
 
 
+class DocQuota:
+    """How many new docs peers may make this node create: a burst, refilled per second.
+
+    One per node, shared by all its links: a member that reconnects (or mints a new device
+    key) gets no fresh allowance. Over it, a pull or an update of a new doc is skipped and
+    anti-entropy retries it later, so legitimate docs arrive late, never lost.
+    """
+
+    def __init__(self, burst: int = 50_000, rate: float = 1000.0) -> None:
+        self.burst, self.rate = float(burst), rate
+        self._tokens = float(burst)
+        self._refilled: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one doc creation; False when the quota is used up."""
+        if self._refilled is not None and now > self._refilled:
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now if self._refilled is None else max(self._refilled, now)
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 @dataclass(slots=True)
 class SessionStats:
     """Counters of one session, for status pages and tests."""
@@ -191,6 +218,7 @@ class SessionStats:
     denied: int = 0
     over_quota: int = 0
     pulls_deferred: int = 0
+    equivocations: int = 0
     rounds_completed: int = 0
     rounds_abandoned: int = 0
     unsolicited: int = 0
@@ -215,10 +243,10 @@ class SyncSession:
         allow: Callable[[str], bool] | None = None,
         on_awareness: Callable[[str, bytes], None] | None = None,
         max_doc_bytes: int = 256 * 2**20,
-        new_docs_burst: int = 50_000,
-        new_docs_rate: float = 1000.0,
+        quota: DocQuota | None = None,
         on_notice: Callable[[Notice], None] | None = None,
         on_members: Callable[[Members], None] | None = None,
+        on_equivocation: Callable[[str], None] | None = None,
     ) -> None:
         self.replica = replica
         self.peer = peer
@@ -236,6 +264,8 @@ class SyncSession:
         self._on_awareness = on_awareness
         self._on_notice = on_notice
         self._on_members = on_members
+        self._on_equivocation = on_equivocation
+        self._check_cursor = ""  # content checks rotate through the docs by name
         self._last_heard = self._last_summary = self._last_ping = now
         self._ping_nonce = 0
         self._ping_sent: tuple[int, float] | None = None
@@ -254,8 +284,7 @@ class SyncSession:
         self._changed_at: float | None = None
         self._round_peer_fp: bytes | None = None
         self._round_started = now
-        self._tokens = float(new_docs_burst)
-        self._burst, self._rate, self._refilled = float(new_docs_burst), new_docs_rate, now
+        self.quota = quota if quota is not None else DocQuota()
 
     # -- status -----------------------------------------------------------------------------
 
@@ -336,7 +365,6 @@ class SyncSession:
         silent = now - self._last_heard
         if silent >= self.idle_timeout:
             raise ProtocolError(f"nothing heard from peer for {silent:.1f} s", ErrorCode.TIMEOUT)
-        self._refill(now)
         if self.busy and now - self._round_started >= self.anti_entropy_interval:
             self._abandon_round()  # an answer never came: the next SUMMARY starts afresh
         out: list[Outgoing] = []
@@ -348,7 +376,7 @@ class SyncSession:
         if now - self._last_summary >= self.anti_entropy_interval:
             # HELLO again too (3 bytes): whatever became of the first, the peer can answer.
             self._last_summary = now
-            out += [Hello(PROTOCOL_VERSION, {}), self._summary()]
+            out += [Hello(PROTOCOL_VERSION, {}), self._summary(), *self._checks()]
         elif self._peer_ready and self._ack_due(now):
             self._last_summary = now
             out.append(self._summary())
@@ -411,6 +439,8 @@ class SyncSession:
             isinstance(msg, Awareness) and self._allowed(msg.doc) and self._on_awareness is not None
         ):
             self._on_awareness(msg.doc, msg.payload)
+        elif isinstance(msg, Check):
+            self._on_check(msg)
         elif isinstance(msg, Notice) and self._allowed(msg.doc) and self._on_notice is not None:
             self._on_notice(msg)
         elif isinstance(msg, Members) and self._on_members is not None:
@@ -521,6 +551,36 @@ class SyncSession:
         self.stats.step1_sent += 1
         out.append(SyncStep1(doc, self.replica.state_vector(doc)))
 
+    def _checks(self) -> list[Outgoing]:
+        """Content checks of up to CHECKS_PER_ROUND docs the peer acknowledged, in turn.
+
+        Digests cover ids and deletions only; a member that sent different items under one id
+        to two nodes leaves them with equal digests and different content. The content digest
+        shows it.
+        """
+        names = self.replica.names()
+        start = bisect.bisect_right(names, self._check_cursor)
+        out: list[Outgoing] = []
+        for name in names[start:] + names[:start]:
+            if len(out) == CHECKS_PER_ROUND:
+                break
+            if self.is_synced(name) and not self.replica.is_empty(name):
+                out.append(
+                    Check(name, self.replica.digest(name), self.replica.content_digest(name))
+                )
+                self._check_cursor = name
+        return out
+
+    def _on_check(self, msg: Check) -> None:
+        if not self._allowed(msg.doc) or msg.doc not in self.replica:
+            return
+        if self.replica.digest(msg.doc) != msg.digest:
+            return  # not the same ids: an ordinary difference, for the pulls to settle
+        if self.replica.content_digest(msg.doc) != msg.content:
+            self.stats.equivocations += 1
+            if self._on_equivocation is not None:
+                self._on_equivocation(msg.doc)
+
     def _on_update(self, msg: Update, now: float) -> None:
         if msg.update in self.seen:
             self.stats.duplicates_skipped += 1
@@ -547,13 +607,9 @@ class SyncSession:
             )
         buf += msg.data
         self._partial_bytes += len(msg.data)
-        if msg.final:
+        if msg.final:  # the replica guards the whole update as it applies it
             whole = bytes(self._partial.pop(msg.doc))
             self._partial_bytes -= len(whole)
-            try:
-                check_update(whole)
-            except ProtocolError as exc:
-                raise ProtocolError(f"reassembled doc {msg.doc!r}: {exc}", exc.code) from exc
             self._on_step2(msg.doc, whole, now, out)
 
     def _on_step2(self, doc: str, update: bytes, now: float, out: list[Outgoing]) -> None:
@@ -594,17 +650,10 @@ class SyncSession:
         return self._allow is None or self._allow(doc)
 
     def _take_token(self, now: float) -> bool:
-        self._refill(now)
-        if self._tokens < 1:
-            self.stats.over_quota += 1
-            return False
-        self._tokens -= 1
-        return True
-
-    def _refill(self, now: float) -> None:
-        if now > self._refilled:
-            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
-            self._refilled = now
+        if self.quota.take(now):
+            return True
+        self.stats.over_quota += 1
+        return False
 
     def _our_digest(self, doc: str) -> bytes | None:
         return None if self.replica.is_empty(doc) else self.replica.digest(doc)

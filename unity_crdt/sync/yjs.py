@@ -127,14 +127,22 @@ _REF_GC, _REF_DELETED, _REF_JSON, _REF_STRING, _REF_TYPE, _REF_SKIP = 0, 1, 2, 4
 _PARENT_OK = frozenset((_REF_GC, _REF_DELETED, _REF_TYPE))
 
 
+_ASTRAL_LEADS = tuple(bytes((b,)) for b in range(0xF0, 0xF5))
+
+
 def _utf16_len(data: bytes, pos: int) -> tuple[int, int]:
     """Skip a String content and return (its length in UTF-16 units, as clocks count it, end)."""
     start = _yvar(data, pos)[1]
-    end = _yskip(data, pos, True)
+    end = _yskip(data, pos, False)
     chunk = data[start:end]
     if chunk.isascii():
         return end - start, end
-    return len(chunk.decode("utf-8").encode("utf-16-le")) // 2, end
+    try:
+        chars = len(chunk.decode("utf-8"))  # validates, too
+    except UnicodeDecodeError:
+        raise _Bad("invalid UTF-8 string") from None
+    # A character outside the BMP is two UTF-16 units; its UTF-8 form starts with F0-F4.
+    return chars + sum(chunk.count(lead) for lead in _ASTRAL_LEADS), end
 
 
 def _ystruct(data: bytes, pos: int, parents: list[tuple[int, int]]) -> tuple[int, int, int]:
