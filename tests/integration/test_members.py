@@ -19,7 +19,7 @@ from unity_crdt import ConfigError, MembershipError, Node
 from unity_crdt.checkpoint.directory import DirectorySink
 from unity_crdt.checkpoint.policy import Checkpointer
 from unity_crdt.crypto.keys import derive_group_keys, open_blob
-from unity_crdt.errors import SecurityError
+from unity_crdt.errors import CheckpointError, SecurityError
 from unity_crdt.ids import PeerAddress
 from unity_crdt.members.invites import InviteCode, parse_invite
 
@@ -104,7 +104,8 @@ async def test_revoke_one_of_four_while_one_is_offline(
     # Checkpoints written from now on are under epoch 1; carol's old keys open none of them.
     for n in (a, b, d):
         await n.checkpoint()
-    await c.checkpoint()  # the revoked device still writes to the old epoch's store...
+    with pytest.raises(CheckpointError, match="revoked"):
+        await c.checkpoint()  # the revoked device's own node pushes nothing more
     old = Checkpointer(
         derive_group_keys(SECRET), c_id, DirectorySink(tmp_path / "sink"), lambda n: b""
     )
@@ -180,8 +181,8 @@ async def test_a_revoked_device_cannot_link_with_its_old_key_or_a_fresh_one(
         assert "thief-edit" not in text(n) and "fresh-edit" not in text(n)
         assert {m.name for m in n.members} == {"alice", "bob", "carol"}  # no new member
     # Checkpoints: both wrote to the old epoch's store; a member's restore takes none of it.
-    await thief.close()  # its final checkpoint goes to the old epoch's tenant
-    await fresh.close()
+    await thief.close()  # told it is revoked: it writes no final checkpoint
+    await fresh.close()  # its final checkpoint goes to the old epoch's tenant
     assert "notes" in await b.restore()
     assert "thief-edit" not in text(b) and "fresh-edit" not in text(b)
 
@@ -202,8 +203,12 @@ async def test_an_old_epochs_checkpoints_restore_for_members_but_not_a_revoked_d
     await b2.close()
     c_id = c.device_id
     await a.revoke(c_id)
-    write(c, "carol-later", doc="bobs")  # carol (revoked) writes the same doc...
-    await c.checkpoint()  # ... into epoch 0's store
+    # Carol (revoked) comes back as a thief and writes the same doc into epoch 0's store...
+    await c.close()
+    (tmp_path / "carol" / "membership.json").unlink()
+    c = await make_node("carol", **cp)
+    write(c, "carol-later", doc="bobs")
+    await c.checkpoint()
     # ... and forges one dated long before its revocation: the writer is revoked, so no.
     forged = pycrdt.Doc()
     forged.get("t", type=pycrdt.Text).insert(0, "backdated")

@@ -57,6 +57,7 @@ class Checkpoints:
         self._pulling: set[str] = set()  # docs a commit notice is pulling from the sink
         self._sink = sink
         self._loops: list[asyncio.Task[None]] = []
+        self._halted = False
         self.cp = self._make(keys, ledger)
         # Older epochs' objects, read by restore only.
         self._readers = [self._make(k, name, admit) for k, name, admit in readers]
@@ -87,10 +88,15 @@ class Checkpoints:
             )
 
     def stop(self) -> None:
-        """Write and pull nothing more (this device was revoked, or a new epoch takes over)."""
+        """Stop the write and pull loops (a new epoch takes over: `rekey` starts new ones)."""
         for task in self._loops:
             task.cancel()
         self._loops = []
+
+    def halt(self) -> None:
+        """Write and pull nothing more, not even on close (this device was revoked)."""
+        self.stop()
+        self._halted = True
 
     def rekey(
         self,
@@ -130,6 +136,8 @@ class Checkpoints:
 
     async def checkpoint(self) -> None:
         """Write every doc changed since its last checkpoint now."""
+        if self._halted:
+            raise CheckpointError("this device was revoked from its group: it writes no more")
         report = await self.cp.checkpoint()
         if report.failed:
             raise CheckpointError(f"checkpoint failed for {len(report.failed)} doc(s)")
@@ -164,7 +172,7 @@ class Checkpoints:
     async def close(self) -> None:
         """A last checkpoint of what changed (bounded), then release the sink."""
         try:
-            if self.cp.dirty:
+            if self.cp.dirty and not self._halted:
                 await asyncio.wait_for(self.cp.checkpoint(), FINAL_CHECKPOINT_TIMEOUT)
         except (CheckpointError, TimeoutError) as exc:
             log.warning(

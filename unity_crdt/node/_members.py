@@ -389,7 +389,7 @@ class MembersService:
         log.error("%s", self.error)
         node = self._node
         if node._checkpoints is not None:
-            node._checkpoints.stop()
+            node._checkpoints.halt()
         if node._relay is not None:
             node._relay.halt()
         if node._mesh is not None:
