@@ -394,6 +394,8 @@ class MembersService:
             node._relay.halt()
         if node._mesh is not None:
             node.spawn(node._mesh.close(), "stop linking")
+        if node._discovery is not None:
+            node.spawn(node._discovery.close(), "stop announcing")
         node.spawn(self.save(), "save membership")
 
     async def _cut(self, dev: str) -> None:
