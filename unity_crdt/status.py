@@ -81,7 +81,7 @@ class RelayStatus:
     server: str | None  # the server this node is connected to right now
     error: str | None  # why it is not connected (or the last failure)
     lag: int  # stream messages not yet applied here
-    outbox: int  # sealed messages made here that the stream has not acknowledged yet
+    outbox: int  # messages made here the stream has not acknowledged yet (held: one per doc)
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,13 @@ async def stream_msg_ids(url: str | tuple[str, ...]) -> list[str]:
         return ids
     finally:
         await nc.close()
+
+
+async def server_subscriptions(server: Any) -> int:
+    """How many subscriptions the server holds now (from its monitoring endpoint)."""
+    import json
+    import urllib.request
+
+    url = f"http://{server.host}:{server.http_port}/subsz"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+    return int(json.loads(body)["num_subscriptions"])

@@ -17,12 +17,14 @@ from unity_crdt.errors import ErrorCode, ProtocolError
 from unity_crdt.sync import codec
 from unity_crdt.sync.codec import (
     PROTOCOL_VERSION,
+    Advert,
     Batch,
     Buckets,
     Hello,
     Inventory,
     InventoryRequest,
     Message,
+    Part,
     Ping,
     Pong,
     Summary,
@@ -419,3 +421,60 @@ def test_quiet_link_acknowledges_live_updates_within_the_ack_delay() -> None:
         pump(sa.tick(now), sb, sa, now)
         pump(sb.tick(now), sa, sb, now)
     assert sa.stats.summaries_sent + sb.stats.summaries_sent == summaries
+
+
+def test_a_part_stream_is_taken_whole_or_dropped_whole() -> None:
+    """Parts carry no offset: a stream that began before we pulled (a late answer, a round
+    abandoned mid-stream) is dropped to its final part, never spliced into the next one."""
+    big = Party("big")
+    body = big.text("big")
+    body.insert(0, "lorem ipsum ✓ " * 100_000)  # about 1.5 MB: three or four parts
+    sender = SyncSession(big.replica, peer="r", now=0.0)
+    old = sender.reply(Reply("big", b"\x00"))
+    body.insert(0, "more ")
+    new = sender.reply(Reply("big", b"\x00"))
+    assert len(old) >= 3 and all(isinstance(m, Part) for m in old + new)
+
+    fresh = Party("fresh")
+    s = SyncSession(fresh.replica, peer="big", now=0.0)
+    s.receive(Hello(PROTOCOL_VERSION, {}), 0.0)
+    # The old answer starts streaming before we pull; we pull in the middle of it.
+    assert s.receive(old[0], 0.0) == []
+    pull = s.receive(Advert("big", big.replica.digest("big")), 0.0)
+    assert [type(m) for m in pull] == [SyncStep1]
+    for msg in old[1:] + new:
+        s.receive(msg, 0.0)  # before the fix: the old tail + the new stream, spliced
+    assert fresh.content("big") == big.content("big")
+    assert not s.busy
+
+    # A round abandoned mid-stream: the rest of that stream is dropped, the next one taken.
+    body.insert(0, "again ")
+    s.receive(Advert("big", big.replica.digest("big")), 1.0)
+    again = sender.reply(Reply("big", b"\x00"))
+    s.receive(again[0], 1.0)
+    later = 1.0 + s.anti_entropy_interval
+    s.receive(Ping(1), later)
+    s.tick(later)
+    assert not s.busy
+    s.receive(Advert("big", big.replica.digest("big")), 100.0)
+    latest = sender.reply(Reply("big", b"\x00"))
+    for msg in again[1:] + latest:
+        s.receive(msg, 100.0)
+    assert fresh.content("big") == big.content("big")
+
+
+def test_a_slow_stream_that_keeps_moving_is_not_abandoned() -> None:
+    big = Party("big")
+    big.text("big").insert(0, "x" * 2_000_000)
+    parts = SyncSession(big.replica, peer="r", now=0.0).reply(Reply("big", b"\x00"))
+    assert len(parts) >= 4
+    fresh = Party("fresh")
+    s = SyncSession(fresh.replica, peer="big", now=0.0)
+    s.receive(Hello(PROTOCOL_VERSION, {}), 0.0)
+    s.receive(Advert("big", big.replica.digest("big")), 0.0)
+    step = s.anti_entropy_interval * 0.6  # the whole transfer takes over twice the interval
+    for i, part in enumerate(parts, 1):
+        s.receive(part, i * step)
+        s.tick(i * step)
+    assert s.stats.rounds_abandoned == 0
+    assert fresh.content("big") == big.content("big")

@@ -25,7 +25,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from ..errors import RelayError
 
@@ -134,6 +134,7 @@ class NatsBroker:
         self.urls = urls
         self._credentials = credentials
         self._nc: Client | None = None
+        self._jsc: JetStreamContext | None = None
         self.last_error: str | None = None
 
     @property
@@ -167,12 +168,20 @@ class NatsBroker:
             on_disconnected=on_down,
             on_reconnected=on_up,
         )
+        self._jsc = None
         self.last_error = None
 
     def _client(self) -> Client:
         if self._nc is None:
             raise RelayError("not connected to NATS")
         return self._nc
+
+    def _js(self) -> JetStreamContext:
+        # One context per connection: each new one subscribes its own reply subject for
+        # publish acknowledgements (a subscription per publish leaked 1,000 per 1,000 edits).
+        if self._jsc is None:
+            self._jsc = self._client().jetstream()
+        return self._jsc
 
     async def ensure_stream(
         self,
@@ -185,7 +194,7 @@ class NatsBroker:
         duplicate_window: float,
     ) -> StreamState:
         """The stream `name` on `subject`, created with this retention if it does not exist."""
-        js = self._client().jetstream()
+        js = self._js()
         try:
             info = await js.stream_info(name)
         except nats.js.errors.NotFoundError:
@@ -208,7 +217,7 @@ class NatsBroker:
 
     async def publish(self, subject: str, data: bytes, msg_id: str) -> asyncio.Future[int]:
         """Publish into the stream; the future gives the stream sequence once stored."""
-        js = self._client().jetstream()
+        js = self._js()
         ack = await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
         out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -246,7 +255,7 @@ class NatsBroker:
         self, stream: str, subject: str, start_seq: int, handler: StreamHandler
     ) -> Subscription:
         """An ordered consumer from `start_seq`: `handler(seq, pending, subject, data)`."""
-        js = self._client().jetstream()
+        js = self._js()
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq)
         )

@@ -12,7 +12,10 @@ Outbound. Each update is encoded (`sync.codec.Update`), sealed (`crypto.envelope
 the durable `RelayOutbox` and published to the group's stream with a keyed `Nats-Msg-Id`. A part
 leaves the outbox only when the stream acknowledged it; while the broker is unreachable parts
 wait (on disk), and after a reconnect every unacknowledged part is re-sent under its old id,
-which the stream's duplicate window turns into a no-op if it had arrived after all.
+which the stream's duplicate window turns into a no-op if it had arrived after all. While
+`window` messages await acknowledgement, new updates are held in memory and go out merged, one
+message per doc, as soon as one is acknowledged (or at `flush()`, or into the outbox when the
+connection drops): under sustained typing each message then carries many edits.
 
 Inbound. An ordered consumer reads the stream from the cursor (the last sequence applied here,
 kept in the outbox file). After a reconnect it starts again from the cursor, so a node that was
@@ -44,7 +47,7 @@ from ..errors import ProtocolError, SecurityError, UnityCrdtError
 from ..status import RelayStatus
 from ..sync import codec
 from ..sync.codec import Batch, Hello, Members, Notice, SyncStep1, SyncStep2, Update
-from ..sync.replica import RemoteOrigin, Replica
+from ..sync.replica import RemoteOrigin, Replica, merge_small
 from ..sync.session import SeenFilter
 from ..sync.yjs import is_empty_update
 from ._outbox import Entry, RelayOutbox
@@ -124,6 +127,10 @@ class RelaySettings:
     ack_timeout: float = 5.0
     gap_wait: float = 2.0
     retry: float = 1.0
+    # Stream messages awaiting acknowledgement before new edits are held back and merged:
+    # the per-message cost of JetStream and nats-py dominates, so sustained typing goes out in
+    # fewer, larger messages, while a lone edit never waits.
+    window: int = 4
 
 
 class Relay:
@@ -166,6 +173,8 @@ class Relay:
         self._dirty = asyncio.Event()
         self._up = asyncio.Event()  # a reconnect happened: set the stream up again
         self._changed = asyncio.Event()
+        self._held: dict[str, list[bytes]] = {}
+        self._flying = 0  # parts handed to the broker and not yet acknowledged
         self.applied = 0
         self.duplicates = 0
         self.refused = 0
@@ -184,6 +193,11 @@ class Relay:
         if not self.settings.deltas or self._halted:
             return
         self._seen.add(update)
+        if self._held or self._flying >= self.settings.window:
+            # The stream acknowledges each message in turn; what is edited meanwhile goes
+            # out merged, as one message per doc, when an acknowledgement frees the window.
+            self._held.setdefault(doc, []).append(update)
+            return
         self._queue(self._sealer.updates_subject, codec.encode(Update(doc, update)))
 
     def send_members(self, ops: tuple[bytes, ...]) -> None:
@@ -206,6 +220,13 @@ class Relay:
             return False
         return True
 
+    def _release(self) -> None:
+        """Seal and queue the held updates, merged per doc."""
+        held, self._held = self._held, {}
+        for doc, updates in held.items():
+            merged = merge_small(updates)
+            self._queue(self._sealer.updates_subject, codec.encode(Update(doc, merged)))
+
     def notify(self, notice: Notice) -> None:
         """Send a commit notice to the members online now (dropped while offline)."""
         if self._ready and not self._halted:
@@ -220,7 +241,7 @@ class Relay:
             server=self._broker.server if self._ready else None,
             error=None if self._ready else (self._broker.last_error or self._error),
             lag=self._lag,
-            outbox=len(self._outbox),
+            outbox=len(self._outbox) + len(self._held),
         )
 
     @property
@@ -237,11 +258,13 @@ class Relay:
                 self._changed.clear()
 
     async def flush(self) -> None:
-        """Make every queued part durable in the outbox file."""
+        """Make every queued update durable in the outbox file."""
+        self._release()
         await self._outbox.sync()
 
     async def close(self) -> None:
         """Give in-flight parts a moment to be acknowledged, persist the rest, disconnect."""
+        self._release()
         with contextlib.suppress(TimeoutError):
             await self.wait_until(lambda: not self._in_flight(), 2.0)
         self._ready = False
@@ -258,6 +281,7 @@ class Relay:
         self._error = "disconnected; reconnecting"
         for entry in self._outbox.entries.values():
             self._abandon(entry)
+        self._release()  # into the durable outbox, to go out on reconnect
         self._notify()
 
     async def _run(self) -> None:
@@ -336,6 +360,7 @@ class Relay:
     def _abandon(self, entry: Entry) -> None:
         if entry.ack is not None:
             ack, entry.ack = entry.ack, None
+            self._flying -= 1
             ack.cancel()
         entry.sent_at = None
 
@@ -362,12 +387,16 @@ class Relay:
                     log.debug("relay: publish failed, will retry: %s", exc)
                     break
                 entry.sent_at, entry.ack = now, ack
+                self._flying += 1
                 ack.add_done_callback(functools.partial(self._acked, entry))
 
     def _acked(self, entry: Entry, ack: asyncio.Future[int]) -> None:
         if entry.ack is not ack:
             return  # abandoned meanwhile
         entry.ack = None
+        self._flying -= 1
+        if self._held and self._flying < self.settings.window:
+            self._release()
         if ack.cancelled() or ack.exception() is not None:
             entry.sent_at = None
             asyncio.get_running_loop().call_later(self.settings.retry, self._wake.set)

@@ -53,9 +53,10 @@ burst, refilled per second): over it a pull or an update is skipped, counted, an
 anti-entropy. Errors: anything but PING/PONG before the peer's HELLO, a version
 mismatch, an invalid update or state vector, or a part stream over `max_doc_bytes` raises
 ProtocolError; the driver closes the link with its code, and the replica is left unchanged by
-the bad input. A round whose answers never come is abandoned after `anti_entropy_interval`
-(their late arrivals are ignored), so nothing can wedge the exchange. `allow(doc)` hides docs
-from a peer.
+the bad input. A round whose answers stop coming for `anti_entropy_interval` is abandoned
+(their late arrivals are ignored, a part stream under way is dropped to its final part), so
+nothing can wedge the exchange; a slow 200 MB transfer that keeps moving is never cut off.
+`allow(doc)` hides docs from a peer.
 """
 
 from __future__ import annotations
@@ -277,13 +278,13 @@ class SyncSession:
         self._awaiting_buckets = False
         self._awaiting: set[str] = set()
         self._deferred: set[str] = set()  # pulls waiting for another link's pull of the doc
-        self._partial: dict[str, bytearray] = {}
-        self._partial_bytes = 0
+        self._partial: dict[str, list[bytes] | None] = {}  # None: drop to the final part
+        self._partial_size: dict[str, int] = {}
         # Changes are counted where they happen and timed at the next tick, which has a clock.
         self._changes = self._changes_seen = 0
         self._changed_at: float | None = None
         self._round_peer_fp: bytes | None = None
-        self._round_started = now
+        self._round_progress = now
         self.quota = quota if quota is not None else DocQuota()
 
     # -- status -----------------------------------------------------------------------------
@@ -365,8 +366,8 @@ class SyncSession:
         silent = now - self._last_heard
         if silent >= self.idle_timeout:
             raise ProtocolError(f"nothing heard from peer for {silent:.1f} s", ErrorCode.TIMEOUT)
-        if self.busy and now - self._round_started >= self.anti_entropy_interval:
-            self._abandon_round()  # an answer never came: the next SUMMARY starts afresh
+        if self.busy and now - self._round_progress >= self.anti_entropy_interval:
+            self._abandon_round()  # the answers stopped coming: the next SUMMARY starts afresh
         out: list[Outgoing] = []
         if self._deferred:  # another link's pull may be done: pull what still differs
             for doc in sorted(self._deferred):
@@ -466,7 +467,7 @@ class SyncSession:
     def _start_round(self, out: list[Outgoing]) -> None:
         self._awaiting_buckets = True
         self._round_peer_fp = self._peer_fp
-        self._round_started = self._last_heard
+        self._round_progress = self._last_heard
         out.append(InventoryRequest(None))
 
     def _abandon_round(self) -> None:
@@ -476,8 +477,9 @@ class SyncSession:
         self._awaiting.clear()
         self._deferred.clear()
         self.pulls.release_all(self)
-        self._partial_bytes -= sum(map(len, self._partial.values()))
-        self._partial.clear()
+        # Streams under way are dropped to their final part (see _on_part).
+        self._partial = dict.fromkeys(self._partial)
+        self._partial_size.clear()
 
     def _on_inventory_request(self, msg: InventoryRequest, out: list[Outgoing]) -> None:
         if msg.bucket is None:
@@ -510,6 +512,7 @@ class SyncSession:
             self.stats.unsolicited += 1  # late, from an abandoned round
             return
         self.stats.pages_received += 1
+        self._round_progress = now
         names = [doc for doc, _ in msg.entries]
         if names and (names[0] <= after or any(bucket_of(d) != msg.bucket for d in names)):
             raise ProtocolError("inventory page out of order or of the wrong bucket")
@@ -596,25 +599,34 @@ class SyncSession:
             self._changes += 1
 
     def _on_part(self, msg: Part, now: float, out: list[Outgoing]) -> None:
-        if msg.doc not in self._awaiting:
-            self.stats.unsolicited += 1  # late, from an abandoned round: nothing is kept
+        # Parts carry no offset, and the peer sends one stream at a time: whether a stream is
+        # ours is decided at its first part, and holds to its final one. A stream that began
+        # before we pulled (a late answer) is dropped whole, never spliced into the next.
+        if msg.doc not in self._partial:
+            self._partial[msg.doc] = [] if msg.doc in self._awaiting else None
+        chunks = self._partial[msg.doc]
+        if chunks is None:
+            self.stats.unsolicited += 1
+            if msg.final:
+                del self._partial[msg.doc]
             return
-        buf = self._partial.setdefault(msg.doc, bytearray())
-        if len(buf) + len(msg.data) > self.max_doc_bytes:
+        size = self._partial_size.get(msg.doc, 0) + len(msg.data)
+        if size > self.max_doc_bytes:
             raise ProtocolError(
                 f"doc {msg.doc!r} is over the limit of {self.max_doc_bytes} bytes",
                 ErrorCode.TOO_LARGE,
             )
-        buf += msg.data
-        self._partial_bytes += len(msg.data)
+        chunks.append(msg.data)  # joined once at the end: one copy of a 200 MB doc, not many
+        self._partial_size[msg.doc] = size
+        self._round_progress = now
         if msg.final:  # the replica guards the whole update as it applies it
-            whole = bytes(self._partial.pop(msg.doc))
-            self._partial_bytes -= len(whole)
-            self._on_step2(msg.doc, whole, now, out)
+            del self._partial[msg.doc], self._partial_size[msg.doc]
+            self._on_step2(msg.doc, b"".join(chunks), now, out)
 
     def _on_step2(self, doc: str, update: bytes, now: float, out: list[Outgoing]) -> None:
         self._apply(doc, update, self.pulled_origin)
         if doc in self._awaiting:
+            self._round_progress = now
             self._awaiting.discard(doc)
             self.pulls.release(doc, self)
             self._changes += 1
