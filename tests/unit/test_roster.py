@@ -314,3 +314,34 @@ def test_any_delivery_order_gives_the_same_view(seed: int) -> None:
         assert len(r) == len(ops), order
         views.append(r.view())
     assert all(v == views[0] for v in views)
+
+
+def test_a_second_signing_key_for_a_device_voids_every_op_signed_in_its_name() -> None:
+    """A member registers its own signing key for another member's device id, hoping to act
+    in its name once itself revoked: every op under that id becomes void, honest or forged."""
+    a, v, t = group("a", "v", "thief")
+    fake = make_op(
+        Join(v.identity.public_key, t.key.public_key, "v", True),
+        group_id=GROUP,
+        author=v.id,
+        at=T0,
+        deps=(),
+        key=t.key,
+    )
+    honest = v.op(Invite(b"h" * 16, T0 + 10**6, 0))  # v's real op, before the fake spreads
+    a.learn(v)
+    a.roster.add(fake.raw)
+    forged = make_op(
+        Invite(b"f" * 16, T0 + 10**6, 0),
+        group_id=GROUP,
+        author=v.id,
+        at=T0 + 5,
+        deps=a.roster.heads(),
+        key=t.key,
+    )
+    a.roster.add(forged.raw)  # verifies with the fake JOIN's key...
+    view = a.roster.view()
+    assert forged.id not in view.valid and honest.id not in view.valid  # ... and counts not
+    assert b"f" * 16 not in view.invites and b"h" * 16 not in view.invites
+    assert view.state(v.id) == "active"  # v still links and syncs (its X25519 key)
+    assert view.members[v.id].x25519 == v.identity.public_key  # its id binds its link key

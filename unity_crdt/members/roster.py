@@ -24,6 +24,10 @@ its past, not revoked by one) and no effective revocation of its author fails to
     causally follow (whatever D did concurrently, or claims to have done "before" by naming
     old deps): its invitations, additions, grants, epochs and revocations.
 
+A device whose JOINs name two different signing keys signs nothing valid: its own key never
+changes (it is derived from its device key), so a second one means someone else registered a
+key for it, and honouring either would let that someone act in its name.
+
 Two devices revoking each other concurrently (a cycle) are both revoked: a device cannot
 escape its revocation by revoking the revoker, and which of the two wins is not something a
 forger could grind for. Validity is computed as the fixpoint of these rules (revocations void
@@ -284,6 +288,7 @@ class Roster:
         revoked_in: dict[str, list[Op]] = {}
         for r in revokes:
             revoked_in.setdefault(r.target, []).append(r)
+        contested = self._contested()
 
         def admit(closers: list[Op]) -> dict[str, list[Op]]:
             # A JOIN admits only while no revocation closed the door, or before one did.
@@ -304,6 +309,8 @@ class Roster:
         def author_ok(o: Op) -> bool:
             if o.kind is OpKind.JOIN:
                 return True
+            if o.author in contested:
+                return False
             if not any(past(a.id, o.id) for a in admissions.get(o.author, ())):
                 return False
             return not any(past(r.id, o.id) for r in revoked_in.get(o.author, ()))
@@ -373,6 +380,16 @@ class Roster:
                 continue
             out.add(o.id)
         return out, _Context(effective, admissions, used)
+
+    def _contested(self) -> set[str]:
+        """Devices whose JOINs name two signing keys: someone registered a key for a device
+        it does not hold, so no op signed under that device id counts (its links and data
+        are unaffected: they rest on its X25519 key)."""
+        keys: dict[str, set[bytes]] = {}
+        for o in self._ops.values():
+            if isinstance(o.body, Join):
+                keys.setdefault(o.author, set()).add(o.body.ed25519)
+        return {dev for dev, found in keys.items() if len(found) > 1}
 
     def _grant_ok(self, o: Op, b: Grant, ops: list[Op], valid: set[bytes]) -> bool:
         if b.epoch == NO_EPOCH:
