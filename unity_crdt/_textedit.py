@@ -28,7 +28,9 @@ def rebase_edit(before: str, after: str, current: str) -> list[tuple[int, int, s
     Returns edits (index, chars removed, text inserted) to apply in order. Both changes are
     reduced to one edited region each; positions past the peers' region shift by its growth,
     and the local edit never removes what peers inserted (it did not see it): that matches how
-    the CRDT merges a delete with a concurrent insert.
+    the CRDT merges a delete with a concurrent insert. Only texts are compared, so an edit in
+    a run of repeated characters is taken where a minimal diff puts it (both sides deleting an
+    "a" of "aaa" may look like the same "a"); a widget that reports its edits avoids that.
     """
     index, removed, inserted = text_diff(before, after)
     r_index, r_removed, r_inserted = text_diff(before, current)

@@ -4,6 +4,7 @@ other commands through their control sockets, plus the metrics exposition and do
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from unity_crdt.frontends._docview import Conflict, apply_edit, project
 from unity_crdt.frontends._metrics import escape_label, render
 from unity_crdt.frontends.control import ControlServer
 from unity_crdt.frontends.control_client import ControlClient, socket_path
-from unity_crdt.status import DocStatus, NodeStatus, PeerStatus
+from unity_crdt.status import CacheStatus, DocStatus, NodeStatus, PeerStatus, RelayStatus
 
 SCRIPT = str(Path(sys.executable).with_name("unity-crdt"))
 SECRET = "test-group-secret-" + "x" * 25
@@ -216,6 +217,7 @@ def test_status_json_and_table_show_the_synced_peer(
     table = cli("status", "--cache-dir", a)
     assert table.returncode == 0, table.stderr
     assert re.search(r"^node\s+alice \([a-z2-7]{8}\)", table.stdout, re.M)
+    assert re.search(r"^cache\s+ok$", table.stdout, re.M)
     assert re.search(r"^\s+bob\s+[a-z2-7]{8}\s+\S+ s", table.stdout, re.M)
     assert re.search(r"^\s+status-doc\s+\d+ B\s+1/1\s+never", table.stdout, re.M)
 
@@ -431,6 +433,32 @@ def test_metrics_render_escapes_label_values() -> None:
         assert line.startswith("# ") or sample.match(line), line
     families = re.findall(r"^# TYPE (\S+)", text, re.M)
     assert len(families) == len(set(families)), "each family must be declared once"
+
+
+def test_metrics_tell_relay_cache_and_equivocation_health() -> None:
+    healthy = render(_status("bob", "d"))
+    assert re.search(r"^unity_crdt_cache_failing 0$", healthy, re.M)
+    assert re.search(r"^unity_crdt_equivocating_docs 0$", healthy, re.M)
+    assert "unity_crdt_relay_" not in healthy  # no relay configured: no relay series
+    failing = dataclasses.replace(
+        _status("bob", "d"),
+        relay=RelayStatus("nats://x", False, None, "refused", lag=7, outbox=3),
+        cache=CacheStatus(store_error="disk full", unsaved_docs=("d",), failed_writes=2),
+        equivocations=("d",),
+    )
+    text = render(failing)
+    for line in (
+        "unity_crdt_relay_connected 0",
+        "unity_crdt_relay_lag_messages 7",
+        "unity_crdt_relay_outbox_messages 3",
+        "unity_crdt_cache_failing 1",
+        "unity_crdt_cache_unsaved_docs 1",
+        "unity_crdt_cache_failed_writes_total 2",
+        "unity_crdt_cache_recoveries_total 0",
+        "unity_crdt_equivocating_docs 1",
+    ):
+        assert re.search(f"^{line}$", text, re.M), line
+    assert "# TYPE unity_crdt_cache_failed_writes_total counter" in text
 
 
 def test_f11_metrics_render_leaves_doc_names_out_by_default() -> None:

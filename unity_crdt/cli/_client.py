@@ -125,10 +125,13 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         + (f", yjs {st['yjs_url']}" if st["yjs_url"] else ""),
         f"relay   {_relay_line(st.get('relay'))}",
         f"group   {membership_line(st.get('membership'))}",
+        f"cache   {_cache_line(st.get('cache') or {})}",
         f"peers   {len(st['peers'])}",
     ]
     for warning in st.get("checkpoint_warnings", ()):
         lines.insert(2, f"        warning: {warning}")
+    for doc in st.get("equivocations", ()):
+        lines.insert(2, f"        EQUIVOCATION: a peer holds other content of {doc!r}, same ids")
     n_docs = len(st["docs"])
     if st["peers"]:
         lines += table(
@@ -179,6 +182,18 @@ def _relay_line(relay: dict[str, Any] | None) -> str:
     else:
         state = f"NOT connected ({relay['error'] or 'connecting'})"
     return f"{relay['url']}  {state}, outbox {relay['outbox']}"
+
+
+def _cache_line(cache: dict[str, Any]) -> str:
+    parts = [f"FAILING ({cache['store_error']})" if cache.get("store_error") else "ok"]
+    if cache.get("unsaved_docs"):
+        parts.append(f"{len(cache['unsaved_docs'])} docs only in memory")
+    if cache.get("failed_writes"):
+        parts.append(f"{cache['failed_writes']} failed writes")
+    last = cache.get("last_recovery")
+    if last:
+        parts.append(f"recovered {cache['recoveries']}x, last: {last['reason']}")
+    return ", ".join(parts)
 
 
 def run_status(args: argparse.Namespace) -> int:

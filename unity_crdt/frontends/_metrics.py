@@ -98,6 +98,44 @@ def render(status: NodeStatus, *, doc_labels: bool = False) -> str:
         len(status.checkpoint_warnings),
     )
 
+    out.gauge(
+        "unity_crdt_equivocating_docs",
+        "Docs a peer holds with other content under the same ids (a member equivocated).",
+        len(status.equivocations),
+    )
+    cache = status.cache
+    out.gauge(
+        "unity_crdt_cache_failing",
+        "1 while writes to the local cache fail (edits are kept in memory meanwhile).",
+        int(cache.store_error is not None),
+    )
+    out.gauge(
+        "unity_crdt_cache_unsaved_docs",
+        "Docs with edits only in memory until cache writes work again.",
+        len(cache.unsaved_docs),
+    )
+    out.family(
+        "unity_crdt_cache_failed_writes_total",
+        "counter",
+        "Cache writes that failed since start.",
+        [((), cache.failed_writes)],
+    )
+    out.family(
+        "unity_crdt_cache_recoveries_total",
+        "counter",
+        "Recoveries of a damaged local cache since start.",
+        [((), cache.recoveries)],
+    )
+    if status.relay is not None:
+        relay = status.relay
+        out.gauge("unity_crdt_relay_connected", "1 when the NATS relay is up.", relay.connected)
+        out.gauge("unity_crdt_relay_lag_messages", "Stream messages not applied yet.", relay.lag)
+        out.gauge(
+            "unity_crdt_relay_outbox_messages",
+            "Messages made here the stream has not acknowledged yet.",
+            relay.outbox,
+        )
+
     peers = [((("peer", p.name), ("device", p.device_id)), p) for p in status.peers]
     per_peer: list[tuple[str, str, str, Callable[[PeerStatus], float | int]]] = [
         (
