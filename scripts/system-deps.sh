@@ -5,6 +5,7 @@
 #   browser:      chromium (driven by Playwright for Python; no browser is ever downloaded),
 #                 fonts for emoji and CJK so the screenshots in docs/img show the text
 #   desktop:      Xvfb, xdotool, and Tk for the Python that runs the tests
+#   bench:        redis-server (the broker of bench_work's Celery anchor)
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 missing=()
@@ -23,6 +24,7 @@ fonts=/usr/share/fonts/truetype
 # The Python's _tkinter links Debian's Tk; without it `import tkinter` fails.
 if [ -x "$PY" ] && ! "$PY" -c 'import _tkinter' 2>/dev/null; then missing+=(libtk8.6); fi
 command -v strace >/dev/null || missing+=(strace)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "system-deps: please install: ${missing[*]} (needs root)" >&2; exit 1

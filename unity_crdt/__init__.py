@@ -7,6 +7,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     CorruptCacheError,
+    JobFailed,
     MembershipError,
     ProtocolError,
     SecurityError,
@@ -15,7 +16,7 @@ from .errors import (
 )
 from .ids import PeerAddress
 from .node import Node
-from .status import Member, PeerInfo
+from .status import LeaseInfo, Member, PeerInfo, Progress
 from .store.memory import MemoryStore
 from .threaded import ThreadedNode
 
@@ -25,6 +26,8 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "CorruptCacheError",
+    "JobFailed",
+    "LeaseInfo",
     "Member",
     "MembershipError",
     "MemoryStore",
@@ -32,6 +35,7 @@ __all__ = [
     "NodeConfig",
     "PeerAddress",
     "PeerInfo",
+    "Progress",
     "ProtocolError",
     "SecurityError",
     "StoreError",

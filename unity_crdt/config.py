@@ -102,6 +102,15 @@ class NodeConfig:
     relay_deltas: bool = True  # False: only commit notices travel through the relay
     relay_max_age: float = 7 * 86400.0  # how long the group's stream keeps sealed deltas
     relay_max_bytes: int = 2**30  # ... and at most this many bytes of them
+    # Strict collective work (claims and leases by compare-and-set on NATS JetStream key-value):
+    # server URL(s) like relay_url. None: the relay's URL when that is NATS; "off": LAN mode
+    # (claims in CRDT docs) even with a NATS relay. Credentials default to the relay's when
+    # the URL is the relay's.
+    coordination_url: tuple[str, ...] | str | None = None
+    coordination_credentials: str | None = field(default=None, repr=False)
+    # Seconds between a busy node's heartbeats in `_work/beats`; a LAN claim or lease whose
+    # holder is silent for its lease time is free again (leases must be >= 3 heartbeats).
+    work_heartbeat: float = 1.0
 
     def __post_init__(self) -> None:
         if (
@@ -166,10 +175,35 @@ class NodeConfig:
         if min(self.max_handshakes, self.max_handshakes_per_ip, self.max_handshakes_per_subnet) < 1:
             raise ConfigError("handshake limits must be >= 1")
         object.__setattr__(self, "relay_url", _relay_urls(self.relay_url))
+        if self.coordination_url != "off":
+            object.__setattr__(self, "coordination_url", _relay_urls(self.coordination_url))
+        if self.work_heartbeat <= 0:
+            raise ConfigError("work_heartbeat must be > 0")
         if self.relay_max_age <= 0 or self.relay_max_bytes <= 0:
             raise ConfigError("relay_max_age and relay_max_bytes must be > 0")
         if self.idle_timeout <= self.ping_interval:
             raise ConfigError("idle_timeout must be longer than ping_interval")
+
+    @property
+    def coordination_urls(self) -> tuple[str, ...]:
+        """Where strict claims and leases go: coordination_url, else a NATS relay_url; () = LAN."""
+        if self.coordination_url == "off":
+            return ()
+        if self.coordination_url:
+            return tuple(self.coordination_url)
+        relay = tuple(self.relay_url or ())
+        return relay if relay and all(u.split(":", 1)[0] in ("nats", "tls") for u in relay) else ()
+
+    @property
+    def coordination_credentials_effective(self) -> str | None:
+        """The credentials for coordination_urls (the relay's when those are the relay's)."""
+        if self.coordination_credentials is not None:
+            return self.coordination_credentials
+        return (
+            self.relay_credentials
+            if self.coordination_urls == tuple(self.relay_url or ())
+            else None
+        )
 
     @property
     def cache_path(self) -> Path:
@@ -187,8 +221,9 @@ class NodeConfig:
         for key in ("peers", "searchable", "mdns_interfaces", "mdns_allow", "yjs_origins"):
             if key in values:
                 values[key] = tuple(values[key])
-        if isinstance(values.get("relay_url"), list):
-            values["relay_url"] = tuple(values["relay_url"])
+        for key in ("relay_url", "coordination_url"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         for key in ("checkpoint_url", "weaviate_url"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])

@@ -118,3 +118,19 @@ class NodeAlreadyRunning(ControlError):
 
 class RelayError(UnityCrdtError):
     """The cloud channel (NATS) could not be reached, refused us, or broke its contract."""
+
+
+class JobFailed(UnityCrdtError):
+    """Some tasks of a job failed for good (after `max_attempts`); `failures` says which and why."""
+
+    def __init__(self, job_id: str, failures: dict[int, str], results: list[object]) -> None:
+        shown = "; ".join(f"input {i}: {err}" for i, err in sorted(failures.items())[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        super().__init__(f"job {job_id}: {len(failures)} failed: {shown}{more}")
+        self.job_id = job_id
+        self.failures = failures  # input index -> the handler's error (the last attempt's)
+        self.results = results  # input order; None where an input has no result
+
+
+class CoordinationError(UnityCrdtError):
+    """The coordination engine (NATS JetStream key-value) refused or could not answer."""

@@ -114,6 +114,54 @@ class CacheStatus:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How far a job is: tasks in all (inputs x redundancy), done, failed for good, running."""
+
+    total: int
+    done: int
+    failed: int
+    running: int
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """Who holds a lease now: its fencing token and how long it lasts without renewal."""
+
+    device_id: str
+    name: str
+    token: int
+    expires_in: float  # seconds, as this node sees it
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job as this node sees it (`unity-crdt jobs`)."""
+
+    job_id: str
+    kind: str
+    total: int
+    done: int
+    failed: int
+    running: int
+    submitted_by: str  # device id
+    submitted_at: float  # wall-clock seconds since the epoch, by the submitter's clock
+
+
+@dataclass(frozen=True)
+class WorkStatus:
+    """Collective work on this node: the coordination mode, kinds served, jobs and leases."""
+
+    mode: str  # "strict" (NATS key-value reachable) or "lan" (CRDT claims)
+    coordination_url: str | None  # without credentials
+    connected: bool
+    error: str | None  # why strict mode is not available (or the last failure)
+    kinds: tuple[str, ...]  # the task kinds this node works on
+    running: int  # tasks running on this node now
+    jobs: tuple[JobStatus, ...] = ()
+    leases: tuple[LeaseInfo, ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     """Everything a status view shows, taken at one moment."""
 
@@ -134,6 +182,7 @@ class NodeStatus:
     membership: MembershipStatus | None = None
     # Docs a peer holds with other content under the same ids (a member equivocated, #11 F6).
     equivocations: tuple[str, ...] = ()
+    work: WorkStatus | None = None  # jobs, leases and the coordination mode
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

@@ -97,6 +97,7 @@ def test_the_tree_matches_the_documented_layers() -> None:
         "store",
         "sync",
         "testing",
+        "work",
     ]
     doc = (PKG.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     for package in packages:

@@ -2,11 +2,11 @@
 
 Each subcommand is a `Command` (name, help, how to add its arguments, what to run), listed in
 COMMANDS. `run` (`cli._run`) hosts a node and its control API (`frontends.control`);
-`status`, `doc`, `checkpoint`, `restore` and `search` (`cli._client`), `members`, `invite`
-and `revoke` (`cli._members`) are clients of that API, because the running node holds the
-cache lock. Handlers import what they need lazily, so `unity-crdt keygen` stays instant.
-Every error is one line on stderr saying what to do, with exit code 2. The group secret is
-never printed.
+`status`, `doc`, `checkpoint`, `restore`, `search` (`cli._client`), `members`, `invite`,
+`revoke` (`cli._members`), `jobs` and `leases` (`cli._work`) are clients of that API, because
+the running node holds the cache lock. Handlers import what they need lazily, so
+`unity-crdt keygen` stays instant. Every error is one line on stderr saying what to do, with
+exit code 2. The group secret is never printed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..errors import UnityCrdtError
 from . import _client as cli_client
 from . import _members as cli_members
 from . import _run as cli_run
+from . import _work as cli_work
 from ._common import EXIT_USAGE, PROG, Parser
 
 __all__ = [
@@ -137,6 +138,18 @@ COMMANDS: list[Command] = [
         "cut a device out of the group (the others move to new keys)",
         cli_members.configure_revoke,
         cli_members.run_revoke,
+    ),
+    Command(
+        "jobs",
+        "show the group's jobs with progress bars (collective work)",
+        cli_work.configure_jobs,
+        cli_work.run_jobs,
+    ),
+    Command(
+        "leases",
+        "show who holds which lease, with its fencing token",
+        cli_work.configure_leases,
+        cli_work.run_leases,
     ),
     Command(
         "demo",

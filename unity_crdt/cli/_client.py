@@ -126,6 +126,7 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         f"relay   {_relay_line(st.get('relay'))}",
         f"group   {membership_line(st.get('membership'))}",
         f"cache   {_cache_line(st.get('cache') or {})}",
+        f"work    {_work_line(st.get('work'))}",
         f"peers   {len(st['peers'])}",
     ]
     for warning in st.get("checkpoint_warnings", ()):
@@ -172,6 +173,12 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             ],
         )
     return lines
+
+
+def _work_line(work: dict[str, Any] | None) -> str:
+    from ._work import work_line
+
+    return work_line(work)
 
 
 def _relay_line(relay: dict[str, Any] | None) -> str:

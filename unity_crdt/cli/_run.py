@@ -86,6 +86,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="a .creds file (or user:password; prefer $UNITY_CRDT_RELAY_CREDENTIALS)",
     )
     p.add_argument(
+        "--coordination",
+        action="append",
+        metavar="URL",
+        help="NATS server(s) for strict task claims and leases (default: a NATS --relay; "
+        "'off': LAN mode)",
+    )
+    p.add_argument(
         "--restore-on-start",
         action="store_true",
         default=None,
@@ -223,6 +230,9 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         "yjs_port": args.yjs_port,
         "relay_url": tuple(args.relay) if args.relay else None,
         "relay_credentials": args.relay_credentials,
+        "coordination_url": ("off" if args.coordination == ["off"] else tuple(args.coordination))
+        if args.coordination
+        else None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.no_mdns:
@@ -268,6 +278,9 @@ def _banner(node: Node, control: ControlServer, args: argparse.Namespace) -> Non
         "  relay       "
         + (f"{relay.url} (connecting in the background)" if relay else "off (--relay to turn on)")
     )
+    work = node.status().work
+    if work is not None and work.coordination_url:
+        lines.append(f"  work        strict via {work.coordination_url} (connecting)")
     if cfg.yjs_endpoint:
         yjs = node.ywebsocket
         where = getattr(args, "yjs_token_where", "from yjs_token")

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pycrdt
 
@@ -40,6 +40,7 @@ from ..sync.session import DocQuota, PullGate, SeenFilter, SyncSession
 from ._discovery import start_discovery
 from ._members import MembersService
 from ._status import node_status
+from ._work import Work
 
 if TYPE_CHECKING:
     from ..checkpoint.format import CheckpointSink, DocHit, SearchMode
@@ -47,9 +48,13 @@ if TYPE_CHECKING:
     from ..frontends.ywebsocket import YWebsocketEndpoint
     from ..net.mdns import Discovery
     from ..net.relay import Relay
+    from ..status import LeaseInfo
+    from ..work.jobs import Job
+    from ..work.leases import LeaseContext
     from ._checkpoints import Checkpoints
 
 log = logging.getLogger(__name__)
+H = TypeVar("H", bound=Callable[..., Any])
 
 REFRESH_MIN_INTERVAL = 5.0
 FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
@@ -101,6 +106,7 @@ class Node:
         self._members: MembersService | None = None
         self._services_started = False
         self._equivocations: set[str] = set()  # docs a peer holds differently under one id
+        self._work = Work(config)
         self._last_refresh = float("-inf")
         self._started_at = 0.0
         self._started = False
@@ -227,6 +233,40 @@ class Node:
         mesh = self._mesh
         await asyncio.wait_for(mesh.wait_until(lambda: len(mesh.links) >= count), timeout)
 
+    # -- collective work (unity_crdt.work; docs/collective.md) --------------------------------
+
+    def worker(self, kind: str, concurrency: int = 1) -> Callable[[H], H]:
+        """Decorator: this node runs tasks of `kind` with the decorated `async def f(task)`."""
+        return self._work.worker(kind, concurrency)
+
+    async def submit(
+        self,
+        kind: str,
+        inputs: list[Any],
+        *,
+        lease: float = 30.0,
+        max_attempts: int = 3,
+        redundancy: int = 1,
+    ) -> Job:
+        """Start a job: one task per input (times `redundancy`), run by the group's workers."""
+        return await self._work.require().submit(kind, inputs, lease, max_attempts, redundancy)  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> Job:
+        """Follow a job by id, from any node of the group."""
+        return self._work.require().job(job_id)  # type: ignore[no-any-return]
+
+    def lease(self, name: str, ttl: float = 15.0, timeout: float | None = None) -> LeaseContext:
+        """`async with node.lease(name) as lease:` exclusive across the group; `lease.token`
+        fences writes, `lease.lost` is set if it passed on."""
+        from ..work.leases import LeaseContext
+
+        self._work.require()
+        return LeaseContext(self._work.leases, name, ttl, timeout)
+
+    def lease_holder(self, name: str) -> LeaseInfo | None:
+        """Who holds the lease `name` now (as this node knows it), or None."""
+        return self._work.lease_holder(name)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Node:
@@ -342,7 +382,8 @@ class Node:
         log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
 
     async def _start_services(self) -> None:
-        """Checkpoints and the relay: they need the group's keys of an epoch."""
+        """Checkpoints, the relay and collective work: they need the keys of an epoch of the
+        group (an invited device starts them once it joined)."""
         assert self._keys is not None and self._members is not None
         self._services_started = True
         cfg, keys = self.config, self._keys
@@ -363,6 +404,16 @@ class Node:
             )
             await self._checkpoints.start()
         await self._start_relay(keys, outbox)
+        # Collective work too: its coordination store (NATS KV) is keyed by the epoch's keys.
+        await self._work.start(
+            device_id=self.device_id,
+            keys=keys,
+            doc=self._replica.doc,
+            has=self._replica.__contains__,
+            connected=lambda: {p.device_id for p in self.peers},
+            settle=self._settle,
+            spawn=self.spawn,
+        )
 
     async def _start_relay(self, keys: GroupKeys, outbox: str) -> None:
         if not self.config.relay_url or self._relay is not None:
@@ -406,6 +457,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._work.close()
         unsaved = None
         try:
             await self.flush()
@@ -439,6 +491,15 @@ class Node:
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def _settle(self) -> float:
+        """One sync round with every linked peer (for LAN leases): twice the slowest RTT."""
+        rtts = [
+            lk.session.stats.rtt or 0.0
+            for lk in (self._mesh.links.values() if self._mesh else ())
+            if lk.session
+        ]
+        return min(1.0, max(0.05, 2 * max(rtts, default=0.0) + 0.03))
 
     def _make_session(self, link: Link) -> SyncSession:
         assert link.remote is not None

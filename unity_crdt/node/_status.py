@@ -67,4 +67,5 @@ def node_status(node: Node) -> NodeStatus:
         cache=node._writer.status(),
         membership=node._members.status() if node._members else None,
         equivocations=tuple(sorted(node._equivocations)),
+        work=node._work.status(),
     )
