@@ -8,6 +8,7 @@ from .errors import (
     ConfigError,
     CorruptCacheError,
     JobFailed,
+    MembershipError,
     ProtocolError,
     SecurityError,
     StoreError,
@@ -15,7 +16,7 @@ from .errors import (
 )
 from .ids import PeerAddress
 from .node import Node
-from .status import LeaseInfo, PeerInfo, Progress
+from .status import LeaseInfo, Member, PeerInfo, Progress
 from .store.memory import MemoryStore
 from .threaded import ThreadedNode
 
@@ -27,6 +28,8 @@ __all__ = [
     "CorruptCacheError",
     "JobFailed",
     "LeaseInfo",
+    "Member",
+    "MembershipError",
     "MemoryStore",
     "Node",
     "NodeConfig",

@@ -19,6 +19,10 @@ class ErrorCode(IntEnum):
     DUPLICATE_LINK = 8
     SHUTDOWN = 9
     INTERNAL = 10
+    REVOKED = 11  # the device was revoked from the group's roster
+    NOT_MEMBER = 12  # the device is on no roster: the group secret admits no one new
+    INVITE_USED = 13  # the invitation was already redeemed
+    INVITE_EXPIRED = 14  # the invitation expired, or its epoch ended
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode:
@@ -70,6 +74,14 @@ class HandshakeError(SecurityError):
 
 class FrameError(SecurityError):
     """A transport frame failed authentication, order or size checks."""
+
+
+class Refused(SecurityError):
+    """A peer that completed the handshake is not let in (revoked, not a member, ...)."""
+
+
+class MembershipError(UnityCrdtError):
+    """A roster change was refused: this device may not make it, or it names no member."""
 
 
 class ChannelClosed(UnityCrdtError):

@@ -20,6 +20,29 @@ class PeerInfo:
 
 
 @dataclass(frozen=True)
+class Member:
+    """A device on the group's roster."""
+
+    device_id: str
+    name: str
+    state: str  # "active" | "revoked"
+    added_by: str  # the device id that added it (itself: it joined with the group secret)
+    added_at: float  # wall-clock seconds since the Unix epoch (the adder's clock)
+
+
+@dataclass(frozen=True)
+class MembershipStatus:
+    """The group as this node sees it: its epoch, its roster, and this device's place in it."""
+
+    epoch: int  # 0 until the first revocation; +1 with each key rotation
+    state: str  # "member" | "joining" (invited, not yet added) | "revoked" | "outsider"
+    members: int  # active members
+    revoked: int
+    invites: int  # open invitations (unused, unexpired, of this epoch)
+    error: str | None = None  # why this device cannot join or sync, if it cannot
+
+
+@dataclass(frozen=True)
 class PeerStatus:
     """One live link."""
 
@@ -156,6 +179,7 @@ class NodeStatus:
     checkpoint_warnings: tuple[str, ...] = ()
     relay: RelayStatus | None = None
     cache: CacheStatus = field(default_factory=CacheStatus)
+    membership: MembershipStatus | None = None
     # Docs a peer holds with other content under the same ids (a member equivocated, #11 F6).
     equivocations: tuple[str, ...] = ()
     work: WorkStatus | None = None  # jobs, leases and the coordination mode

@@ -31,7 +31,7 @@ from ._textedit import apply_edit, rebase_edit, text_diff, utf8_offset
 from .config import NodeConfig
 from .errors import UnityCrdtError
 from .node import Node
-from .status import NodeStatus, PeerInfo
+from .status import Member, NodeStatus, PeerInfo
 from .sync.yjs import is_empty_update
 
 if TYPE_CHECKING:
@@ -280,6 +280,18 @@ class ThreadedNode:
     def status(self) -> NodeStatus:
         """A status snapshot of the node (see unity_crdt.status)."""
         return self.call(self._node.status)
+
+    def members(self) -> list[Member]:
+        """The group's roster (see `Node.members`)."""
+        return self.call(lambda: self._node.members)
+
+    def invite(self, ttl: float = 600.0) -> str:
+        """A single-use join code for one new device (see `Node.invite`)."""
+        return self.run(self._node.invite, ttl)
+
+    def revoke(self, device_id: str) -> None:
+        """Cut a device out of the group (see `Node.revoke`)."""
+        self.run(self._node.revoke, device_id)
 
     def set_presence(self, doc: str, state: Any) -> None:
         """Publish this node's presence in `doc` (any JSON value; None clears it)."""

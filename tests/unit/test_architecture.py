@@ -91,6 +91,7 @@ def test_the_tree_matches_the_documented_layers() -> None:
         "cli",
         "crypto",
         "frontends",
+        "members",
         "net",
         "node",
         "store",

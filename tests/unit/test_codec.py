@@ -30,6 +30,7 @@ from unity_crdt.sync.codec import (
     Batch,
     Hello,
     Limits,
+    Members,
     Message,
     MsgType,
     Ping,
@@ -63,6 +64,8 @@ WORKED = [
     (Awareness("notes", b"\x00"), "0205" + b"notes".hex() + "010100"),
     (Update("é", b"\x00\x00"), "0202c3a90002020000"),
     (Batch((Ping(1), Pong(1))), "0702020301020401"),
+    (Members((), want_all=True), "0f0100"),
+    (Members((b"\xaa" * 130,)), "0f000182" + "01" + "aa" * 130),
 ]
 
 
@@ -75,7 +78,7 @@ def test_worked_examples_have_exact_bytes(msg: Message, hexstr: str) -> None:
 def test_constants() -> None:
     assert PROTOCOL_VERSION == 2 and DIGEST_SIZE == 16
     assert Limits(64 * 2**20, 255, 100_000, 10_000) == DEFAULT_LIMITS
-    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 20]
+    assert [int(t) for t in MsgType] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14, 15, 20]
 
 
 def test_doc_messages_are_byte_compatible_with_y_protocols(
@@ -287,6 +290,7 @@ simple_messages = st.one_of(
     st.builds(Awareness, doc_ids, st.binary(max_size=50)),
     st.builds(Ping, st.integers(0, 2**64 - 1)),
     st.builds(Pong, st.integers(0, 2**64 - 1)),
+    st.builds(Members, st.lists(st.binary(min_size=130, max_size=300), max_size=3).map(tuple)),
 )
 messages = simple_messages | st.builds(Batch, st.lists(simple_messages, max_size=5).map(tuple))
 

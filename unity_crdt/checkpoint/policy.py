@@ -169,6 +169,7 @@ class Checkpointer:
         vector_file: str | Path | None = None,
         ledger_path: Path | None = None,
         on_written: Callable[[str, str], None] | None = None,
+        admit: Callable[[Header], bool] | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -196,6 +197,9 @@ class Checkpointer:
         self.progress: RestoreProgress | None = None  # of the restore under way, if any
         self._ledger = Ledger(ledger_path)
         self._on_written = on_written  # (doc, generation) after each successful write
+        # Which opened objects to read at all (an ended epoch's: only its members', and only
+        # what they wrote before it ended); None: every object that opens.
+        self._admit = admit
 
     # ---- ids -------------------------------------------------------------------------------
     def doc_key(self, doc: str) -> str:
@@ -284,6 +288,11 @@ class Checkpointer:
                 cover = Cover.parse(head.sv, head.ds)
         except (SecurityError, ProtocolError) as exc:
             log.warning("checkpoint: object %s refused: %s", m.object_id, exc)
+            return None
+        if self._admit is not None and not self._admit(head):
+            log.info(
+                "checkpoint: object %s skipped (its writer or time is not admitted)", m.object_id
+            )
             return None
         o = self._opened[m.object_id] = Listed(m, head, cover, rank_of(m, cover))
         self._names[m.doc_key] = head.doc

@@ -2,10 +2,11 @@
 
 Each subcommand is a `Command` (name, help, how to add its arguments, what to run), listed in
 COMMANDS. `run` (`cli._run`) hosts a node and its control API (`frontends.control`);
-`status`, `doc`, `checkpoint`, `restore`, `search` (`cli._client`), `jobs` and `leases`
-(`cli._work`) are clients of that API, because the running node holds the cache lock.
-Handlers import what they need lazily, so `unity-crdt keygen` stays instant. Every error is
-one line on stderr saying what to do, with exit code 2. The group secret is never printed.
+`status`, `doc`, `checkpoint`, `restore`, `search` (`cli._client`), `members`, `invite`,
+`revoke` (`cli._members`), `jobs` and `leases` (`cli._work`) are clients of that API, because
+the running node holds the cache lock. Handlers import what they need lazily, so
+`unity-crdt keygen` stays instant. Every error is one line on stderr saying what to do, with
+exit code 2. The group secret is never printed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import UnityCrdtError
 from . import _client as cli_client
+from . import _members as cli_members
 from . import _run as cli_run
 from . import _work as cli_work
 from ._common import EXIT_USAGE, PROG, Parser
@@ -118,6 +120,24 @@ COMMANDS: list[Command] = [
         "keyword search over the checkpointed text of searchable docs",
         cli_client.configure_search,
         cli_client.run_search,
+    ),
+    Command(
+        "members",
+        "list the devices of the group: active and revoked, who added them",
+        cli_members.configure_members,
+        cli_members.run_members,
+    ),
+    Command(
+        "invite",
+        "print a single-use code a new device joins the group with",
+        cli_members.configure_invite,
+        cli_members.run_invite,
+    ),
+    Command(
+        "revoke",
+        "cut a device out of the group (the others move to new keys)",
+        cli_members.configure_revoke,
+        cli_members.run_revoke,
     ),
     Command(
         "jobs",

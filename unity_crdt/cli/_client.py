@@ -34,12 +34,33 @@ from ._common import (
 if TYPE_CHECKING:
     from ..frontends.control_client import ControlClient
 
+
+def membership_line(ms: dict[str, Any] | None) -> str:
+    """One line about the group: epoch, this device's state, member counts."""
+    if ms is None:
+        return "unknown"
+    line = (
+        f"epoch {ms['epoch']}, this device {ms['state']}, {plural(ms['members'], 'active member')}"
+    )
+    if ms["revoked"]:
+        line += f", {ms['revoked']} revoked"
+    if ms["invites"]:
+        line += f", {plural(ms['invites'], 'open invitation')}"
+    if ms.get("error"):
+        line += f"\n        error: {ms['error']}"
+    return line
+
+
 __all__ = [
+    "add_target",
+    "call",
     "configure_checkpoint",
     "configure_doc",
     "configure_restore",
     "configure_search",
     "configure_status",
+    "membership_line",
+    "print_json",
     "run_checkpoint",
     "run_doc",
     "run_restore",
@@ -48,7 +69,8 @@ __all__ = [
 ]
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
+def add_target(p: argparse.ArgumentParser) -> None:
+    """--cache-dir, --config and --json: which running node, and how to print."""
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -69,7 +91,8 @@ def _target(args: argparse.Namespace) -> Path:
     return default_cache_dir()
 
 
-def _call(args: argparse.Namespace, work: Callable[[ControlClient], Awaitable[int]]) -> int:
+def call(args: argparse.Namespace, work: Callable[[ControlClient], Awaitable[int]]) -> int:
+    """Run `work` with a client of the node `args` names."""
     from ..frontends.control_client import ControlClient
 
     async def go() -> int:
@@ -79,13 +102,14 @@ def _call(args: argparse.Namespace, work: Callable[[ControlClient], Awaitable[in
     return asyncio.run(go())
 
 
-def _print_json(data: object) -> None:
+def print_json(data: object) -> None:
+    """Indented JSON on stdout."""
     say(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def configure_status(p: argparse.ArgumentParser) -> None:
     """The options of `status`."""
-    _add_target(p)
+    add_target(p)
 
 
 def _status_lines(st: dict[str, Any]) -> list[str]:
@@ -100,6 +124,7 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         f"        pending writes {st['pending_writes']}, checkpoints {cp}"
         + (f", yjs {st['yjs_url']}" if st["yjs_url"] else ""),
         f"relay   {_relay_line(st.get('relay'))}",
+        f"group   {membership_line(st.get('membership'))}",
         f"cache   {_cache_line(st.get('cache') or {})}",
         f"work    {_work_line(st.get('work'))}",
         f"peers   {len(st['peers'])}",
@@ -184,12 +209,12 @@ def run_status(args: argparse.Namespace) -> int:
     async def work(client: ControlClient) -> int:
         st = await client.status()
         if args.json:
-            _print_json(st)
+            print_json(st)
         else:
             say("\n".join(_status_lines(st)))
         return 0
 
-    return _call(args, work)
+    return call(args, work)
 
 
 # -- `doc` --------------------------------------------------------------------------------
@@ -213,16 +238,16 @@ def _types(args: argparse.Namespace) -> list[tuple[str, str]]:
 def configure_doc(p: argparse.ArgumentParser) -> None:
     """The actions of `doc`: list, get, watch, set."""
     sub = p.add_subparsers(dest="doc_command", metavar="ACTION", parser_class=Parser, required=True)
-    _add_target(sub.add_parser("list", help="names of the node's docs"))
+    add_target(sub.add_parser("list", help="names of the node's docs"))
     get = sub.add_parser("get", help="print a doc's roots as JSON")
     get.add_argument("name", metavar="NAME")
     _add_types(get)
-    _add_target(get)
+    add_target(get)
     watch = sub.add_parser("watch", help="print the doc's roots as one JSON line per change")
     watch.add_argument("name", metavar="NAME")
     watch.add_argument("--count", type=int, metavar="N", help="exit after N lines")
     _add_types(watch)
-    _add_target(watch)
+    add_target(watch)
     set_ = sub.add_parser("set", help="edit one root of a doc (synced to peers like any edit)")
     set_.add_argument("name", metavar="NAME")
     what = set_.add_mutually_exclusive_group(required=True)
@@ -241,7 +266,7 @@ def configure_doc(p: argparse.ArgumentParser) -> None:
     what.add_argument("--unset", nargs=2, metavar=("ROOT", "KEY"), help="delete KEY of a Map")
     what.add_argument("--array", nargs=2, metavar=("ROOT", "JSON"), help="append to an Array")
     set_.add_argument("--append", action="store_true", help="with --text: append, not replace")
-    _add_target(set_)
+    add_target(set_)
 
 
 def _json_or_str(raw: str) -> Any:
@@ -277,7 +302,7 @@ def run_doc(args: argparse.Namespace) -> int:
     async def work(client: ControlClient) -> int:
         if args.doc_command == "list":
             names = await client.docs()
-            _print_json(names) if args.json else say("\n".join(names))
+            print_json(names) if args.json else say("\n".join(names))
         elif args.doc_command == "get":
             view = await client.get_doc(args.name, _types(args))
             _show(view, args.json, indent=2)
@@ -297,7 +322,7 @@ def run_doc(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return _call(args, work)
+        return call(args, work)
     except KeyboardInterrupt:
         if args.doc_command == "watch":
             return 0  # Ctrl-C is how a watch ends
@@ -382,7 +407,7 @@ class _Bar:
 
 def configure_checkpoint(p: argparse.ArgumentParser) -> None:
     """The options of `checkpoint`."""
-    _add_target(p)
+    add_target(p)
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
@@ -393,7 +418,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         async with _progress(f"checkpointing {plural(len(dirty), 'doc')}"):
             await client.checkpoint()
         if args.json:
-            _print_json({"checkpointed": dirty})
+            print_json({"checkpointed": dirty})
         else:
             say(
                 f"checkpointed {plural(len(dirty), 'changed doc')}"
@@ -401,12 +426,12 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return _call(args, work)
+    return call(args, work)
 
 
 def configure_restore(p: argparse.ArgumentParser) -> None:
     """The options of `restore`."""
-    _add_target(p)
+    add_target(p)
 
 
 def run_restore(args: argparse.Namespace) -> int:
@@ -419,14 +444,14 @@ def run_restore(args: argparse.Namespace) -> int:
         finally:
             bar.clear()
         if args.json:
-            _print_json({"restored": docs})
+            print_json({"restored": docs})
         elif docs:
             say(f"merged the group's checkpoints of {plural(len(docs), 'doc')}: " + ", ".join(docs))
         else:
             say("nothing to restore: the group has no checkpoints yet")
         return 0
 
-    return _call(args, work)
+    return call(args, work)
 
 
 def configure_search(p: argparse.ArgumentParser) -> None:
@@ -441,7 +466,7 @@ def configure_search(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha", type=float, default=0.5, metavar="A", help="hybrid: 0 keyword .. 1 vector"
     )
-    _add_target(p)
+    add_target(p)
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -451,7 +476,7 @@ def run_search(args: argparse.Namespace) -> int:
         async with _progress("searching"):
             hits = await client.search(args.query, args.limit, args.mode, args.alpha)
         if args.json:
-            _print_json(hits)
+            print_json(hits)
         elif not hits:
             say("no match (only docs listed in --searchable and checkpointed are indexed)")
         else:
@@ -461,4 +486,4 @@ def run_search(args: argparse.Namespace) -> int:
             say("\n".join(table(("SCORE", "DOC", "SNIPPET"), rows)))
         return 0
 
-    return _call(args, work)
+    return call(args, work)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._client import _add_target, _call, _print_json
+from ._client import add_target, call, print_json
 from ._common import human_duration, plural, say, table
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def work_line(work: dict[str, Any] | None) -> str:
 def configure_jobs(p: argparse.ArgumentParser) -> None:
     """The options of `jobs`."""
     p.add_argument("--follow", action="store_true", help="redraw until every job is finished")
-    _add_target(p)
+    add_target(p)
 
 
 def _job_rows(work: dict[str, Any]) -> list[str]:
@@ -93,7 +93,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         while True:
             st = (await client.status()).get("work") or {"jobs": []}
             if args.json:
-                _print_json(st["jobs"])
+                print_json(st["jobs"])
                 return 0
             lines = _job_rows(st)
             if shown and sys.stdout.isatty():
@@ -106,14 +106,14 @@ def run_jobs(args: argparse.Namespace) -> int:
             await asyncio.sleep(FOLLOW_EVERY)
 
     try:
-        return _call(args, work)
+        return call(args, work)
     except KeyboardInterrupt:
         return 0 if args.follow else 130
 
 
 def configure_leases(p: argparse.ArgumentParser) -> None:
     """The options of `leases`."""
-    _add_target(p)
+    add_target(p)
 
 
 def run_leases(args: argparse.Namespace) -> int:
@@ -123,7 +123,7 @@ def run_leases(args: argparse.Namespace) -> int:
         st = (await client.status()).get("work")
         leases = st["leases"] if st else []
         if args.json:
-            _print_json(leases)
+            print_json(leases)
         elif not leases:
             say(f"no lease is held ({st['mode'] if st else 'work off'} mode)")
         else:
@@ -135,4 +135,4 @@ def run_leases(args: argparse.Namespace) -> int:
             say("\n".join(table(("NAME", "HOLDER", "TOKEN", "EXPIRES IN"), rows)))
         return 0
 
-    return _call(args, work)
+    return call(args, work)

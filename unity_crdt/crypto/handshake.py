@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -97,7 +98,11 @@ class Handshake:
         initiator: bool,
         now: float,
         deadline: float = 5.0,
+        lookup: Callable[[bytes], GroupKeys] | None = None,
     ) -> None:
+        """`keys` are what an initiator dials with. A responder given `lookup` takes the keys
+        of the PSK id the initiator names instead (the group's epochs, open invitations);
+        `lookup` raises HandshakeError for an id it does not know or refuses."""
         problem = _hello_problem(hello)
         if problem is not None:
             raise ConfigError(f"local hello: {problem}")
@@ -106,6 +111,7 @@ class Handshake:
         if not deadline > 0:
             raise ConfigError("handshake deadline must be positive")
         self._keys, self._identity, self._hello = keys, identity, hello
+        self._lookup = lookup
         self.initiator = initiator
         self.expires_at = now + deadline
         self.complete = False
@@ -137,6 +143,11 @@ class Handshake:
             conn.set_as_responder()
         conn.start_handshake()
         return conn
+
+    @property
+    def keys(self) -> GroupKeys:
+        """The keys this handshake runs with (a responder's: those its `lookup` chose)."""
+        return self._keys
 
     def initiate(self) -> bytes:
         """Initiator only: the clear 16-byte prelude followed by Noise message 1."""
@@ -210,7 +221,9 @@ class Handshake:
             )
         if reserved:
             raise HandshakeError("handshake prelude has reserved bits set", ErrorCode.MALFORMED)
-        if not hmac.compare_digest(psk_id, self._keys.psk_id):
+        if self._lookup is not None:
+            self._keys = self._lookup(bytes(psk_id))
+        elif not hmac.compare_digest(psk_id, self._keys.psk_id):
             raise HandshakeError("peer belongs to a different sync group (PSK id mismatch)")
         if len(data) != PRELUDE_LEN + _MSG1_LEN:
             raise HandshakeError("handshake message 1 has the wrong length", ErrorCode.MALFORMED)

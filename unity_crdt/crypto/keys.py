@@ -32,6 +32,15 @@ LABEL_BEACON = b"unity-crdt/v1/mdns-beacon-key"
 LABEL_TENANT = b"unity-crdt/v1/weaviate-tenant"
 LABEL_DEVICE_ID = b"unity-crdt/v1/device-id"
 LABEL_BEACON_WINDOW = b"unity-crdt/v1/beacon-window"
+LABEL_RELAY = b"unity-crdt/v1/relay-key"
+LABEL_RELAY_NAMES = b"unity-crdt/v1/relay-name-key"
+# Membership (v2): epochs after the first revocation, signatures, sealed epoch secrets, invites.
+LABEL_GROUP_ID = b"unity-crdt/v2/group-id"  # from the epoch-0 secret: the group's stable id
+LABEL_SIGNING_KEY = b"unity-crdt/v2/signing-key"  # X25519 private key -> Ed25519 seed
+LABEL_ROSTER_OP = b"unity-crdt/v2/roster-op"  # prefix of every signed roster op
+LABEL_EPOCH_SEAL = b"unity-crdt/v2/epoch-seal"  # HPKE info prefix of a sealed epoch secret
+LABEL_INVITE_PSK = b"unity-crdt/v2/invite-psk"  # epoch secret || nonce -> an invite's PSK
+LABEL_INVITE_BEACON = b"unity-crdt/v2/invite-beacon"  # an invite's PSK -> what it announces
 
 # The secret string (what `unity-crdt keygen` prints): "ucg1.<salt>.<secret>", the salt 16
 # random bytes in unpadded base64url (22 characters), the secret 32 random bytes the same way
@@ -46,8 +55,6 @@ _B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 # The mDNS beacon changes every window, so it neither tracks a group over time nor serves as
 # a long-lived target for offline guessing; members accept the windows either side of theirs.
 BEACON_WINDOW = 900.0
-LABEL_RELAY = b"unity-crdt/v1/relay-key"
-LABEL_RELAY_NAMES = b"unity-crdt/v1/relay-name-key"
 
 # scrypt cost: ~0.1 s and 32 MiB once per process, so a stolen beacon or checkpoint cannot be
 # brute-forced cheaply back to a passphrase.
@@ -98,7 +105,8 @@ class GroupKeys:
         return hmac.digest(self.object_id_key, msg, "sha256")
 
 
-def _hkdf(master: bytes, label: bytes, length: int = 32) -> bytes:
+def hkdf(master: bytes, label: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 of `master` with `label` as info (labels: the block at the top)."""
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(master)
 
 
@@ -151,21 +159,36 @@ def parse_group_secret(secret: str | bytes) -> tuple[bytes, bytes, bool]:
     return salted, raw, is_v1
 
 
-def derive_group_keys(secret: str | bytes) -> GroupKeys:
-    """Run the slow KDF once over the group secret, then derive every purpose key by label."""
+def group_master(secret: str | bytes) -> tuple[bytes, bool]:
+    """The slow KDF over a group secret: (the epoch-0 secret GS, whether it was salted)."""
     salt, raw, salted = parse_group_secret(secret)
-    master = Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(raw)
+    return Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(raw), salted
+
+
+def keys_from_master(master: bytes, *, salted: bool = True) -> GroupKeys:
+    """Every purpose key of one epoch, derived by label from that epoch's GS."""
     return GroupKeys(
-        noise_psk=_hkdf(master, LABEL_NOISE_PSK),
-        psk_id=_hkdf(master, LABEL_PSK_ID, 8),
-        checkpoint_key=_hkdf(master, LABEL_CHECKPOINT),
-        object_id_key=_hkdf(master, LABEL_OBJECT_ID),
-        beacon_key=_hkdf(master, LABEL_BEACON),
-        tenant_key=_hkdf(master, LABEL_TENANT),
-        relay_key=_hkdf(master, LABEL_RELAY),
-        relay_name_key=_hkdf(master, LABEL_RELAY_NAMES),
+        noise_psk=hkdf(master, LABEL_NOISE_PSK),
+        psk_id=hkdf(master, LABEL_PSK_ID, 8),
+        checkpoint_key=hkdf(master, LABEL_CHECKPOINT),
+        object_id_key=hkdf(master, LABEL_OBJECT_ID),
+        beacon_key=hkdf(master, LABEL_BEACON),
+        tenant_key=hkdf(master, LABEL_TENANT),
+        relay_key=hkdf(master, LABEL_RELAY),
+        relay_name_key=hkdf(master, LABEL_RELAY_NAMES),
         salted=salted,
     )
+
+
+def derive_group_keys(secret: str | bytes) -> GroupKeys:
+    """Run the slow KDF once over the group secret, then derive every purpose key by label."""
+    master, salted = group_master(secret)
+    return keys_from_master(master, salted=salted)
+
+
+def group_id_of(master0: bytes) -> bytes:
+    """The group's stable 16-byte id, from its epoch-0 GS (it names no one: a keyed hash)."""
+    return hkdf(master0, LABEL_GROUP_ID, 16)
 
 
 def device_id_for(public_key: bytes) -> str:
@@ -215,6 +238,16 @@ class DeviceIdentity:
     def private_bytes(self) -> bytes:
         """The raw private key, for the 0600 key file only."""
         return self._private.private_bytes_raw()
+
+    def signing_seed(self) -> bytes:
+        """The seed of this device's Ed25519 signing key: HKDF of the X25519 key under its
+        own label, so one key file holds the whole identity and no key serves two uses."""
+        return hkdf(self._private.private_bytes_raw(), LABEL_SIGNING_KEY)
+
+    @property
+    def private_key(self) -> X25519PrivateKey:
+        """The X25519 key object, for opening what was sealed to this device (HPKE)."""
+        return self._private
 
     def __repr__(self) -> str:
         return f"DeviceIdentity(device_id={self.device_id!r})"

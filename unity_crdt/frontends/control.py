@@ -16,6 +16,9 @@ are cached and gossiped like any edit.
     POST /restore?progress=1          JSON lines: {"progress": {listed, total, done, nbytes}}
                                       while objects are read, then {"docs"} (or {"error"})
     GET  /search?q=&limit=&mode=&alpha=  {"hits": [{"doc", "passage", "score", "snippet"}]}
+    GET  /members                     {"members": [Member...], "membership": MembershipStatus}
+    POST /invite?ttl=SECONDS          {"code": invite code, "ttl": seconds}
+    POST /revoke/{device_id}          {"revoked": device_id, "membership": MembershipStatus}
     GET  /metrics                     Prometheus text (also on an optional loopback TCP port,
                                       where only `localhost`, IP addresses and listed names
                                       are accepted as Host: no DNS rebinding)
@@ -198,6 +201,9 @@ class ControlServer:
         app.router.add_post("/checkpoint", self._checkpoint)
         app.router.add_post("/restore", self._restore)
         app.router.add_get("/search", self._search)
+        app.router.add_get("/members", self._members)
+        app.router.add_post("/invite", self._invite)
+        app.router.add_post("/revoke/{device}", self._revoke)
         app.router.add_get("/metrics", self._metrics)
         sock = _bind_private(self.path)
         self._inode = os.stat(self.path).st_ino
@@ -379,6 +385,26 @@ class ControlServer:
             alpha,
         )
         return self._json({"hits": [dataclasses.asdict(h) for h in hits]})
+
+    def _membership(self) -> object:
+        st = self.node.status().membership
+        return dataclasses.asdict(st) if st is not None else None
+
+    async def _members(self, request: web.Request) -> web.Response:
+        members = [dataclasses.asdict(m) for m in self.node.members]
+        return self._json({"members": members, "membership": self._membership()})
+
+    async def _invite(self, request: web.Request) -> web.Response:
+        try:
+            ttl = float(request.query.get("ttl", "600"))
+        except ValueError:
+            raise ControlError("ttl must be a number of seconds") from None
+        return self._json({"code": await self.node.invite(ttl), "ttl": ttl})
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        device = request.match_info["device"]
+        await self.node.revoke(device)
+        return self._json({"revoked": device, "membership": self._membership()})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = metrics.render(self.node.status(), doc_labels=self._doc_labels)

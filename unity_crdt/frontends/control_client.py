@@ -188,6 +188,22 @@ class ControlClient:
         found = await self._json("GET", "/search", params=params)
         return list(found["hits"])
 
+    async def members(self) -> dict[str, Any]:
+        """The roster: {"members": [{device_id, name, state, added_by, added_at}],
+        "membership": {epoch, state, members, revoked, invites, error}}."""
+        result: dict[str, Any] = await self._json("GET", "/members")
+        return result
+
+    async def invite(self, ttl: float = 600.0) -> str:
+        """A single-use invite code for one new device, valid `ttl` seconds."""
+        return str((await self._json("POST", "/invite", params={"ttl": str(ttl)}))["code"])
+
+    async def revoke(self, device_id: str) -> dict[str, Any]:
+        """Revoke a member by its full device id; the group's membership status after."""
+        path = f"/revoke/{quote(device_id, safe='')}"
+        result: dict[str, Any] = await self._json("POST", path, patient=True)
+        return result
+
     async def metrics(self) -> str:
         """The Prometheus exposition."""
         async with self._request("GET", "/metrics") as resp:

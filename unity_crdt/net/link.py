@@ -35,6 +35,19 @@ CLOSE_HANDSHAKE_REFUSED = 4001
 HANDSHAKE_REFUSED = "handshake refused"
 
 
+# What a dialler is told when the peer refused its handshake for a reason worth naming.
+_REFUSALS = {
+    ErrorCode.INVITE_USED: (
+        "the peer refused our invite code: it was already used (ask a member for a new one "
+        "with `unity-crdt invite`)"
+    ),
+    ErrorCode.INVITE_EXPIRED: (
+        "the peer refused our invite code: it expired, or the group rotated its keys since "
+        "(ask a member for a new one with `unity-crdt invite`)"
+    ),
+}
+
+
 @dataclass
 class LinkStats:
     """Counters of one link, for status views and metrics."""
@@ -65,6 +78,7 @@ class Link:
         dial_address: PeerAddress | None = None,
         first_message_timeout: float | None = None,
         on_failed_handshake: Callable[[Link, str], None] | None = None,
+        lookup: Callable[[bytes], GroupKeys] | None = None,
     ) -> None:
         self.channel = channel
         self.initiator = initiator
@@ -74,6 +88,9 @@ class Link:
         self.session: SyncSession | None = None
         self.close_reason: str = ""
         self._keys, self._identity, self._hello = keys, identity, hello
+        self._lookup = lookup
+        self.keys = keys  # the keys the handshake ran with (a responder's: its lookup's)
+        self.peer_closed: tuple[ErrorCode, str] | None = None  # the peer's CLOSE, if any
         self._clock = clock
         self._accept = accept
         self._handshake_timeout = handshake_timeout
@@ -188,6 +205,9 @@ class Link:
             await self.channel.close(*self._ws_close)
 
     def _failure_text(self) -> str:
+        for code, text in _REFUSALS.items():
+            if f"{HANDSHAKE_REFUSED} ({code.name})" in self.close_reason:
+                return text
         if HANDSHAKE_REFUSED in self.close_reason:
             return (
                 f"the peer refused our handshake ({self.close_reason}); is it in our sync "
@@ -203,6 +223,7 @@ class Link:
             initiator=self.initiator,
             now=self._clock(),
             deadline=self._handshake_timeout,
+            lookup=None if self.initiator else self._lookup,
         )
         deadline = self._clock() + self._handshake_timeout
         if self.initiator:
@@ -226,6 +247,7 @@ class Link:
             if reply is not None:
                 await self.channel.send(reply)
         self.remote = hs.remote
+        self.keys = hs.keys
         self._secure = hs.session()
 
     async def _reader(self) -> None:
@@ -241,6 +263,7 @@ class Link:
             if data is None:
                 if secure.closed_by_peer is not None:
                     code, reason = secure.closed_by_peer
+                    self.peer_closed = (code, reason)
                     self.close_reason = f"peer closed: {code.name} {reason}".strip()
                     raise ChannelClosed(self.close_reason)
                 continue

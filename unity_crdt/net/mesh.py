@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from ..config import NodeConfig
@@ -49,8 +49,20 @@ class Mesh:
         make_session: Callable[[Link], SyncSession],
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
         on_joined: Callable[[Link], None] | None = None,
+        lookup: Callable[[bytes], GroupKeys] | None = None,
+        screen: Callable[[Link], None] | None = None,
+        dial_keys: Callable[[], Sequence[GroupKeys]] | None = None,
+        on_failure: Callable[[Link, str], None] | None = None,
+        on_left: Callable[[Link], None] | None = None,
     ) -> None:
+        """`lookup` (PSK id -> keys) answers handshakes of other epochs and invitations;
+        `screen` raises Refused for an authenticated peer that may not link (membership);
+        `dial_keys` lists what to dial with, the current keys first: a dialler whose
+        handshake is refused tries the next (a member still in an older epoch); `on_failure`
+        hears every failed handshake and `on_left` every link that ended."""
         self._cfg = config
+        self._lookup, self._screen, self._dial_keys = lookup, screen, dial_keys
+        self._on_failure, self._on_left = on_failure, on_left
         self._transports = transports
         self._keys, self._identity, self._hello = keys, identity, hello
         self._make_session = make_session
@@ -73,6 +85,10 @@ class Mesh:
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
+
+    def set_keys(self, keys: GroupKeys) -> None:
+        """Dial with these keys from now on (a new epoch); live links are kept."""
+        self._keys = keys
 
     def peer_infos(self) -> list[PeerInfo]:
         """The authenticated peers, in link order."""
@@ -170,11 +186,17 @@ class Mesh:
     # -- internals --------------------------------------------------------------------------
 
     def _new_link(
-        self, channel: Channel, *, initiator: bool, dial_address: PeerAddress | None
+        self,
+        channel: Channel,
+        *,
+        initiator: bool,
+        dial_address: PeerAddress | None,
+        keys: GroupKeys | None = None,
     ) -> Link:
         return Link(
             channel,
-            keys=self._keys,
+            keys=keys or self._keys,
+            lookup=self._lookup,
             identity=self._identity,
             hello=self._hello,
             initiator=initiator,
@@ -194,6 +216,8 @@ class Mesh:
             self._slot_links.pop(slot, None)
 
     def _failed_handshake(self, link: Link, reason: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(link, reason)
         where = "to" if link.initiator else "from"
         self._note_failure(f"{where} {(link.dial_address or link.channel.remote).host}", reason)
 
@@ -218,6 +242,8 @@ class Mesh:
         if link.dial_address is not None:
             self._url_device[link.dial_address] = dev
         self._release_slot(link)  # the handshake is over: its admission slot is free again
+        if self._screen is not None and dev != self._identity.device_id:
+            self._screen(link)  # raises Refused: the link ends with a sealed CLOSE
         self._slots.remember(link.channel.remote.host)  # preferred in the next flood
         if dev == self._identity.device_id:
             log.info("address %s is this node itself; not dialling it again", link.dial_address)
@@ -243,6 +269,8 @@ class Mesh:
     def _forget(self, link: Link) -> None:
         if link.session is not None:
             link.session.close()  # frees its pulls for the other links
+        if self._on_left is not None:
+            self._on_left(link)
         if link.remote is None:
             return
         dev = link.remote.device_id
@@ -270,6 +298,7 @@ class Mesh:
     async def _dial_loop(self, address: PeerAddress, persistent: bool) -> None:
         backoff = MIN_BACKOFF
         failures = 0
+        turn = 0  # which of `dial_keys` to try: the next one after a refused handshake
         while not self._closing:
             dev = self._url_device.get(address)
             if dev == self._identity.device_id:
@@ -288,7 +317,9 @@ class Mesh:
                 log.debug("dial %s failed: %s", address, exc)
                 linked = False
             else:
-                link = self._new_link(channel, initiator=True, dial_address=address)
+                choices = list(self._dial_keys()) if self._dial_keys else [self._keys]
+                keys = choices[turn % len(choices)] if choices else self._keys
+                link = self._new_link(channel, initiator=True, dial_address=address, keys=keys)
                 try:
                     await link.run()
                 finally:
@@ -296,6 +327,7 @@ class Mesh:
                 # A refused handshake counts as a failure too: a replayed or spoofed
                 # announcement must not be dialled forever.
                 linked = link.session is not None
+                turn = 0 if link.remote is not None else turn + 1
                 if self._loop.time() - started > HEALTHY_AFTER:
                     backoff = MIN_BACKOFF
             failures = 0 if linked else failures + 1

@@ -46,7 +46,7 @@ from ..crypto.envelope import Reassembler, RelaySealer
 from ..errors import ProtocolError, SecurityError, UnityCrdtError
 from ..status import RelayStatus
 from ..sync import codec
-from ..sync.codec import Batch, Hello, Notice, SyncStep1, SyncStep2, Update
+from ..sync.codec import Batch, Hello, Members, Notice, SyncStep1, SyncStep2, Update
 from ..sync.replica import RemoteOrigin, Replica, merge_small
 from ..sync.session import SeenFilter
 from ..sync.yjs import is_empty_update
@@ -148,8 +148,11 @@ class Relay:
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
         on_notice: Callable[[Notice], None],
         on_gap: Callable[[], None] | None = None,
+        on_members: Callable[[Members], None] | None = None,
     ) -> None:
         self._broker, self._sealer, self._outbox = broker, sealer, outbox
+        self._on_members = on_members
+        self._halted = False  # a new epoch took over: nothing more in or out
         self._replica, self._seen, self.settings = replica, seen, settings
         self._spawn, self._on_notice, self._on_gap = spawn, on_notice, on_gap
         self._me = sealer.device_id
@@ -187,7 +190,7 @@ class Relay:
 
     def send(self, doc: str, update: bytes) -> None:
         """Queue one update for the group's stream (durable at the next outbox sync)."""
-        if not self.settings.deltas:
+        if not self.settings.deltas or self._halted:
             return
         self._seen.add(update)
         if self._held or self._flying >= self.settings.window:
@@ -196,6 +199,26 @@ class Relay:
             self._held.setdefault(doc, []).append(update)
             return
         self._queue(self._sealer.updates_subject, codec.encode(Update(doc, update)))
+
+    def send_members(self, ops: tuple[bytes, ...]) -> None:
+        """Queue roster ops on the group's stream: members read them in order with the
+        updates, so one who missed a revocation learns it before what followed it (also on a
+        halted relay: the old epoch's channel is where its members look)."""
+        self._queue(self._sealer.updates_subject, codec.encode(Members(ops)))
+
+    def halt(self) -> None:
+        """A new epoch took over: apply nothing more that arrives, take nothing more to send
+        (what is already queued still goes out until `close`)."""
+        self._halted = True
+        self._notify()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every queued part was acknowledged (at most `timeout` s)."""
+        try:
+            await self.wait_until(lambda: not self._outbox.entries, timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _release(self) -> None:
         """Seal and queue the held updates, merged per doc."""
@@ -206,7 +229,7 @@ class Relay:
 
     def notify(self, notice: Notice) -> None:
         """Send a commit notice to the members online now (dropped while offline)."""
-        if self._ready:
+        if self._ready and not self._halted:
             data = codec.encode(notice)
             self._spawn(self._plain(self._sealer.notices_subject, data), "relay notice")
 
@@ -424,9 +447,15 @@ class Relay:
             return None
 
     async def _on_stream(self, seq: int, pending: int, subject: str, data: bytes) -> None:
+        if self._halted:
+            return
         opened = self._open(subject, data)
         if opened is not None and isinstance(opened[1], Update):
             self._apply(opened[1].doc, opened[1].update)
+        elif opened is not None and isinstance(opened[1], Members) and self._on_members:
+            self._on_members(opened[1])
+            if self._halted:  # those ops moved the node to a new epoch: read no further
+                return
         self._outbox.set_cursor(seq, self._stream_created)
         self._lag = pending
         self._dirty.set()
@@ -449,6 +478,8 @@ class Relay:
         self.applied += 1
 
     async def _on_plain(self, subject: str, data: bytes, reply: str | None) -> None:
+        if self._halted:
+            return
         opened = self._open(subject, data)
         if opened is None:
             return

@@ -20,24 +20,25 @@ import pycrdt
 
 from ..config import NodeConfig
 from ..crypto.frames import PeerHello
-from ..crypto.keys import DeviceIdentity, GroupKeys, derive_group_keys
+from ..crypto.keys import DeviceIdentity, GroupKeys
 from ..errors import ConfigError, StoreError, UnityCrdtError
 from ..ids import PeerAddress, check_doc_id
 from ..net.channel import Listener, Transport, resolve_transports
 from ..net.link import Link
 from ..net.mesh import Mesh
 from ..net.relay import RELAY_ORIGIN
-from ..status import NodeStatus, PeerInfo
+from ..status import Member, NodeStatus, PeerInfo
 from ..store.base import Store
 from ..store.files import load_or_create_secret_file, prepare_cache_dir
 from ..store.sqlite import SqliteStore
 from ..store.writer import CacheWriter
-from ..sync.codec import PROTOCOL_VERSION, Awareness, Notice
+from ..sync.codec import PROTOCOL_VERSION, Awareness, Members, Notice
 from ..sync.presence import Presence
 from ..sync.replica import Replica
 from ..sync.router import Router
 from ..sync.session import DocQuota, PullGate, SeenFilter, SyncSession
 from ._discovery import start_discovery
+from ._members import MembersService
 from ._status import node_status
 from ._work import Work
 
@@ -102,6 +103,8 @@ class Node:
         self._endpoint: YWebsocketEndpoint | None = None
         self._discovery: Discovery | None = None
         self._relay: Relay | None = None
+        self._members: MembersService | None = None
+        self._services_started = False
         self._equivocations: set[str] = set()  # docs a peer holds differently under one id
         self._work = Work(config)
         self._last_refresh = float("-inf")
@@ -205,6 +208,24 @@ class Node:
         """Live presence states in `doc` across the mesh and front ends: client id -> state."""
         return self._presence.states(doc)
 
+    @property
+    def members(self) -> list[Member]:
+        """The group's roster: every device admitted, "active" or "revoked"."""
+        return self._require_members().members()
+
+    async def invite(self, ttl: float = 600.0) -> str:
+        """A single-use join code for one new device (its `group_secret`), valid `ttl` s."""
+        return await self._require_members().invite(ttl)
+
+    async def revoke(self, device_id: str) -> None:
+        """Cut a device out: the others move to new keys; it gets nothing written after."""
+        await self._require_members().revoke(device_id)
+
+    def _require_members(self) -> MembersService:
+        if self._members is None:
+            raise UnityCrdtError("node is not started")
+        return self._members
+
     async def wait_for_peers(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least `count` peers are linked (handy in scripts and tests)."""
         if self._mesh is None:
@@ -274,15 +295,16 @@ class Node:
     async def _start(self) -> None:
         cfg = self.config
         prepare_cache_dir(cfg.cache_path)
-        self._keys = await asyncio.to_thread(derive_group_keys, cfg.group_secret)
-        if not self._keys.salted:
-            log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
         key = await asyncio.to_thread(
             load_or_create_secret_file,
             cfg.cache_path / "device.key",
             lambda: DeviceIdentity.generate().private_bytes(),
         )
         self._identity = DeviceIdentity.from_private_bytes(key)
+        members = self._members = MembersService(self)
+        self._keys = await members.open(cfg.group_secret)
+        if not self._keys.salted:
+            log.info("the group secret has no salt of its own; `unity-crdt keygen` makes one")
         await self._store.open()
         if self._store.recovered_from is not None:
             log.error(
@@ -322,6 +344,11 @@ class Node:
             make_session=self._make_session,
             spawn=self.spawn,
             on_joined=self._on_joined,
+            lookup=members.gate.lookup,
+            screen=members.gate.screen,
+            dial_keys=members.dial_keys,
+            on_failure=members.gate.on_failure,
+            on_left=members.gate.on_left,
         )
         listen = self._transports.get(cfg.transport)
         if listen is None:
@@ -329,10 +356,11 @@ class Node:
         self._listener = await listen.listen(
             PeerAddress(cfg.host, cfg.port, cfg.transport), self._mesh.accept
         )
-        for url in cfg.peers:
-            self._mesh.add_address(PeerAddress.parse(url))
+        if members.state != "revoked":  # a revoked device links to no one
+            for url in cfg.peers:
+                self._mesh.add_address(PeerAddress.parse(url))
         self.spawn(self._presence_loop(), "presence")
-        if cfg.mdns:
+        if cfg.mdns and members.state != "revoked":
             await self._start_discovery()
         if cfg.yjs_endpoint:
             from ..frontends.ywebsocket import YWebsocketEndpoint
@@ -349,45 +377,67 @@ class Node:
             from ..checkpoint.sinks import open_sink
 
             self._sink = open_sink(cfg.checkpoint_url, cfg)
-        if self._sink is not None:
+        if members.joined:  # an invited device starts these once it joined
+            await self._start_services()
+        log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
+
+    async def _start_services(self) -> None:
+        """Checkpoints, the relay and collective work: they need the keys of an epoch of the
+        group (an invited device starts them once it joined)."""
+        assert self._keys is not None and self._members is not None
+        self._services_started = True
+        cfg, keys = self.config, self._keys
+        ledger, outbox, readers = self._members.startup_names()
+        if self._sink is not None and self._checkpoints is None:
             from ._checkpoints import Checkpoints
 
             self._checkpoints = Checkpoints(
                 cfg,
-                self._keys,
+                keys,
                 self.device_id,
                 self._sink,
                 self._replica,
                 spawn=self.spawn,
                 notify=self._notify,
+                ledger=ledger,
+                readers=readers,
             )
             await self._checkpoints.start()
-        if cfg.relay_url:
-            from ._relay import make_relay
-
-            checkpoints = self._checkpoints
-            self._relay = make_relay(
-                cfg,
-                self._keys,
-                self.device_id,
-                self._replica,
-                self._seen,
-                spawn=self.spawn,
-                on_notice=self._on_notice,
-                on_gap=checkpoints.pull_everything if checkpoints else None,
-            )
-            if self._relay is not None:
-                await self._relay.start()
+        await self._start_relay(keys, outbox)
+        # Collective work too: its coordination store (NATS KV) is keyed by the epoch's keys.
         await self._work.start(
             device_id=self.device_id,
-            keys=self._keys,
+            keys=keys,
             doc=self._replica.doc,
             has=self._replica.__contains__,
             connected=lambda: {p.device_id for p in self.peers},
             settle=self._settle,
             spawn=self.spawn,
         )
-        log.info("node %r (%s) listening on %s", cfg.name, self.device_id[:8], self.url)
+
+    async def _start_relay(self, keys: GroupKeys, outbox: str) -> None:
+        if not self.config.relay_url or self._relay is not None:
+            return
+        from ._relay import make_relay
+
+        checkpoints, members = self._checkpoints, self._members
+        assert members is not None
+        self._relay = make_relay(
+            self.config,
+            keys,
+            self.device_id,
+            self._replica,
+            self._seen,
+            spawn=self.spawn,
+            on_notice=self._on_notice,
+            on_gap=checkpoints.pull_everything if checkpoints else None,
+            on_members=lambda msg: members.receive(None, msg),
+            outbox=outbox,
+        )
+        if self._relay is not None:
+            await self._relay.start()
+            # Relay-only members learn of us too (and of what we did while it was down).
+            self._relay.send_members(members.own_ops())
 
     async def close(self) -> None:
         """Close every link, flush the cache, and stop every task."""
@@ -418,6 +468,8 @@ class Node:
             await self._checkpoints.close()
         if self._relay is not None:
             await self._relay.close()
+        if self._members is not None:
+            await self._members.save()
         await self._store.close()
         if unsaved is not None:
             raise unsaved
@@ -466,6 +518,8 @@ class Node:
             max_doc_bytes=cfg.max_doc_bytes,
             quota=self._quota,
             on_notice=self._on_notice,
+            allow=self._members.gate.allow(link) if self._members else None,
+            on_members=lambda msg: self._receive_members(link, msg),
             on_equivocation=lambda doc: self._equivocation(doc, link),
         )
         # After the HELLO the link queues next: tell the newcomer who is here.
@@ -551,7 +605,13 @@ class Node:
         # Compaction deletes the rows a state covers: never for a doc missing some rows.
         return None if name in self._partial else self._full_state(name)
 
+    def _receive_members(self, link: Link, msg: Members) -> None:
+        if self._members is not None:
+            self._members.receive(link, msg)
+
     def _on_joined(self, link: Link) -> None:
+        if self._members is not None:
+            self._members.gate.on_joined(link)
         # A link coming back often means a network came back: peers that appeared meanwhile
         # are not re-announced by mDNS on their own, so ask again (at most every few seconds).
         now = self._now()
@@ -562,9 +622,9 @@ class Node:
     # -- discovery --------------------------------------------------------------------------
 
     async def _start_discovery(self) -> None:
-        assert self._keys is not None and self._listener is not None and self._mesh is not None
+        assert self._members is not None and self._listener is not None and self._mesh is not None
         self._discovery = await start_discovery(
-            self.config, self._keys, self._listener.address, self._mesh
+            self.config, self._members.beacons, self._listener.address, self._mesh
         )
 
     # -- checkpoints and commit notices -----------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import pycrdt
 
-from ..checkpoint.format import CheckpointSink, DocHit, SearchMode
+from ..checkpoint.format import CheckpointSink, DocHit, Header, SearchMode
 from ..checkpoint.policy import Checkpointer, RestoreProgress
 from ..config import NodeConfig
 from ..crypto.keys import GroupKeys
@@ -46,6 +46,8 @@ class Checkpoints:
         *,
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
         notify: Callable[[Notice], None],
+        ledger: str = "checkpoints.json",
+        readers: list[tuple[GroupKeys, str, Callable[[Header], bool]]] = (),  # type: ignore[assignment]
     ) -> None:
         self._config = config
         self._replica = replica
@@ -53,18 +55,71 @@ class Checkpoints:
         self._notify = notify
         self._device_id = device_id
         self._pulling: set[str] = set()  # docs a commit notice is pulling from the sink
-        cache: Path = config.cache_path
-        self.cp = Checkpointer(
+        self._sink = sink
+        self._loops: list[asyncio.Task[None]] = []
+        self._halted = False
+        self.cp = self._make(keys, ledger)
+        # Older epochs' objects, read by restore only.
+        self._readers = [self._make(k, name, admit) for k, name, admit in readers]
+
+    def _make(
+        self, keys: GroupKeys, ledger: str, admit: Callable[[Header], bool] | None = None
+    ) -> Checkpointer:
+        cache: Path = self._config.cache_path
+        return Checkpointer(
             keys,
-            device_id,
-            sink,
-            get_state=lambda name: replica.doc(name).get_update(),
+            self._device_id,
+            self._sink,
+            get_state=lambda name: self._replica.doc(name).get_update(),
             text_of=self._text_of,
-            ledger_path=cache / "checkpoints.json",
-            on_written=self._send_notice,
-            embedder=config.embedder,
+            ledger_path=cache / ledger,
+            on_written=None if admit else self._send_notice,
+            embedder=self._config.embedder,
             vector_file=cache / "passage-vectors.bin",
+            admit=admit,
         )
+
+    def _start_loops(self) -> None:
+        cfg = self._config
+        self._loops = [self._spawn(self.cp.run(cfg.checkpoint_interval), "checkpoint loop")]
+        if cfg.pull_interval is not None:
+            self._loops.append(
+                self._spawn(self.cp.run_pull(cfg.pull_interval, self.apply), "pull loop")
+            )
+
+    def stop(self) -> None:
+        """Stop the write and pull loops (a new epoch takes over: `rekey` starts new ones)."""
+        for task in self._loops:
+            task.cancel()
+        self._loops = []
+
+    def halt(self) -> None:
+        """Write and pull nothing more, not even on close (this device was revoked)."""
+        self.stop()
+        self._halted = True
+
+    def rekey(
+        self,
+        keys: GroupKeys,
+        ledger: str,
+        readers: list[tuple[GroupKeys, str, Callable[[Header], bool]]],
+    ) -> None:
+        """Write under a new epoch's keys from now on, every doc again at once; read the
+        objects of older epochs through `readers` (keys, ledger file, which objects)."""
+        self.stop()
+        self.cp = self._make(keys, ledger)
+        self._readers = [self._make(k, name, admit) for k, name, admit in readers]
+        for name in self._replica.names():
+            self.cp.mark_dirty(name)
+        self._start_loops()
+
+        async def now() -> None:
+            try:
+                await self.cp.checkpoint()
+            except CheckpointError as exc:
+                log.warning("checkpoint under the new epoch failed (retried): %s", exc)
+
+        self._spawn(now(), "checkpoint of a new epoch")
 
     async def start(self) -> None:
         """Mark every loaded doc dirty, restore if asked, and start the loops."""
@@ -77,12 +132,12 @@ class Checkpoints:
                 await self.restore()
             except Exception as exc:  # the node starts from its cache whatever the store holds
                 log.warning("restore on start failed, continuing from the local cache: %s", exc)
-        self._spawn(self.cp.run(cfg.checkpoint_interval), "checkpoint loop")
-        if cfg.pull_interval is not None:
-            self._spawn(self.cp.run_pull(cfg.pull_interval, self.apply), "pull loop")
+        self._start_loops()
 
     async def checkpoint(self) -> None:
         """Write every doc changed since its last checkpoint now."""
+        if self._halted:
+            raise CheckpointError("this device was revoked from its group: it writes no more")
         report = await self.cp.checkpoint()
         if report.failed:
             raise CheckpointError(f"checkpoint failed for {len(report.failed)} doc(s)")
@@ -90,8 +145,12 @@ class Checkpoints:
     async def restore(
         self, *, progress: Callable[[RestoreProgress], None] | None = None
     ) -> list[str]:
-        """Merge the group's checkpoint of every doc; return the docs touched."""
+        """Merge the group's checkpoint of every doc (this epoch's, and what older epochs'
+        members wrote before those ended); return the docs touched."""
         states = await self.cp.restore(progress=progress)
+        for reader in self._readers:
+            for doc, blobs in (await reader.restore()).items():
+                states.setdefault(doc, []).extend(blobs)
         self.apply(states)
         return sorted(states)
 
@@ -113,7 +172,7 @@ class Checkpoints:
     async def close(self) -> None:
         """A last checkpoint of what changed (bounded), then release the sink."""
         try:
-            if self.cp.dirty:
+            if self.cp.dirty and not self._halted:
                 await asyncio.wait_for(self.cp.checkpoint(), FINAL_CHECKPOINT_TIMEOUT)
         except (CheckpointError, TimeoutError) as exc:
             log.warning(

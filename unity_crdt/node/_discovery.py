@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 
 from ..config import NodeConfig
-from ..crypto.keys import GroupKeys
 from ..ids import PeerAddress
-from ..net.mdns import Discovery, Found
+from ..net.mdns import BeaconSchedule, Discovery, Found
 from ..net.mesh import Mesh
 
 __all__ = ["start_discovery"]
@@ -16,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 async def start_discovery(
-    config: NodeConfig, keys: GroupKeys, listening: PeerAddress, mesh: Mesh
+    config: NodeConfig, beacons: BeaconSchedule, listening: PeerAddress, mesh: Mesh
 ) -> Discovery | None:
-    """Announce `listening` and hand every member found to `mesh`; None for a non-ws node."""
+    """Announce `listening` and hand every member found to `mesh`; None for a non-ws node.
+    `beacons(now)` says what to announce and accept (it follows the group's epochs)."""
     if listening.scheme != "ws":
         log.warning(
             "mDNS announces websocket peers only; this node listens with %s://", listening.scheme
@@ -30,7 +30,7 @@ async def start_discovery(
         mesh.add_address(PeerAddress(peer.host, peer.port, "ws"), persistent=False)
 
     discovery = Discovery(
-        beacon=keys.beacons,
+        beacon=beacons,
         port=listening.port,
         on_found=found,
         interfaces=config.mdns_interfaces,

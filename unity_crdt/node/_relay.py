@@ -13,7 +13,7 @@ from ..crypto.keys import GroupKeys
 from ..errors import RelayError
 from ..net._outbox import RelayOutbox
 from ..net.relay import Relay, RelaySettings
-from ..sync.codec import Notice
+from ..sync.codec import Members, Notice
 from ..sync.replica import Replica
 from ..sync.session import SeenFilter
 
@@ -32,6 +32,8 @@ def make_relay(
     spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
     on_notice: Callable[[Notice], None],
     on_gap: Callable[[], None] | None,
+    on_members: Callable[[Members], None] | None = None,
+    outbox: str = "relay.sqlite3",
 ) -> Relay | None:
     """The relay for `config.relay_url`, not yet started; None (logged) if it cannot be made.
 
@@ -56,11 +58,12 @@ def make_relay(
     return Relay(
         broker=broker,
         sealer=RelaySealer(keys, device_id),
-        outbox=RelayOutbox(config.cache_path / "relay.sqlite3"),
+        outbox=RelayOutbox(config.cache_path / outbox),
         replica=replica,
         seen=seen,
         settings=settings,
         spawn=spawn,
         on_notice=on_notice,
         on_gap=on_gap,
+        on_members=on_members,
     )

@@ -65,6 +65,7 @@ def node_status(node: Node) -> NodeStatus:
         checkpoint_warnings=cp.warnings if cp else (),
         relay=node._relay.status() if node._relay else None,
         cache=node._writer.status(),
+        membership=node._members.status() if node._members else None,
         equivocations=tuple(sorted(node._equivocations)),
         work=node._work.status(),
     )

@@ -35,6 +35,7 @@ __all__ = [
     "prepare_cache_dir",
     "release_lock",
     "replace_db",
+    "write_private_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,3 +237,22 @@ def _read_secret(path: Path, size: int) -> bytes:
     if mode & 0o077:
         log.warning("key file %s is readable by other users; run chmod 600 on it", path)
     return secret
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: a 0600 temporary file, fsynced, renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise cache_os_error(path.parent, exc, f"write {path.name} in") from exc

@@ -53,7 +53,8 @@ class MsgType(IntEnum):
     PART = 12
     BUCKETS = 13
     NOTICE = 14
-    CHECK = 20  # 15-19 left free for membership
+    MEMBERS = 15  # 16-19 left free for membership
+    CHECK = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,15 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class Members:
+    """Signed roster ops (opaque here: `members.ops` reads them); `want_all` asks the
+    receiver for every op it holds (the sender lacks some op's deps)."""
+
+    ops: tuple[bytes, ...]
+    want_all: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Several messages in one; never nested."""
 
@@ -209,6 +219,7 @@ Message: TypeAlias = (
     | Pong
     | Batch
     | Notice
+    | Members
     | Check
 )
 
@@ -517,6 +528,25 @@ def _dec_notice(r: _Reader) -> Notice:
     return Notice(doc, fields[0], fields[1], state_vector, r.take(DIGEST_SIZE))
 
 
+MAX_MEMBER_OPS = 4096
+_MIN_OP = 130  # the smallest roster op: header, no deps, a REVOKE body, the signature
+
+
+def _enc_members(out: bytearray, msg: Members) -> None:
+    if len(msg.ops) > MAX_MEMBER_OPS:
+        raise ConfigError(f"a MEMBERS message carries at most {MAX_MEMBER_OPS} ops")
+    out.append(1 if msg.want_all else 0)
+    put_varuint(out, len(msg.ops))
+    for op in msg.ops:
+        put_varbytes(out, op)
+
+
+def _dec_members(r: _Reader) -> Members:
+    want_all = r.flag("want_all")
+    n = r.count(MAX_MEMBER_OPS, _MIN_OP, "roster op")
+    return Members(tuple(r.varbytes() for _ in range(n)), want_all)
+
+
 _Encoder = Callable[[bytearray, Any], None]
 _Decoder = Callable[[_Reader], Message]
 _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
@@ -536,6 +566,7 @@ _ENCODERS: dict[type[Any], tuple[MsgType, _Encoder]] = {
     Pong: (MsgType.PONG, _enc_nonce),
     Batch: (MsgType.BATCH, _enc_batch),
     Notice: (MsgType.NOTICE, _enc_notice),
+    Members: (MsgType.MEMBERS, _enc_members),
 }
 _DECODERS: dict[int, _Decoder] = {
     MsgType.HELLO: _dec_hello,
@@ -551,6 +582,7 @@ _DECODERS: dict[int, _Decoder] = {
     MsgType.PONG: lambda r: Pong(r.varuint()),
     MsgType.BATCH: _dec_batch,
     MsgType.NOTICE: _dec_notice,
+    MsgType.MEMBERS: _dec_members,
 }
 
 

@@ -79,6 +79,7 @@ from .codec import (
     Hello,
     Inventory,
     InventoryRequest,
+    Members,
     Message,
     Notice,
     Part,
@@ -245,6 +246,7 @@ class SyncSession:
         max_doc_bytes: int = 256 * 2**20,
         quota: DocQuota | None = None,
         on_notice: Callable[[Notice], None] | None = None,
+        on_members: Callable[[Members], None] | None = None,
         on_equivocation: Callable[[str], None] | None = None,
     ) -> None:
         self.replica = replica
@@ -262,6 +264,7 @@ class SyncSession:
         self._allow = allow
         self._on_awareness = on_awareness
         self._on_notice = on_notice
+        self._on_members = on_members
         self._on_equivocation = on_equivocation
         self._check_cursor = ""  # content checks rotate through the docs by name
         self._last_heard = self._last_summary = self._last_ping = now
@@ -445,6 +448,8 @@ class SyncSession:
             self._on_check(msg)
         elif isinstance(msg, Notice) and self._allowed(msg.doc) and self._on_notice is not None:
             self._on_notice(msg)
+        elif isinstance(msg, Members) and self._on_members is not None:
+            self._on_members(msg)
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
