@@ -114,3 +114,28 @@ def _update(value: str) -> bytes:
     doc = pycrdt.Doc()
     doc.get("t", type=pycrdt.Text).insert(0, value)
     return doc.get_update()
+
+
+async def test_a_lease_stays_exclusive_across_a_revocation(make_node: NodeFactory) -> None:
+    """Lease keys do not move with the epoch: a member started in the new epoch and one that
+    moved into it contend for the same key (strict mode, on the relay's NATS server)."""
+    with load_script().NatsServer(user="op", password="op-pass") as server:
+        common = dict(relay_credentials="op:op-pass", pull_interval=None)
+        a = await make_node("alice-laptop", server.url, **common)
+        b = await make_node("bob-desktop", server.url, **common)
+        c = await make_node("carol-phone", server.url, **common)
+        await relay_up(a, b, c)
+        await eventually(lambda: all(len(n.members) == 3 for n in (a, b, c)), T, "rosters")
+        await a.revoke(c.device_id)
+        await eventually(lambda: epoch(b) == 1, T, "bob moves to epoch 1")
+        await b.close()
+        b = await make_node("bob-desktop", server.url, **common)  # starts in epoch 1
+        assert epoch(b) == 1
+        async with a.lease("queue/main", ttl=3.0) as held:  # a moved into epoch 1 while running
+            with pytest.raises(TimeoutError):
+                async with b.lease("queue/main", ttl=3.0, timeout=2.0):
+                    pass
+            info = b.lease_holder("queue/main")
+            assert info is not None and info.device_id == a.device_id
+        async with b.lease("queue/main", ttl=3.0, timeout=5.0) as then:
+            assert then.token > held.token

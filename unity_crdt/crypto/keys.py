@@ -36,6 +36,7 @@ LABEL_RELAY = b"unity-crdt/v1/relay-key"
 LABEL_RELAY_NAMES = b"unity-crdt/v1/relay-name-key"
 # Membership (v2): epochs after the first revocation, signatures, sealed epoch secrets, invites.
 LABEL_GROUP_ID = b"unity-crdt/v2/group-id"  # from the epoch-0 secret: the group's stable id
+LABEL_WORK_NAMES = b"unity-crdt/v2/work-names"  # group id -> the work bucket's naming key
 LABEL_SIGNING_KEY = b"unity-crdt/v2/signing-key"  # X25519 private key -> Ed25519 seed
 LABEL_ROSTER_OP = b"unity-crdt/v2/roster-op"  # prefix of every signed roster op
 LABEL_EPOCH_SEAL = b"unity-crdt/v2/epoch-seal"  # HPKE info prefix of a sealed epoch secret
@@ -184,6 +185,15 @@ def derive_group_keys(secret: str | bytes) -> GroupKeys:
     """Run the slow KDF once over the group secret, then derive every purpose key by label."""
     master, salted = group_master(secret)
     return keys_from_master(master, salted=salted)
+
+
+def work_names_key(group_id: bytes) -> bytes:
+    """The key naming the group's work bucket and lease keys: the same in every epoch.
+
+    Lease names must map to the same keys before and after a revocation, or two members in
+    different epochs could hold one lease; what the values say is sealed with each epoch's key.
+    """
+    return hkdf(group_id, LABEL_WORK_NAMES)
 
 
 def group_id_of(master0: bytes) -> bytes:

@@ -20,7 +20,7 @@ import pycrdt
 
 from ..config import NodeConfig
 from ..crypto.frames import PeerHello
-from ..crypto.keys import DeviceIdentity, GroupKeys
+from ..crypto.keys import DeviceIdentity, GroupKeys, work_names_key
 from ..errors import ConfigError, StoreError, UnityCrdtError
 from ..ids import PeerAddress, check_doc_id
 from ..net.channel import Listener, Transport, resolve_transports
@@ -408,6 +408,7 @@ class Node:
         await self._work.start(
             device_id=self.device_id,
             keys=keys,
+            names=work_names_key(self._members.roster.group_id),
             doc=self._replica.doc,
             has=self._replica.__contains__,
             connected=lambda: {p.device_id for p in self.peers},

@@ -191,7 +191,9 @@ async def move_node(
 
     The old relay channel gets the roster ops first (members that missed the change read them
     there, in order, before anything that follows), then takes nothing more and is closed.
-    Checkpoints go to the new epoch's tenant, every doc written again at once.
+    Checkpoints go to the new epoch's tenant, every doc written again at once. The work
+    store seals what it writes with the new key; its bucket and lease names do not move, so
+    members of both epochs still contend for the same lease keys.
     """
     old = node._relay
     if old is not None:
@@ -204,3 +206,4 @@ async def move_node(
         await old.close()
     if node._checkpoints is not None:
         node._checkpoints.rekey(keys, ledger_name(record), readers)
+    node._work.rekey(keys)

@@ -64,6 +64,7 @@ class Work:
         *,
         device_id: str,
         keys: GroupKeys,
+        names: bytes,
         doc: Callable[[str], pycrdt.Doc[Any]],
         has: Callable[[str], bool],
         connected: Callable[[], set[str]],
@@ -85,6 +86,7 @@ class Work:
                 urls,
                 cfg.coordination_credentials_effective,
                 keys,
+                names,
                 connect=connect,
                 replicas=3 if len(urls) >= 3 else 1,
             )
@@ -102,7 +104,7 @@ class Work:
         )
         self.leases = LeaseManager(
             me=device_id,
-            keys=keys,
+            names=names,
             doc=doc,
             has=has,
             kv=self.kv,
@@ -130,6 +132,11 @@ class Work:
         for kind, handler, concurrency in self._early:
             self.engine.add_worker(kind, handler, concurrency)
         self._early.clear()
+
+    def rekey(self, keys: GroupKeys) -> None:
+        """Seal coordination values with a new epoch's key (lease and bucket names stay put)."""
+        if self.kv is not None:
+            self.kv.rekey(keys)
 
     async def close(self) -> None:
         """Stop observing docs and close the coordination connection (tasks are the node's)."""

@@ -61,9 +61,9 @@ def task_kv_key(job_id: str, task: str) -> str:
     return f"t.{job_id}.{task.replace('.', '_')}"
 
 
-def lease_key(keys: GroupKeys, name: str) -> str:
-    """The key of a lease: a keyed hash of its name."""
-    digest = hmac.digest(keys.relay_name_key, b"lease\x00" + name.encode(), "sha256")[:16]
+def lease_key(names: bytes, name: str) -> str:
+    """The key of a lease: a hash of its name keyed by `crypto.keys.work_names_key`."""
+    digest = hmac.digest(names, b"lease\x00" + name.encode(), "sha256")[:16]
     return "l." + base64.b32encode(digest).decode("ascii").rstrip("=").lower()
 
 
@@ -79,6 +79,7 @@ class KvStore:
         urls: tuple[str, ...],
         credentials: str | None,
         keys: GroupKeys,
+        names: bytes,
         *,
         connect: Connect,
         replicas: int,
@@ -87,7 +88,7 @@ class KvStore:
         self.urls = urls
         self._credentials = credentials
         self._key = keys.relay_key
-        tag = hmac.digest(keys.relay_name_key, b"work-bucket", "sha256")[:10]
+        tag = hmac.digest(names, b"work-bucket", "sha256")[:10]
         self.bucket = "UCRDTW_" + base64.b32encode(tag).decode("ascii").rstrip("=")
         self._stream = f"KV_{self.bucket}"
         self._connect = connect
@@ -101,6 +102,9 @@ class KvStore:
         self.last_error: str | None = None
         self.on_lease: LeaseEvent | None = None
         self.on_ready: Callable[[], None] | None = None
+        # Set once the first connection attempt has an answer (ready, or the server refused or
+        # is unreachable): until then a node cannot know which mode it is in.
+        self.settled = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -111,6 +115,8 @@ class KvStore:
         if reason != self.last_error:
             log.warning("coordination: %s", reason)
         self.last_error = reason
+        if self._nc is None:  # no connection at all (a bucket still being elected is waited for)
+            self.settled.set()
 
     async def run(self) -> None:
         """Connect (retrying for ever), make sure the bucket exists, then watch the leases."""
@@ -138,6 +144,7 @@ class KvStore:
                 self._record(f"bucket not ready: {exc or type(exc).__name__}")
                 await asyncio.sleep(0.5)
         self.last_error = None
+        self.settled.set()
         log.info("coordination: strict mode on bucket %s", self.bucket)
         if self.on_ready is not None:
             self.on_ready()
@@ -167,6 +174,15 @@ class KvStore:
                 await self._nc.close()
 
     # -- sealed values ------------------------------------------------------------------------
+
+    def rekey(self, keys: GroupKeys) -> None:
+        """Seal and open values with a new epoch's key from now on.
+
+        Values sealed with the old key (a revoked device still has it) no longer open: they
+        read as nobody's, and the compare-and-set still keeps a key that holds one. A holder's
+        next renewal re-seals its lease with the new key.
+        """
+        self._key = keys.relay_key
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"

@@ -26,7 +26,6 @@ from typing import Any
 
 import pycrdt
 
-from ..crypto.keys import GroupKeys
 from ..errors import ConfigError, CoordinationError, UnityCrdtError
 from ..status import LeaseInfo
 from . import rules
@@ -40,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 MAX_NAME = 255
+FIRST_CONNECT_WAIT = 5.0  # seconds a first lease waits for the coordination server to answer
 
 
 @dataclass
@@ -83,7 +83,7 @@ class LeaseManager:
         self,
         *,
         me: str,
-        keys: GroupKeys,
+        names: bytes,
         doc: Callable[[str], pycrdt.Doc[Any]],
         has: Callable[[str], bool],
         kv: KvStore | None,
@@ -95,7 +95,7 @@ class LeaseManager:
         settle: Callable[[], float],
     ) -> None:
         self.me = me
-        self._keys = keys
+        self._names = names
         self._doc = doc
         self._has = has
         self.kv = kv
@@ -153,6 +153,11 @@ class LeaseManager:
             raise UnityCrdtError(f"this node already holds the lease {name!r}")
         wake = self._wake.setdefault(name, asyncio.Event())
         async with asyncio.timeout(timeout):
+            if self.kv is not None and not self.kv.settled.is_set():
+                # The first use starts the connection. A lease taken in LAN mode a moment
+                # before strict mode comes up would be exclusive only among linked peers.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.kv.settled.wait(), FIRST_CONNECT_WAIT)
             while True:
                 wake.clear()
                 lease = await (
@@ -166,7 +171,7 @@ class LeaseManager:
 
     async def _try_strict(self, name: str, ttl: float) -> Lease | None:
         assert self.kv is not None and self.board is not None
-        key = lease_key(self._keys, name)
+        key = lease_key(self._names, name)
         sent = self.now()
         payload = {"n": name, "d": self.me, "ttl": ttl, "exp": self.clock() + ttl}
         try:
@@ -236,7 +241,7 @@ class LeaseManager:
             left = mine.valid_until - now if mine.strict else mine.ttl
             return LeaseInfo(self.me, name, mine.token, max(0.0, left))
         if self.strict:
-            found = self._kv_view.get(lease_key(self._keys, name))
+            found = self._kv_view.get(lease_key(self._names, name))
             if found is None:
                 return None
             rev, payload, seen = found
@@ -287,7 +292,7 @@ class LeaseManager:
             if mine and rev > lease.rev and payload is not None and payload.get("d") != self.me:
                 lease.lost.set()
         for name, ev in self._wake.items():
-            if lease_key(self._keys, name) == key:
+            if lease_key(self._names, name) == key:
                 ev.set()
 
     async def _renew_loop(self) -> None:
