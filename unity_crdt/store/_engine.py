@@ -14,7 +14,7 @@ where it shows: at open, at a load, at a write. What to do about it:
   then deleted from its own table, in one transaction): nothing is overwritten, and the doc
   loads without it.
 * Damage SQLite itself reports (a bad page, a damaged header or schema) makes the engine
-  rebuild: every readable row is copied into a fresh file (`_scan.salvage`), the damaged file
+  rebuild: every readable row is copied into a fresh file (`_salvage`), the damaged file
   is kept beside it as `store.sqlite3.corrupt-<n>`, and the operation is retried on the fresh
   file. Docs already read stay loaded; what could not be read is reported.
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..status import CacheRecovery
 from ._repair import remove_copy, repaired_copy
-from ._scan import LogRow, ScanResult, attribute, fix_name, salvage
+from ._salvage import salvage
+from ._scan import LogRow, ScanResult, attribute, fix_name
 from ._schema import connect, create_tables
 from .files import make_private
 
