@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..ids import check_doc_id
 from ._compaction import row_crc_raw
+from ._schema import meta_crc
 
 __all__ = [
     "Bad",
@@ -31,6 +32,7 @@ __all__ = [
     "attribute",
     "check_log",
     "check_part_meta",
+    "counts_of",
     "decode_name",
     "fix_name",
     "quarantine_copy",
@@ -198,6 +200,28 @@ def scan(conn: sqlite3.Connection, keep_bytes: int) -> ScanResult:
         "SELECT log_rows, parts, building, crc FROM meta WHERE id = 1"
     ).fetchone()
     return found
+
+
+def counts_of(found: ScanResult) -> list[int]:
+    """The log rows, snapshot parts and generation being built that a scan found, checked
+    against the counts the file recorded: rows that vanished, or counts that cannot be
+    read, are noted in `found` (vanished rows mark it damaged)."""
+    recorded = found.meta
+    ok = recorded is not None and meta_crc(*recorded[:3]) == recorded[3]
+    counts = [
+        len(found.rows) + sum(b.table == "log" for b in found.bad),
+        len(found.parts) + sum(b.table == "snapshot" for b in found.bad),
+        recorded[2] if ok and recorded is not None else 0,
+    ]
+    if not ok or recorded is None:
+        found.unreadable.append("the row counts (cannot tell whether rows went missing)")
+    elif [recorded[0], recorded[1]] != counts[:2]:
+        found.damaged = True
+        found.unreadable.append(
+            f"{recorded[0]} log rows and {recorded[1]} snapshot parts were written, "
+            f"{counts[0]} and {counts[1]} are left: rows vanished"
+        )
+    return counts
 
 
 def quarantine_copy(conn: sqlite3.Connection, bad: Bad) -> None:

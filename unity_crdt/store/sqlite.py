@@ -385,7 +385,7 @@ class SqliteStore:
                 raise StoreError(f"local cache {self.cache_dir} is not open")
             if job.kind in ("snapshot", "compact"):
                 doc = job.args[0]
-                d = db.docs_rows.get(doc)
+                d = db.index.docs.get(doc)
                 covered = list(d.log) if d is not None else []
                 state, sv = (job.args[1], job.args[2]) if job.kind == "snapshot" else (None, None)
                 self._compactions.append(Compaction(doc, state, sv, covered, [job.fut]))
@@ -453,7 +453,7 @@ class SqliteStore:
                 continue
             self._requested.add(doc)
             if self.snapshot_source is None:
-                d = self._db.docs_rows.get(doc)
+                d = self._db.index.docs.get(doc)
                 self._compactions.append(Compaction(doc, None, None, list(d.log) if d else []))
             else:
                 self._call_soon(lambda doc=doc: self._auto_compact(doc))  # type: ignore[misc]
