@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from ..errors import StoreError
 from ..status import CacheRecovery
+from . import _upkeep
 from ._compaction import row_crc
 from ._index import FileIndex
 from ._recovery import (
@@ -41,13 +42,12 @@ from ._recovery import (
     lossy,
     record,
     report,
-    rollback,
     salvage_into,
     salvage_repaired,
     take_repairable,
     unlink_db,
 )
-from ._rows import quarantine, read_log, read_parts
+from ._rows import quarantine, read_log, read_parts, write_rows
 from ._scan import Bad, ScanResult, counts_of, scan
 from ._schema import (
     SCHEMA_VERSION,
@@ -57,9 +57,7 @@ from ._schema import (
     create_tables,
     is_damage,
     read_version,
-    set_counts,
 )
-from ._upkeep import backup, keep_wal_file, vacuum_step
 from .files import DB_NAME, acquire_lock, cache_os_error, make_private, release_lock, replace_db
 
 __all__ = ["CLOSE_COMPACT_MIN_ROWS", "CacheDb"]
@@ -236,11 +234,7 @@ class CacheDb:
 
     def close_candidates(self) -> list[str]:
         """Docs to compact before closing: written since their last compaction, with a tail."""
-        return sorted(
-            doc
-            for doc, d in self.index.docs.items()
-            if d.dirty and len(d.log) >= CLOSE_COMPACT_MIN_ROWS
-        )
+        return self.index.close_candidates(CLOSE_COMPACT_MIN_ROWS)
 
     def write(
         self, what: str, sql: str, rows: list[tuple[Any, ...]], building: int | None = None
@@ -248,23 +242,7 @@ class CacheDb:
         """Run `sql` (an INSERT INTO or DELETE FROM log or snapshot) for each of `rows` in
         one durable transaction, with the row counts and (if given) the generation being
         built (no recovery here)."""
-        conn = self.conn
-        verb, _, table = sql.split()[:3]
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            changed = conn.executemany(sql, rows).rowcount
-            counts = list(self.counts)
-            counts[table != "log"] += changed if verb == "INSERT" else -changed
-            if building is not None:
-                counts[2] = building
-            set_counts(conn, *counts)
-            if self.failpoint is not None:
-                self.failpoint(what)
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
-        self.counts = counts
+        self.counts = write_rows(self.conn, self.counts, what, sql, rows, building, self.failpoint)
 
     def close(self) -> None:
         """Close the file and release the lock (compactions are the store's business)."""
@@ -272,7 +250,7 @@ class CacheDb:
             was_open = self._conn is not None
             self._drop_conn()
             if was_open:
-                keep_wal_file(self.path)
+                _upkeep.keep_wal_file(self.path)
         finally:
             self.abandon()
 
@@ -284,13 +262,13 @@ class CacheDb:
 
     def backup(self, dest: Path) -> None:
         """Write a consistent copy of the file to `dest` (0600), atomically."""
-        backup(self.conn, dest)
+        _upkeep.backup(self.conn, dest)
 
     def vacuum_step(self, pages: int) -> bool:
         """Give up to `pages` free pages back to the file system; True while more are free."""
         if not self.incremental:
             return False
-        return vacuum_step(self.conn, pages)
+        return _upkeep.vacuum_step(self.conn, pages)
 
     # -- internals ---------------------------------------------------------------------------
 

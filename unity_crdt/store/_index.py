@@ -122,3 +122,7 @@ class FileIndex:
                 out.append(doc)
         self._touched = set()
         return out
+
+    def close_candidates(self, min_rows: int) -> list[str]:
+        """Docs written since their last compaction with at least `min_rows` log rows."""
+        return sorted(doc for doc, d in self.docs.items() if d.dirty and len(d.log) >= min_rows)

@@ -1,4 +1,5 @@
-"""A doc's rows after open: read back by rowid and checked, and moved aside when they fail.
+"""The rows of the cache file after open: read back by rowid and checked, written and deleted
+in durable transactions, and moved aside when they fail their checks.
 
 Separate from the engine (`_engine.CacheDb`), which keeps the index of where each doc lives and
 decides what a failure means for it; these are the SQL and the checks. Reads go by rowid only,
@@ -6,6 +7,8 @@ never through an index (there is none): a snapshot part must sit where the index
 its doc, generation and position, and match its CRC; a log row must carry its doc's name and
 match its CRC. What fails becomes a `Bad`, and `quarantine` moves it into the `quarantine`
 table (copied, then deleted from its own table, in one transaction): nothing is overwritten.
+Every transaction that changes rows also writes the row counts (the `meta` row), so a later
+open can tell rows that vanished.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._compaction import part_crc, row_crc
 from ._index import DocRows
@@ -20,7 +24,7 @@ from ._recovery import rollback
 from ._scan import Bad, quarantine_copy
 from ._schema import Damaged, set_counts
 
-__all__ = ["quarantine", "read_log", "read_parts"]
+__all__ = ["quarantine", "read_log", "read_parts", "write_rows"]
 
 _IN_CHUNK = 500  # rowids per "WHERE id IN (...)"
 
@@ -82,6 +86,36 @@ def read_log(
                 bad.append(Bad("log", rowid, doc, "checksum mismatch", raw_doc=name))
     bad += [Bad("log", i, doc, "row is missing") for i in ids if i not in out]
     return out, bad
+
+
+def write_rows(
+    conn: sqlite3.Connection,
+    counts: Sequence[int],
+    what: str,
+    sql: str,
+    rows: list[tuple[Any, ...]],
+    building: int | None,
+    failpoint: Callable[[str], None] | None,
+) -> list[int]:
+    """Run `sql` (an INSERT INTO or DELETE FROM log or snapshot) for each of `rows` in one
+    durable transaction, with the row counts (`counts`, returned as they are after it) and,
+    if given, the generation being built. Rolled back on any error."""
+    verb, _, table = sql.split()[:3]
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        changed = conn.executemany(sql, rows).rowcount
+        counts = list(counts)
+        counts[table != "log"] += changed if verb == "INSERT" else -changed
+        if building is not None:
+            counts[2] = building
+        set_counts(conn, *counts)
+        if failpoint is not None:
+            failpoint(what)
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+    return counts
 
 
 def quarantine(
