@@ -113,7 +113,7 @@ async def test_after_a_revocation_weaviate_holds_nothing_the_old_keys_open(
         assert new
         for m in new:
             with pytest.raises(SecurityError):
-                thief._header(m)
+                thief._sealer.header(m)
         objects = await all_objects(weaviate_server, a._keys.tenant)
         dump = []
         for _, _, props in objects:

@@ -42,6 +42,13 @@ class LedgerEntry:
     sv: bytes | None = None
     ds: bytes | None = None
 
+    @classmethod
+    def of(cls, o: Listed) -> LedgerEntry:
+        """The entry for a stored object whose header was opened."""
+        return cls(
+            o.head.seq, o.m.doc_key, o.m.device, o.head.doc, o.head.device, o.head.sv, o.head.ds
+        )
+
     def cover(self) -> Cover | None:
         """What that write's state holds, if its header said."""
         if self.sv is None or self.ds is None:

@@ -62,7 +62,7 @@ class Compaction:
 def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
     """The compaction as a series of transactions; the caller runs one per `next()`."""
     doc = job.doc
-    d = db.docs_rows.get(doc)
+    d = db.index.docs.get(doc)
     if d is None or not d.log:
         return
     if job.state is None:
@@ -77,11 +77,13 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
         state = job.state
         covered = [i for i in job.covered if i in d.log]
         keep = None
-    if db.orphans:  # a compaction that failed and could not clean up after itself
-        db.write("compact", "DELETE FROM snapshot WHERE id = ?", [(i,) for i in db.orphans], 0)
-        db.orphans = []
-    gen = db.next_gen
-    db.next_gen += 1
+    if db.index.orphans:  # a compaction that failed and could not clean up after itself
+        db.write(
+            "compact", "DELETE FROM snapshot WHERE id = ?", [(i,) for i in db.index.orphans], 0
+        )
+        db.index.orphans = []
+    gen = db.index.next_gen
+    db.index.next_gen += 1
     raw = doc.encode()
     chunks = [state[i : i + SNAPSHOT_PART] for i in range(0, len(state), SNAPSHOT_PART)] or [b""]
     written: list[tuple[int, int]] = []
@@ -91,8 +93,8 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
                 sv = job.state_vector if job.state_vector is not None else pycrdt.get_state(state)
                 rows = db.read_rows(doc, covered)
                 keep = {i for i, data in rows.items() if still_needed(data, sv)}
-            pid = db.next_part_id
-            db.next_part_id += 1
+            pid = db.index.next_part_id
+            db.index.next_part_id += 1
             crc = part_crc(raw, gen, index, len(chunks), chunk)
             # The last part completes the generation: the switch to the new snapshot. Until
             # then the file says which generation is being built (a crash leaves it unused).
@@ -106,7 +108,7 @@ def steps(db: CacheDb, job: Compaction) -> Iterator[None]:
         _drop_parts(db, [pid for pid, _ in written])
         raise
     assert keep is not None
-    d = db.docs_rows.setdefault(doc, DocRows())
+    d = db.index.docs.setdefault(doc, DocRows())
     superseded = [pid for pid, _ in d.parts]
     d.gen, d.parts = gen, written
     drop = [(i, d.log.pop(i)) for i in covered if i not in keep and i in d.log]
@@ -151,4 +153,4 @@ def _drop_parts(db: CacheDb, ids: list[int]) -> None:
             )
         except Exception as exc:
             log.debug("local cache %s: parts of an unfinished snapshot stay: %s", db.path, exc)
-            db.orphans += ids
+            db.index.orphans += ids

@@ -1,20 +1,20 @@
 """The local_cache's SQLite file, driven synchronously from one thread at a time.
 
 `CacheDb` is the storage engine behind `store.sqlite.SqliteStore` (which owns the thread,
-the job queue and the event-loop side): opening (with `_scan`), inserts, reads with row CRCs,
-the transactions compaction is made of (`_compactor`), quarantine, rebuilding a damaged file
-(`_recovery`), backups and giving free pages back.
+the job queue and the event-loop side): opening (with `_scan`), inserts, reads with row CRCs
+(`_rows`), the transactions compaction is made of (`_compactor`), quarantine, rebuilding a
+damaged file (`_recovery`), backups and giving free pages back (`_upkeep`).
 
 What was read at open is the truth about what the file holds: the open reads every log row
 (checking its CRC) and the metadata of every snapshot part, and keeps per doc the rowids of
-its rows and parts, so later reads go by rowid only, never through an index. Damage is met
-where it shows: at open, at a load, at a write. What to do about it:
+its rows and parts (`_index.FileIndex`), so later reads go by rowid only, never through an
+index. Damage is met where it shows: at open, at a load, at a write. What to do about it:
 
 * A row or part failing its CRC in a sound file is moved into the `quarantine` table (copied,
   then deleted from its own table, in one transaction): nothing is overwritten, and the doc
   loads without it.
 * Damage SQLite itself reports (a bad page, a damaged header or schema) makes the engine
-  rebuild: every readable row is copied into a fresh file (`_scan.salvage`), the damaged file
+  rebuild: every readable row is copied into a fresh file (`_salvage`), the damaged file
   is kept beside it as `store.sqlite3.corrupt-<n>`, and the operation is retried on the fresh
   file. Docs already read stay loaded; what could not be read is reported.
 
@@ -28,15 +28,15 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreError
 from ..status import CacheRecovery
-from ._compaction import part_crc, row_crc, should_compact
-from ._index import DocRows, index_docs
+from . import _upkeep
+from ._compaction import row_crc
+from ._index import FileIndex
 from ._recovery import (
     close_quietly,
     lossy,
@@ -47,7 +47,8 @@ from ._recovery import (
     take_repairable,
     unlink_db,
 )
-from ._scan import Bad, ScanResult, quarantine_copy, scan
+from ._rows import quarantine, read_log, read_parts, write_rows
+from ._scan import Bad, ScanResult, counts_of, scan
 from ._schema import (
     SCHEMA_VERSION,
     Damaged,
@@ -55,19 +56,9 @@ from ._schema import (
     connect,
     create_tables,
     is_damage,
-    meta_crc,
     read_version,
-    set_counts,
 )
-from .files import (
-    DB_NAME,
-    acquire_lock,
-    cache_os_error,
-    fsync_dir,
-    make_private,
-    release_lock,
-    replace_db,
-)
+from .files import DB_NAME, acquire_lock, cache_os_error, make_private, release_lock, replace_db
 
 __all__ = ["CLOSE_COMPACT_MIN_ROWS", "CacheDb"]
 
@@ -76,7 +67,6 @@ log = logging.getLogger(__name__)
 # On close, docs with at least this many log rows are compacted so the next start is fast.
 CLOSE_COMPACT_MIN_ROWS = 16
 _MAX_RECOVERIES = 32
-_IN_CHUNK = 500  # rowids per "WHERE id IN (...)"
 _T = TypeVar("_T")
 
 
@@ -110,16 +100,11 @@ class CacheDb:
         self._on_recover = on_recover
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        self.docs_rows: dict[str, DocRows] = {}
-        self._touched: set[str] = set()
-        self._next_id = 1
-        self.next_part_id = 1
-        self.next_gen = 1
+        self.index = FileIndex()
         self.incremental = False  # the file gives free pages back (auto_vacuum=INCREMENTAL)
         # Log rows, snapshot parts, and the generation being written in parts (0: none), as
         # the file holds them (kept in its `meta` row too).
         self.counts = [0, 0, 0]
-        self.orphans: list[int] = []  # parts of a generation never finished, to delete
 
     @property
     def is_open(self) -> bool:
@@ -156,9 +141,7 @@ class CacheDb:
         return self.docs(), preloaded
 
     def _open_file(self) -> ScanResult:
-        for suffix in ("", "-wal", "-shm"):  # a rebuild that never finished
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.path}.new{suffix}")
+        unlink_db(Path(f"{self.path}.new"))  # a rebuild that never finished
         for suffix in ("", "-wal"):
             if suffix == "" or os.path.exists(f"{self.path}{suffix}"):
                 make_private(Path(f"{self.path}{suffix}"))
@@ -199,22 +182,9 @@ class CacheDb:
     ) -> None:
         """Index what a scan found; quarantine what failed its checks; report any loss."""
         recorded = found.meta
-        ok = recorded is not None and meta_crc(*recorded[:3]) == recorded[3]
-        self.counts = [
-            len(found.rows) + sum(b.table == "log" for b in found.bad),
-            len(found.parts) + sum(b.table == "snapshot" for b in found.bad),
-            recorded[2] if ok and recorded is not None else 0,
-        ]
-        if not ok or recorded is None:
-            found.unreadable.append("the row counts (cannot tell whether rows went missing)")
-        elif [recorded[0], recorded[1]] != self.counts[:2]:
-            found.damaged = True
-            found.unreadable.append(
-                f"{recorded[0]} log rows and {recorded[1]} snapshot parts were written, "
-                f"{self.counts[0]} and {self.counts[1]} are left: rows vanished"
-            )
+        self.counts = counts_of(found)
         repairs = take_repairable(found)
-        stale = self._index(found, building=self.counts[2])
+        stale = self.index.rebuild(found, building=self.counts[2])
         self.counts[2] = 0  # what was being built is gone (or about to be)
         self.incremental = self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         resync = recorded is None or tuple(recorded[:3]) != tuple(self.counts)
@@ -231,24 +201,12 @@ class CacheDb:
             fate = self._on_recover(sorted(set(hit) & set(midrun)))
         self._report(rec, fate)
 
-    def _index(self, found: ScanResult, building: int = 0) -> list[int]:
-        """Rebuild `docs_rows` from a scan; return superseded snapshot parts to delete."""
-        self.docs_rows, stale = index_docs(found, building)
-        self.orphans = []
-        self._touched = set(self.docs_rows)
-        ids = [0] + [r.id for r in found.rows] + [b.id for b in found.bad if b.table == "log"]
-        self._next_id = max(ids) + 1
-        all_parts = [p.id for p in found.parts] + [b.id for b in found.bad]
-        self.next_part_id = max([0, *all_parts]) + 1
-        self.next_gen = max([0, *(p.gen for p in found.parts)]) + 1
-        return stale
-
     def _preload(self, found: ScanResult) -> dict[str, list[bytes]]:
         budget = self._preload_bytes
         cached = {r.id: r.data for r in found.rows if r.data is not None}
         out: dict[str, list[bytes]] = {}
         for doc in self.docs():
-            d = self.docs_rows[doc]
+            d = self.index.docs[doc]
             size = d.snapshot_bytes + d.log_bytes
             if size > budget or any(i not in cached for i in d.log):
                 continue
@@ -268,27 +226,15 @@ class CacheDb:
 
     def docs(self) -> list[str]:
         """Names of the docs with stored state, sorted."""
-        return sorted(doc for doc, d in self.docs_rows.items() if d.log or d.parts)
+        return self.index.names()
 
     def touched(self) -> list[str]:
         """Docs appended to since the last call whose log now calls for a compaction."""
-        out = []
-        for doc in self._touched:
-            d = self.docs_rows.get(doc)
-            if d is not None and should_compact(
-                len(d.log), d.log_bytes, d.snapshot_bytes, self.min_rows, self.min_bytes
-            ):
-                out.append(doc)
-        self._touched = set()
-        return out
+        return self.index.touched(self.min_rows, self.min_bytes)
 
     def close_candidates(self) -> list[str]:
         """Docs to compact before closing: written since their last compaction, with a tail."""
-        return sorted(
-            doc
-            for doc, d in self.docs_rows.items()
-            if d.dirty and len(d.log) >= CLOSE_COMPACT_MIN_ROWS
-        )
+        return self.index.close_candidates(CLOSE_COMPACT_MIN_ROWS)
 
     def write(
         self, what: str, sql: str, rows: list[tuple[Any, ...]], building: int | None = None
@@ -296,27 +242,7 @@ class CacheDb:
         """Run `sql` (an INSERT INTO or DELETE FROM log or snapshot) for each of `rows` in
         one durable transaction, with the row counts and (if given) the generation being
         built (no recovery here)."""
-        conn = self.conn
-        verb, _, table = sql.split()[:3]
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            changed = conn.executemany(sql, rows).rowcount
-            counts = list(self.counts)
-            counts[table != "log"] += changed if verb == "INSERT" else -changed
-            if building is not None:
-                counts[2] = building
-            set_counts(conn, *counts)
-            if self.failpoint is not None:
-                self.failpoint(what)
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        self.counts = counts
-
-    def guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run `fn`; if it meets damage, rebuild the file and run it again once."""
-        return self._guarded(what, fn, *args)
+        self.counts = write_rows(self.conn, self.counts, what, sql, rows, building, self.failpoint)
 
     def close(self) -> None:
         """Close the file and release the lock (compactions are the store's business)."""
@@ -324,7 +250,7 @@ class CacheDb:
             was_open = self._conn is not None
             self._drop_conn()
             if was_open:
-                _keep_wal_file(self.path)
+                _upkeep.keep_wal_file(self.path)
         finally:
             self.abandon()
 
@@ -335,67 +261,33 @@ class CacheDb:
         self._lock_fd = None
 
     def backup(self, dest: Path) -> None:
-        """Write a consistent copy of the file to `dest` (0600), atomically (SQLite's online
-        backup, from this connection: the exclusive lock keeps other readers out)."""
-        tmp = dest.with_name(f".{dest.name}.partial")
-        unlink_db(tmp)
-        make_private(tmp)
-        try:
-            target = sqlite3.connect(tmp)
-            try:
-                self.conn.backup(target)
-            finally:
-                target.close()
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        except BaseException:
-            unlink_db(tmp)
-            raise
-        fsync_dir(dest.parent)
+        """Write a consistent copy of the file to `dest` (0600), atomically."""
+        _upkeep.backup(self.conn, dest)
 
     def vacuum_step(self, pages: int) -> bool:
         """Give up to `pages` free pages back to the file system; True while more are free."""
         if not self.incremental:
             return False
-        conn = self.conn
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        total = conn.execute("PRAGMA page_count").fetchone()[0]
-        if free < max(256, total // 8):
-            return False
-        # executescript steps the pragma to its end (execute would free a single page).
-        conn.executescript(f"PRAGMA incremental_vacuum({pages});")
-        if conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
-            return True
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file shrinks at checkpoint
-        return False
+        return _upkeep.vacuum_step(self.conn, pages)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _insert(self, rows: list[tuple[str, bytes]]) -> None:
-        first = self._next_id
+        first = self.index.next_id
         values = [(first + i, doc, row_crc(doc, data), data) for i, (doc, data) in enumerate(rows)]
         try:
             self.write("append", "INSERT INTO log (id, doc, crc, data) VALUES (?, ?, ?, ?)", values)
         except sqlite3.IntegrityError:  # an id taken behind our back: resync, once
             top = self.conn.execute("SELECT MAX(id) FROM log").fetchone()[0] or 0
-            self._next_id = top + 1
-            first = self._next_id
+            self.index.next_id = top + 1
+            first = self.index.next_id
             values = [(first + i, d, c, data) for i, (_, d, c, data) in enumerate(values)]
             self.write("append", "INSERT INTO log (id, doc, crc, data) VALUES (?, ?, ?, ?)", values)
-        self._next_id = first + len(rows)
-        for rowid, doc, _, data in values:
-            d = self.docs_rows.setdefault(doc, DocRows())
-            d.log[rowid] = len(data)
-            d.log_bytes += len(data)
-            d.dirty = True
-            self._touched.add(doc)
+        self.index.next_id = first + len(rows)
+        self.index.appended((rowid, doc, len(data)) for rowid, doc, _, data in values)
 
     def _load(self, doc: str, cached: dict[int, bytes | None]) -> list[bytes]:
-        d = self.docs_rows.get(doc)
+        d = self.index.docs.get(doc)
         if d is None:
             return []
         out = []
@@ -411,69 +303,29 @@ class CacheDb:
 
     def read_snapshot(self, doc: str) -> bytes | None:
         """The doc's snapshot, its parts checked; a damaged one is quarantined and reported."""
-        d = self.docs_rows.get(doc)
+        d = self.index.docs.get(doc)
         if d is None or not d.parts:
             return None
-        raw, chunks = doc.encode(), []
-        for index, (rowid, _) in enumerate(d.parts):
-            row = self.conn.execute(
-                "SELECT CAST(doc AS BLOB), gen, part, parts, crc, data FROM snapshot WHERE id = ?",
-                (rowid,),
-            ).fetchone()
-            if row is None:
-                why, suspect = f"part {index} is missing", Bad("snapshot", rowid, doc, "")
-            else:
-                name, gen, part, parts, crc, data = row
-                why = ""
-                if (name, gen, part, parts) != (raw, d.gen, index, len(d.parts)):
-                    why = f"part {index} belongs elsewhere"
-                elif not isinstance(data, bytes) or part_crc(raw, gen, part, parts, data) != crc:
-                    why = f"part {index} fails its checksum"
-                # If a bit flipped in the part's doc name, the loss is that other doc's.
-                suspect = Bad(
-                    "snapshot",
-                    rowid,
-                    None,
-                    why,
-                    raw_doc=raw,
-                    data=data if isinstance(data, bytes) else None,
-                    crc=crc if isinstance(crc, int) else None,
-                    head=f"{gen}.{part}.{parts}".encode(),
-                )
-            if why:
-                suspect.reason = why
-                bad = [Bad("snapshot", i, doc, why) for i, _ in d.parts if i != rowid]
-                bad.append(suspect)
-                d.parts, d.gen = [], -1
-                self._quarantine(bad, [])
-                self._report(record([ScanResult(bad=bad)], "", "load", None))
-                return None
-            chunks.append(data)
-        return b"".join(chunks)
+        snapshot, bad = read_parts(self.conn, doc, d)
+        if bad:
+            d.parts, d.gen = [], -1
+            self._lost_at_load(bad)
+        return snapshot
 
     def read_rows(self, doc: str, ids: list[int]) -> dict[int, bytes]:
         """The checked data of log rows `ids` of `doc`; damaged ones are quarantined."""
-        out: dict[int, bytes] = {}
-        raw = doc.encode()
-        bad: list[Bad] = []
-        for i in range(0, len(ids), _IN_CHUNK):
-            chunk = ids[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for rowid, name, crc, data in self.conn.execute(
-                f"SELECT id, CAST(doc AS BLOB), crc, data FROM log WHERE id IN ({marks})", chunk
-            ):
-                if name == raw and isinstance(data, bytes) and row_crc(doc, data) == crc:
-                    out[rowid] = data
-                else:
-                    bad.append(Bad("log", rowid, doc, "checksum mismatch", raw_doc=name))
-        bad += [Bad("log", i, doc, "row is missing") for i in ids if i not in out]
+        out, bad = read_log(self.conn, doc, ids)
         if bad:
-            d = self.docs_rows[doc]
+            d = self.index.docs[doc]
             for b in bad:
                 d.log_bytes -= d.log.pop(b.id, 0)
-            self._quarantine([b for b in bad if b.reason != "row is missing"], [])
-            self._report(record([ScanResult(bad=bad)], "", "load", None))
+            self._lost_at_load(bad)
         return out
+
+    def _lost_at_load(self, bad: list[Bad]) -> None:
+        """Quarantine what a load found damaged (a missing row has nothing to keep); report."""
+        self._quarantine([b for b in bad if b.reason != "row is missing"], [])
+        self._report(record([ScanResult(bad=bad)], "", "load", None))
 
     def _quarantine(
         self, bad: list[Bad], stale: list[int], repairs: list[tuple[int, str]] | None = None
@@ -481,47 +333,13 @@ class CacheDb:
         """Move failing rows into the quarantine table; drop superseded snapshot parts; put
         back the doc names of `repairs` (rowid, name) after keeping a copy of each."""
         conn = self.conn
-        counts = list(self.counts)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for rowid, name in repairs or []:
-                conn.execute(
-                    "INSERT INTO quarantine (at, source, doc, reason, data) "
-                    "SELECT ?, ?, CAST(doc AS BLOB), 'doc name repaired', data FROM log "
-                    "WHERE id = ?",
-                    (time.time(), f"log row {rowid}", rowid),
-                )
-                fixed = conn.execute("UPDATE log SET doc = ? WHERE id = ?", (name, rowid))
-                if fixed.rowcount != 1:
-                    raise Damaged(f"log row {rowid} is out of place in its table")
-            for b in bad:
-                copied = conn.execute(
-                    "INSERT INTO quarantine (at, source, doc, reason, data) "
-                    f"SELECT ?, ?, CAST(doc AS BLOB), ?, data FROM {b.table} WHERE id = ?",
-                    (time.time(), f"{b.table} row {b.id}", b.reason, b.id),
-                ).rowcount
-                if not copied:  # unreadable as a whole: keep what we know
-                    quarantine_copy(conn, b)
-                gone = conn.execute(f"DELETE FROM {b.table} WHERE id = ?", (b.id,)).rowcount
-                if not gone:  # read in a scan, not found by its key: the b-tree is damaged
-                    raise Damaged(f"{b.table} row {b.id} is out of place in its table")
-                counts[b.table != "log"] -= gone
-            dropped = conn.executemany("DELETE FROM snapshot WHERE id = ?", [(i,) for i in stale])
-            counts[1] -= dropped.rowcount
-            set_counts(conn, *counts)
-            if self.failpoint is not None:
-                self.failpoint("quarantine")
-            conn.execute("COMMIT")
-            self.counts = counts
+            self.counts = quarantine(conn, self.counts, bad, stale, repairs or [], self.failpoint)
         except sqlite3.DatabaseError as exc:
-            _rollback(conn)
             if is_damage(exc):
                 raise
             # They stay where they are, out of every doc; the next open finds them again.
             log.warning("local cache %s: could not quarantine damaged rows: %s", self.path, exc)
-        except BaseException:
-            _rollback(conn)
-            raise
 
     def _guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         try:
@@ -592,18 +410,3 @@ class CacheDb:
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):  # a corrupt file may fail to checkpoint
                 conn.close()
-
-
-def _keep_wal_file(db: Path) -> None:
-    # A clean close deletes the -wal file, and re-creating it is the dearest step of the next
-    # open (a new inode: ~0.15 ms of a ~1 ms open). SQLite reads an empty -wal file as an
-    # empty WAL, so leaving one behind (what SQLITE_FCNTL_PERSIST_WAL does, which Python's
-    # sqlite3 cannot set) makes the next start cheaper. Never touch a WAL that has content.
-    with contextlib.suppress(OSError):
-        os.close(os.open(f"{db}-wal", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):  # the error that got us here matters more
-            conn.execute("ROLLBACK")

@@ -1,13 +1,20 @@
-"""Where each doc lives in the cache file, built from what the open read (`_scan`)."""
+"""Where each doc lives in the cache file, built from what the open read (`_scan`).
+
+The engine reads and writes by rowid only, never through an index (the file has none), so
+this index in memory is the truth about the file between scans: every write of the engine and
+of the compactor keeps it in step, and every scan (at open, after a rebuild) rebuilds it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._compaction import should_compact
 from ._scan import Bad, ScanResult
 
-__all__ = ["DocRows", "index_docs"]
+__all__ = ["DocRows", "FileIndex", "index_docs"]
 
 
 @dataclass
@@ -66,3 +73,56 @@ def index_docs(found: ScanResult, building: int) -> tuple[dict[str, DocRows], li
 def _complete(parts: list[Any]) -> bool:
     n = parts[0].parts
     return all(p.parts == n for p in parts) and sorted(p.part for p in parts) == list(range(n))
+
+
+class FileIndex:
+    """Every doc's rows and snapshot parts, the docs appended to lately, and the next ids."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, DocRows] = {}
+        self.next_id = 1
+        self.next_part_id = 1
+        self.next_gen = 1
+        self.orphans: list[int] = []  # parts of a generation never finished, to delete
+        self._touched: set[str] = set()
+
+    def rebuild(self, found: ScanResult, building: int = 0) -> list[int]:
+        """Index what a scan found; return superseded snapshot parts to delete."""
+        self.docs, stale = index_docs(found, building)
+        self.orphans = []
+        self._touched = set(self.docs)
+        ids = [0] + [r.id for r in found.rows] + [b.id for b in found.bad if b.table == "log"]
+        self.next_id = max(ids) + 1
+        all_parts = [p.id for p in found.parts] + [b.id for b in found.bad]
+        self.next_part_id = max([0, *all_parts]) + 1
+        self.next_gen = max([0, *(p.gen for p in found.parts)]) + 1
+        return stale
+
+    def names(self) -> list[str]:
+        """Names of the docs with stored state, sorted."""
+        return sorted(doc for doc, d in self.docs.items() if d.log or d.parts)
+
+    def appended(self, rows: Iterable[tuple[int, str, int]]) -> None:
+        """Note log rows (rowid, doc, size) just committed."""
+        for rowid, doc, size in rows:
+            d = self.docs.setdefault(doc, DocRows())
+            d.log[rowid] = size
+            d.log_bytes += size
+            d.dirty = True
+            self._touched.add(doc)
+
+    def touched(self, min_rows: int, min_bytes: int) -> list[str]:
+        """Docs appended to since the last call whose log now calls for a compaction."""
+        out = []
+        for doc in self._touched:
+            d = self.docs.get(doc)
+            if d is not None and should_compact(
+                len(d.log), d.log_bytes, d.snapshot_bytes, min_rows, min_bytes
+            ):
+                out.append(doc)
+        self._touched = set()
+        return out
+
+    def close_candidates(self, min_rows: int) -> list[str]:
+        """Docs written since their last compaction with at least `min_rows` log rows."""
+        return sorted(doc for doc, d in self.docs.items() if d.dirty and len(d.log) >= min_rows)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..status import CacheRecovery
 from ._repair import remove_copy, repaired_copy
-from ._scan import LogRow, ScanResult, attribute, fix_name, salvage
+from ._salvage import salvage
+from ._scan import LogRow, ScanResult, attribute, fix_name
 from ._schema import connect, create_tables
 from .files import make_private
 
@@ -21,6 +22,7 @@ __all__ = [
     "lossy",
     "record",
     "report",
+    "rollback",
     "salvage_into",
     "salvage_repaired",
     "take_repairable",
@@ -136,6 +138,13 @@ def close_quietly(conn: sqlite3.Connection | None) -> None:
     if conn is not None:
         with contextlib.suppress(sqlite3.Error):
             conn.close()
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the transaction under way, if any, on a file that may be damaged."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the error that got us here matters more
+            conn.execute("ROLLBACK")
 
 
 def unlink_db(path: Path, keep_main: bool = False) -> None:

@@ -2,9 +2,9 @@
 
 `SqliteStore` keeps everything in `cache_dir/store.sqlite3` (the engine is `store._engine`) and
 does all SQLite work off the event loop: the open on the loop's default executor, everything
-after it on one dedicated worker thread, so the event loop never blocks on a commit. Appends
-that arrive while a commit is in flight are committed together (group commit). Compactions
-run in steps between other jobs (`store._compactor`).
+after it on one dedicated worker thread (`store._worker`), so the event loop never blocks on
+a commit. Appends that arrive while a commit is in flight are committed together (group
+commit). Compactions run in steps between other jobs (`store._compactor`).
 
 The worker never dies silently: an exception of any kind fails the jobs it was running, and
 if the thread itself must stop, every waiting and later call fails with StoreError and the
@@ -14,14 +14,10 @@ cache lock is released, so `close()` and a node's `flush()` never hang.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import queue
-import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -30,9 +26,8 @@ from ..errors import StoreError
 from ..ids import check_doc_id
 from ..status import CacheRecovery
 from ._compaction import COMPACT_MIN_BYTES, COMPACT_MIN_ROWS
-from ._compactor import Compaction, steps
 from ._engine import CacheDb
-from ._schema import is_damage
+from ._worker import StoreJob, StoreThread
 from .base import SnapshotSource
 
 __all__ = ["PRELOAD_BYTES", "SqliteStore"]
@@ -42,17 +37,6 @@ log = logging.getLogger(__name__)
 # Open reads the docs' contents too, up to this many bytes in all: the node loads every doc
 # right after open, and this way those loads cost no thread round trip.
 PRELOAD_BYTES = 8 * 2**20
-_MAX_ATTEMPTS = 3  # a compaction restarted by this many rebuilds gives up
-
-_Done = tuple["_Job", Any, BaseException | None]
-_DEFERRED = object()  # a compaction job: its future is settled when the compaction ends
-
-
-@dataclass
-class _Job:
-    kind: str
-    args: tuple[Any, ...]
-    fut: asyncio.Future[Any]
 
 
 class SqliteStore:
@@ -95,20 +79,25 @@ class SqliteStore:
             on_recover=self._on_recover,
         )
         self.path = self._db.path
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._worker = StoreThread(
+            self._db,
+            call_soon=self._call_soon,
+            has_source=lambda: self.snapshot_source is not None,
+            ask=self._auto_compact,
+        )
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._ready = False  # open() has finished: jobs may go to the worker
         self._started = False  # the worker thread was started
-        self._dead: BaseException | None = None  # why the worker thread stopped
         # What open read, valid on the event-loop side until an append or a recovery.
         self._preloaded: dict[str, list[bytes]] = {}
         self._docs_at_open: list[str] | None = None
-        # Worker side: compactions under way (one step each per turn), docs asked for.
-        self._compactions: collections.deque[Compaction] = collections.deque()
-        self._requested: set[str] = set()
-        self.commits = 0  # append transactions committed: fewer than appends means batching
+
+    @property
+    def commits(self) -> int:
+        """Append transactions committed: fewer than appends means batching."""
+        return self._worker.commits
 
     @property
     def recovered_from(self) -> Path | None:
@@ -144,17 +133,16 @@ class SqliteStore:
             raise StoreError(f"local cache {self.cache_dir} is already open")
         self._loop = asyncio.get_running_loop()
         self._closed = self._ready = False
-        self._dead = None
+        self._worker.reset()
         self._db.recovered_from = None
         self._db.recoveries.clear()
-        self._jobs = queue.SimpleQueue()
-        self._compactions.clear()
-        self._requested.clear()
         # The one-off open runs on the loop's default executor, usually a warm thread (the
         # node has just used it); our worker thread starts with the first job after it.
         # Starting a thread is a good part of a cold start, and next to a running open it
         # waits for the GIL for most of the open.
-        self._thread = threading.Thread(target=self._serve, name="unity-crdt-store", daemon=True)
+        self._thread = threading.Thread(
+            target=self._worker.serve, name="unity-crdt-store", daemon=True
+        )
         self._started = False
         opening = self._loop.run_in_executor(None, self._db.open)
         try:
@@ -216,26 +204,28 @@ class SqliteStore:
             raise StoreError(f"local cache {self.cache_dir} is still opening")
         self._preloaded, self._docs_at_open = {}, None
         try:
-            if self._dead is None and not self._closed:
+            if self._worker.dead is None and not self._closed:
                 if self.snapshot_source is not None:
                     for doc in await self._submit("close_candidates"):
                         # Queued ahead of the close, which waits for them.
                         self._compaction_job(doc).add_done_callback(self._quietly)
                 await self._submit("close")
         except StoreError:
-            if self._dead is None:
+            if self._worker.dead is None:
                 raise
         finally:
             await self._stop_thread()
-        if self._dead is not None:
-            log.error("local cache %s closed after its worker stopped: %r", self.path, self._dead)
+        if self._worker.dead is not None:
+            log.error(
+                "local cache %s closed after its worker stopped: %r", self.path, self._worker.dead
+            )
 
     # -- event-loop side -------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._dead is not None:
+        if self._worker.dead is not None:
             raise StoreError(
-                f"local cache {self.cache_dir}: the store worker stopped ({self._dead!r}); "
+                f"local cache {self.cache_dir}: the store worker stopped ({self._worker.dead!r}); "
                 "nothing more can be read or written until the node restarts"
             )
         if self._thread is None or self._closed or not self._ready or self._loop is None:
@@ -247,13 +237,13 @@ class SqliteStore:
         if kind == "close":
             self._closed = True
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._jobs.put(_Job(kind, args, fut))
+        self._worker.jobs.put(StoreJob(kind, args, fut))
         if not self._started:
             assert self._thread is not None
             self._started = True
             self._thread.start()
-        if self._dead is not None:  # the worker died after the check: nobody would answer
-            self._fail_queued()
+        if self._worker.dead is not None:  # it died after the check: nobody would answer
+            self._worker.fail_queued()
         return fut
 
     def _compaction_job(self, doc: str) -> asyncio.Future[Any]:
@@ -275,7 +265,7 @@ class SqliteStore:
         thread, self._thread = self._thread, None
         self._closed = True
         if thread is not None and self._started:
-            self._jobs.put(None)
+            self._worker.jobs.put(None)
             await asyncio.to_thread(thread.join)
 
     def _call_soon(self, fn: Callable[[], None]) -> None:
@@ -286,7 +276,7 @@ class SqliteStore:
     def _auto_compact(self, doc: str) -> None:
         # The worker asked: read the state now, on the loop, and queue it behind every append
         # submitted so far (the job queue is FIFO).
-        if self._closed or self._dead is not None:
+        if self._closed or self._worker.dead is not None:
             return
         try:
             fut = self._compaction_job(doc)
@@ -324,195 +314,3 @@ class SqliteStore:
                     doc,
                     exc,
                 )
-
-    # -- worker thread ---------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        batch: list[_Job] = []
-        try:
-            while True:
-                taken = self._take(block=not self._compactions)
-                if taken is None:
-                    self._db.abandon()  # no-op unless close() failed or open() was cancelled
-                    return
-                batch = taken
-                self._settle(self._process(batch))
-                batch = []
-                if self._db.is_open:
-                    self._step()
-                    self._request()
-        except BaseException as exc:
-            self._die(exc, batch)
-
-    def _take(self, block: bool) -> list[_Job] | None:
-        try:
-            first = self._jobs.get() if block else self._jobs.get_nowait()
-        except queue.Empty:
-            return []
-        if first is None:
-            return None
-        batch = [first]
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._jobs.put(None)
-                break
-            batch.append(job)
-        return batch
-
-    def _process(self, batch: list[_Job]) -> list[_Done]:
-        done: list[_Done] = []
-        appends: list[_Job] = []
-        for job in batch:
-            if job.kind == "append" and self._db.is_open:
-                appends.append(job)
-                continue
-            if appends:
-                done += self._commit(appends)
-                appends = []
-            done.append(self._run(job))
-        if appends:
-            done += self._commit(appends)
-        return done
-
-    def _run(self, job: _Job) -> _Done:
-        try:
-            db = self._db
-            if not db.is_open:
-                raise StoreError(f"local cache {self.cache_dir} is not open")
-            if job.kind in ("snapshot", "compact"):
-                doc = job.args[0]
-                d = db.docs_rows.get(doc)
-                covered = list(d.log) if d is not None else []
-                state, sv = (job.args[1], job.args[2]) if job.kind == "snapshot" else (None, None)
-                self._compactions.append(Compaction(doc, state, sv, covered, [job.fut]))
-                self._requested.add(doc)
-                return job, _DEFERRED, None
-            if job.kind == "close":
-                self._close_db()
-                return job, None, None
-            if job.kind == "close_candidates":
-                return job, db.close_candidates(), None
-            handler: Callable[..., Any] = getattr(db, job.kind)
-            return job, handler(*job.args), None
-        except sqlite3.Error as exc:
-            return job, None, StoreError(f"local cache {self.path}: {job.kind} failed: {exc}")
-        except Exception as exc:
-            return job, None, exc
-
-    def _commit(self, jobs: list[_Job]) -> list[_Done]:
-        try:
-            self._db.insert([(doc, data) for doc, data in (job.args for job in jobs)])
-        except Exception as exc:
-            err = StoreError(f"could not write to local cache {self.path}: {exc}")
-            return [(job, None, err) for job in jobs]
-        self.commits += 1
-        return [(job, None, None) for job in jobs]
-
-    def _step(self) -> None:
-        """Run one step of the oldest compaction under way."""
-        if not self._compactions:
-            return
-        job, db = self._compactions[0], self._db
-        if job.running is None or job.rebuilds != db.rebuilds:  # new, or the file was rebuilt
-            if job.attempts >= _MAX_ATTEMPTS:
-                self._finish(job, StoreError(f"compaction of doc {job.doc!r} kept meeting damage"))
-                return
-            job.attempts += 1
-            job.rebuilds = db.rebuilds
-            job.running = steps(db, job)
-        try:
-            next(job.running)
-        except StopIteration:
-            self._finish(job, None)
-        except Exception as exc:
-            if is_damage(exc) and db.is_open:
-                try:
-                    db.recover("compact", exc)  # the next step starts the compaction again
-                except Exception as again:
-                    self._finish(job, again)
-                return
-            self._finish(job, exc)
-
-    def _finish(self, job: Compaction, exc: BaseException | None) -> None:
-        self._compactions.remove(job)
-        self._requested.discard(job.doc)
-        if exc is not None and not isinstance(exc, StoreError):
-            exc = StoreError(f"local cache {self.path}: compaction of {job.doc!r} failed: {exc}")
-        if exc is not None and not job.waiters:
-            log.error("%s", exc)
-        for fut in job.waiters:
-            self._settle([(_Job("compact", (), fut), None, exc)])
-
-    def _request(self) -> None:
-        for doc in self._db.touched():
-            if doc in self._requested:
-                continue
-            self._requested.add(doc)
-            if self.snapshot_source is None:
-                d = self._db.docs_rows.get(doc)
-                self._compactions.append(Compaction(doc, None, None, list(d.log) if d else []))
-            else:
-                self._call_soon(lambda doc=doc: self._auto_compact(doc))  # type: ignore[misc]
-
-    def _close_db(self) -> None:
-        """Finish every compaction under way, then (without a source) compact the docs that
-        want it by applying their logs, then close the file."""
-        db = self._db
-        try:
-            while self._compactions:
-                self._step()
-            if self.snapshot_source is None:  # after those: they may leave a tail
-                for doc in db.close_candidates():
-                    self._compactions.append(Compaction(doc, None))
-                while self._compactions:
-                    self._step()
-        finally:
-            db.close()
-
-    def _settle(self, done: list[_Done]) -> None:
-        done = [d for d in done if d[1] is not _DEFERRED]
-        if not done:
-            return
-
-        def apply() -> None:
-            for job, result, exc in done:
-                if job.fut.done():
-                    continue  # the caller was cancelled; the write may still have happened
-                if exc is not None:
-                    job.fut.set_exception(exc)
-                else:
-                    job.fut.set_result(result)
-
-        self._call_soon(apply)
-
-    def _die(self, exc: BaseException, batch: list[_Job]) -> None:
-        """The worker thread must stop: fail every job it holds or will be given."""
-        self._dead = exc
-        log.error("local cache %s: the store worker stopped: %r", self.path, exc)
-        err = StoreError(
-            f"local cache {self.cache_dir}: the store worker stopped ({exc!r}); nothing "
-            "more can be written until the node restarts"
-        )
-        self._settle([(job, None, err) for job in batch])
-        for c in list(self._compactions):
-            self._settle([(_Job("compact", (), fut), None, err) for fut in c.waiters])
-        self._compactions.clear()
-        self._fail_queued()
-        with contextlib.suppress(Exception):
-            self._db.abandon()
-
-    def _fail_queued(self) -> None:
-        err = StoreError(f"local cache {self.cache_dir}: the store worker stopped ({self._dead!r})")
-        failed: list[_Done] = []
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                failed.append((job, None, err))
-        self._settle(failed)
