@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,28 @@ async def test_a_compaction_cut_short_leaves_the_doc_whole(tmp_path: Path) -> No
         assert len(await store.load("big")) == 1
     assert zlib.crc32(state) == zlib.crc32(source["big"])
     await asyncio.sleep(0)
+
+
+async def test_a_cache_killed_before_its_first_checkpoint_opens_whole(tmp_path: Path) -> None:
+    """A new cache's tables live in the WAL until SQLite's first checkpoint; its main file's
+    header then still says "schema format 0", which is SQLite's own empty state, not damage."""
+    code = (
+        "import asyncio, os, sys, pycrdt\n"
+        "from unity_crdt.store.sqlite import SqliteStore\n"
+        "async def main():\n"
+        "    store = SqliteStore(sys.argv[1])\n"
+        "    await store.open()\n"
+        "    d = pycrdt.Doc(); d.get('map', type=pycrdt.Map)['k'] = 'v'\n"
+        "    await store.append('doc', d.get_update())\n"
+        "    os._exit(0)  # no close, no checkpoint: as if killed\n"
+        "asyncio.run(main())\n"
+    )
+    root = str(Path(__file__).parents[2])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, str(tmp_path), env={**os.environ, "PYTHONPATH": root}
+    )
+    assert await proc.wait() == 0
+    assert (tmp_path / DB_NAME).read_bytes()[44:48] == bytes(4)  # the state this test is about
+    async with SqliteStore(tmp_path) as store:
+        assert store.recovered_from is None
+        assert rebuild(await store.load("doc")) == {"k": "v"}

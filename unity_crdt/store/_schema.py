@@ -145,21 +145,31 @@ def check_header(path: Path) -> None:
     """Damaged unless the file's 100-byte header holds what SQLite writes for our files.
 
     SQLite reads some damaged headers without complaint: a write version above 2 opens the
-    file read-only, a reserved-bytes count shrinks every page. Empty files pass.
+    file read-only, a reserved-bytes count shrinks every page. Empty files pass, and so do new
+    files whose schema is still in the WAL.
     """
     with open(path, "rb") as f:
         head = f.read(100)
     if not head:
         return
     page = int.from_bytes(head[16:18], "big")
+    # Schema cookie, format and text encoding all 0: a new file whose tables are still only
+    # in the WAL (SQLite's own empty state, as a process killed before the first checkpoint
+    # leaves it); the WAL's page 1 then says what the file holds.
+    fresh = head[40:48] == bytes(8) and head[56:60] == bytes(4)
     ok = (
         len(head) == 100
         and head[:16] == b"SQLite format 3\x00"
         and (page == 1 or (page >= 512 and page & (page - 1) == 0))
         and head[18:20] in (b"\x01\x01", b"\x02\x02")
         and head[20:24] == b"\x00\x40\x20\x20"
-        and int.from_bytes(head[44:48], "big") in (1, 2, 3, 4)
-        and int.from_bytes(head[56:60], "big") == 1
+        and (
+            fresh
+            or (
+                int.from_bytes(head[44:48], "big") in (1, 2, 3, 4)
+                and int.from_bytes(head[56:60], "big") == 1
+            )
+        )
         and head[72:92] == bytes(20)
     )
     if not ok:
