@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -62,3 +63,30 @@ def test_config_rejects_unprintable_names_and_bad_peers(tmp_path: Path) -> None:
     assert "secret" not in repr(
         NodeConfig(name="ok", cache_dir=tmp_path, group_secret="secret-value-123")
     )
+
+
+async def test_close_returns_when_a_task_swallows_its_cancellation(
+    make_node: NodeFactory,
+) -> None:
+    """asyncio.wait_for (3.11) and some nats-py calls can drop a cancellation; close() must
+    still return, cancelling again what is left, and keep what was written."""
+    node = await make_node("a")
+    stopped = asyncio.Event()
+
+    async def stubborn() -> None:
+        for _ in range(2):
+            # What a dropped cancellation looks like from outside.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+        stopped.set()
+
+    node.spawn(stubborn(), "stubborn")
+    node.doc("d").get("t", type=pycrdt.Text).insert(0, "kept")
+    await asyncio.wait_for(node.close(), 10)
+    assert stopped.is_set()
+    again = Node(node.config)
+    await again.start()
+    try:
+        assert str(again.doc("d").get("t", type=pycrdt.Text)) == "kept"
+    finally:
+        await again.close()

@@ -58,6 +58,7 @@ H = TypeVar("H", bound=Callable[..., Any])
 
 REFRESH_MIN_INTERVAL = 5.0
 FRONTEND = "frontend"  # the source tag of presence set by y-websocket clients
+STOP_ROUNDS, STOP_WAIT = 10, 1.0  # close(): cancel what still runs, up to 10 times, 1 s apart
 
 
 class Node:
@@ -455,9 +456,7 @@ class Node:
             await self._mesh.close()
         if self._listener is not None:
             await self._listener.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_tasks()
         await self._work.close()
         unsaved = None
         try:
@@ -474,6 +473,20 @@ class Node:
         await self._store.close()
         if unsaved is not None:
             raise unsaved
+
+    async def _stop_tasks(self) -> None:
+        # A cancellation can be dropped (asyncio.wait_for on 3.11 returns a result that
+        # raced it; some nats-py calls catch it): cancel again what is still running.
+        for _ in range(STOP_ROUNDS):
+            left = [t for t in self._tasks if not t.done()]
+            if not left:
+                return
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=STOP_WAIT)
+        names = sorted(t.get_name() for t in self._tasks if not t.done())
+        if names:
+            log.error("tasks still running after %d cancellations: %s", STOP_ROUNDS, names)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a supervised task owned by this node: a crash is logged, never propagated."""
