@@ -87,7 +87,12 @@ def test_tasks_of_a_killed_worker_finish_elsewhere(tmp_path: Path, mode: dict[st
             assert redo, f"{run['id']} never ran again"
             # ... elsewhere, only after the lease ran out, with a higher token and attempt.
             assert all(r["start"] >= killed_at + lease - 1.0 for r in redo), (run, redo)
-            assert all(r["token"] > run["token"] and r["attempt"] == 2 for r in redo)
+            assert all(r["token"] > run["token"] for r in redo)
+            # A claim reaches the job's doc in the loop turn its handler starts in, so a kill
+            # can beat it: a redo then knows of no earlier attempt (strict mode; the server's
+            # revision still orders the two). In LAN mode the claim is in the doc first.
+            first = run["attempt"] if mode.get("relay") else run["attempt"] + 1
+            assert all(r["attempt"] in (first, run["attempt"] + 1) for r in redo), (run, redo)
             assert not overlaps(task_runs, died={"c": killed_at})
     finally:
         for a in agents:
