@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import os
 import statistics
-import sys
 import time
 import uuid
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +36,8 @@ from unity_crdt.checkpoint.weaviate import PASSAGES, WeaviateSink
 from unity_crdt.crypto.keys import derive_group_keys, device_id_for
 from unity_crdt.testing import ConceptEmbedder
 
+from ._scripts import load
+
 DOCS = 100
 DOC_BYTES = 100_000
 ROUNDS = 3
@@ -46,17 +45,10 @@ SEARCH_DOCS = 200
 QUERIES = 300
 RESTORE_DOCS = 1000
 DEVICES = 50
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "weaviate.py"
 
 
 def _script() -> ModuleType:
-    # scripts/weaviate.py would shadow the weaviate client if imported by its file name.
-    spec = importlib.util.spec_from_file_location("unity_crdt_weaviate_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load("weaviate")
 
 
 def _docs() -> dict[str, bytes]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +30,8 @@ from unity_crdt.crypto.envelope import RelaySealer
 from unity_crdt.crypto.keys import derive_group_keys
 from unity_crdt.sync import codec
 
+from ._scripts import load
+
 SECRET = "bench group secret: not for production"
 LAT_SAMPLES = 400
 LAT_WARMUP = 40
@@ -43,15 +43,7 @@ TIMEOUT = 120.0
 
 
 def _script() -> Any:
-    name = "unity_crdt_nats_script"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "scripts" / "nats.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load("nats")
 
 
 def config(tmp: Path, name: str, url: str) -> NodeConfig:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ from typing import Any
 
 from unity_crdt import Node, NodeConfig
 
+from ._scripts import load
+
 N = 10_000
 CONCURRENCY = 16
 SECRET = "bench work group secret: not for production"
@@ -42,14 +43,7 @@ TIMEOUT = 600.0
 
 
 def _nats() -> Any:
-    name = "unity_crdt_nats_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "nats.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load("nats")
 
 
 def _free_port() -> int:

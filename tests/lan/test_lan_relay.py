@@ -8,10 +8,8 @@ the hosts reach NATS but never each other. mDNS is on: it finds nobody across ne
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import pytest
 from netns import Lan, venv_python
+from serverkit import load_script
 from test_lan_nodes import AGENT, FAST, PORT, Agent
 
 pytestmark = [pytest.mark.lan, pytest.mark.nats]
@@ -27,15 +26,7 @@ NATS_PORT = 4222
 
 
 def _nats_script() -> Any:
-    name = "unity_crdt_nats_script"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "nats.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("nats")
 
 
 def run(*argv: str) -> None:

@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pycrdt
+import serverkit
 
 from unity_crdt import Node, NodeConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nats.py"
 SECRET = "relay test group secret: correct horse battery staple"
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
 
 def load_script() -> ModuleType:
-    """Import scripts/nats.py under another name (its file name shadows the nats client)."""
-    name = "unity_crdt_nats_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """scripts/nats.py (serverkit.load_script)."""
+    return serverkit.load_script("nats")
 
 
 def relay_config(tmp: Path, name: str, relay: Any, **kw: Any) -> NodeConfig:

@@ -7,33 +7,21 @@ each test gets its own tenant and tests never see each other's objects.
 
 from __future__ import annotations
 
-import importlib.util
 import secrets
-import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+import serverkit
 
 from unity_crdt.checkpoint.weaviate import WeaviateSink
 from unity_crdt.crypto.keys import GroupKeys, derive_group_keys
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "weaviate.py"
-
 
 def load_script() -> ModuleType:
-    """Import scripts/weaviate.py under another name (its file name shadows the client)."""
-    name = "unity_crdt_weaviate_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """scripts/weaviate.py (serverkit.load_script)."""
+    return serverkit.load_script("weaviate")
 
 
 @pytest.fixture(scope="session")

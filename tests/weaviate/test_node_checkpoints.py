@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,11 +12,11 @@ from typing import Any
 
 import pycrdt
 import pytest
+from serverkit import load_script
 
 from unity_crdt import Node, NodeConfig
 
 NodeMaker = Callable[..., Awaitable[Node]]
-NATS_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nats.py"
 
 
 @pytest.fixture
@@ -173,10 +172,7 @@ async def test_weaviate_down_at_start_the_node_still_syncs(
 async def test_commit_notice_over_nats_pulls_from_weaviate_at_once(make_node: NodeMaker) -> None:
     """B gets no deltas (relay_deltas=False), never polls (pull_interval=None), has no mesh link:
     only A's commit notice over NATS makes it pull A's checkpoint from Weaviate."""
-    script = importlib.util.spec_from_file_location("unity_crdt_nats_script", NATS_SCRIPT)
-    assert script is not None and script.loader is not None
-    nats_script = importlib.util.module_from_spec(script)
-    script.loader.exec_module(nats_script)
+    nats_script = load_script("nats")
     with nats_script.NatsServer() as server:
         kw = dict(relay_url=server.url, relay_deltas=False, checkpoint_interval=3600.0)
         a = await make_node("a", **kw)
