@@ -138,6 +138,7 @@ def pair(short_tmp: Path) -> Iterator[tuple[RunningNode, RunningNode]]:
     )
     url = alice.wait_for(r"listening\s+(ws://\S+)").group(1)
     bob = RunningNode("--config", str(configs["bob"]), "--peer", url)
+    bob.wait_for(r"listening\s+ws://")  # a Ctrl-C before its handler is set would exit 130
     try:
         yield alice, bob
     finally:
@@ -525,3 +526,17 @@ async def test_control_api_answers_errors_as_one_line_and_survives_long_paths(
         async with ControlClient(deep) as client:
             with pytest.raises(NoNodeRunning, match="no node is running on"):
                 await client.status()
+
+
+def test_status_into_a_closed_pipe_exits_quietly(
+    pair: tuple[RunningNode, RunningNode], short_tmp: Path
+) -> None:
+    # `unity-crdt status | head -1`: the reader goes away before the output is written.
+    env = dict(os.environ, UNITY_CRDT_SECRET=SECRET)
+    argv = [SCRIPT, "status", "--cache-dir", str(short_tmp / "alice")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 141, err  # as a shell reports a command killed by SIGPIPE
+    assert "Traceback" not in err and err == "", err

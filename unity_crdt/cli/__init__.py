@@ -12,6 +12,7 @@ exit code 2. The group secret is never printed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `unity-crdt status | head -1`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again, and exit as a SIGPIPE death would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
