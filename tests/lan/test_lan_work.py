@@ -66,10 +66,10 @@ def test_partition_duplicates_only_what_was_claimed_while_split(
     time.sleep(2.0 + lease + 3.0)  # the link drops, the lease runs out, each side takes over
     lan.heal()
     healed_at = time.monotonic()
-    got = agents[0].request(op="results", job=job, timeout=120)
+    got = agents[0].results(job, 120)
     assert got["results"] == [{"y": 2 * i} for i in range(90)]  # each counted once
     # Every node agrees on the results once healed.
-    assert agents[2].request(op="results", job=job, timeout=60)["results"] == got["results"]
+    assert agents[2].results(job, 60)["results"] == got["results"]
     runs = workkit.all_runs(tmp_path, agents)
     assert len(runs) == 90
     dupes = {t: r for t, r in runs.items() if len(r) > 1}

@@ -40,8 +40,7 @@ def test_leader_killed_during_claims_and_a_fast_clock_steals_nothing(
         )
     )
     try:
-        wait_live(agents, 3)
-        assert all(a.request(op="live", kind="echo")["mode"] == "strict" for a in agents)
+        wait_live(agents, 3, "strict")
         inputs = [{"v": i, "sleep": 0.02} for i in range(1000)]
         job = agents[0].request(op="submit", inputs=inputs, lease=10.0)["job"]
         log = tmp_path / "a.log"
@@ -49,7 +48,7 @@ def test_leader_killed_during_claims_and_a_fast_clock_steals_nothing(
             time.sleep(0.05)
         leader = asyncio.run(_kv_leader(nats_cluster.urls))
         nats_cluster.kill(nats_cluster.index_of(leader))
-        got = agents[0].request(op="results", job=job, timeout=180)
+        got = agents[0].results(job, 180)
         assert got["results"] == [{"y": 2 * i} for i in range(1000)]  # none lost
         runs = all_runs(tmp_path, agents)
         assert len(runs) == 1000

@@ -33,13 +33,13 @@ def mode(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
 def test_thousand_tasks_run_exactly_once_in_order(tmp_path: Path, mode: dict[str, Any]) -> None:
     agents = start_group(tmp_path, ["a", "b", "c"], concurrency=8, **mode)
     try:
-        wait_live(agents, 3)
+        wait_live(agents, 3, "strict" if "relay" in mode else "lan")
         inputs = [{"v": i, "sleep": 0.002} for i in range(1000)]
         job = agents[0].request(op="submit", inputs=inputs, lease=10.0)["job"]
-        got = agents[0].request(op="results", job=job, timeout=120)
+        got = agents[0].results(job, 120)
         assert got["results"] == [{"y": 2 * i} for i in range(1000)]
         # Another node follows the same job to the same results.
-        other = agents[2].request(op="results", job=job, timeout=60)
+        other = agents[2].results(job, 60)
         assert other["results"] == got["results"]
         runs = all_runs(tmp_path, agents)
         assert sorted(runs) == sorted(f"{job}/{i}" for i in range(1000))
@@ -60,7 +60,7 @@ def test_thousand_tasks_run_exactly_once_in_order(tmp_path: Path, mode: dict[str
 def test_tasks_of_a_killed_worker_finish_elsewhere(tmp_path: Path, mode: dict[str, Any]) -> None:
     agents = start_group(tmp_path, ["a", "b", "c"], concurrency=4, **mode)
     try:
-        wait_live(agents, 3)
+        wait_live(agents, 3, "strict" if "relay" in mode else "lan")
         lease = 3.0
         inputs = [{"v": i, "sleep": 0.5} for i in range(60)]
         job = agents[0].request(op="submit", inputs=inputs, lease=lease)["job"]
@@ -74,7 +74,7 @@ def test_tasks_of_a_killed_worker_finish_elsewhere(tmp_path: Path, mode: dict[st
         victim.proc._popen.kill()  # SIGKILL mid-task: no goodbye, no release
         killed_at = time.monotonic()
         victim.proc.stop()
-        got = agents[0].request(op="results", job=job, timeout=90)
+        got = agents[0].results(job, 90)
         assert got["results"] == [{"y": 2 * i} for i in range(60)]
         runs = all_runs(tmp_path, agents)
         orphaned = [
@@ -117,15 +117,40 @@ def test_a_task_longer_than_its_lease_is_renewed_not_stolen(
 ) -> None:
     agents = start_group(tmp_path, ["a", "b"], concurrency=2, relay=nats_server.url)
     try:
-        wait_live(agents, 2)
+        wait_live(agents, 2, "strict")
         # Each task runs 3x its lease: its worker renews the claim (compare-and-set with a
         # fresh TTL) every lease / 3, so the idle peer, which probes the server, gets nothing.
         inputs = [{"v": i, "sleep": 4.5} for i in range(2)]
         job = agents[0].request(op="submit", inputs=inputs, lease=1.5)["job"]
-        got = agents[0].request(op="results", job=job, timeout=60)
+        got = agents[0].results(job, 60)
         assert got["results"] == [{"y": 0}, {"y": 2}]
         runs = all_runs(tmp_path, agents)
         assert all(len(r) == 1 and not r[0]["lost"] for r in runs.values()), runs
     finally:
         for a in agents:
             a.proc.stop()
+
+
+def test_a_task_whose_claim_could_not_be_closed_runs_again(
+    tmp_path: Path, nats_server: Any
+) -> None:
+    (agent,) = start_group(tmp_path, ["a"], concurrency=1, relay=nats_server.url)
+    try:
+        wait_live([agent], 1, "strict")
+        job = agent.request(op="submit", inputs=[{"v": 7, "sleep": 4.0}], lease=1.5)["job"]
+        log = tmp_path / "a.log"
+        while not log.exists() or '"start"' not in log.read_text():
+            time.sleep(0.05)
+        # The server dies mid-task: the worker cannot renew its claim, so once the lease has
+        # passed it must assume it lost the task, and its claim in the doc ends "lost". The
+        # task is then nobody's: it must go back into a queue and run again.
+        nats_server.kill()
+        while '"end"' not in log.read_text():
+            time.sleep(0.05)
+        nats_server.restart()
+        assert agent.results(job, 60)["results"] == [{"y": 14}]
+        (runs,) = all_runs(tmp_path, [agent]).values()
+        assert [r["lost"] for r in runs] == [True, False], runs
+        assert runs[1]["token"] > runs[0]["token"]
+    finally:
+        agent.proc.stop()

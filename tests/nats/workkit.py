@@ -46,6 +46,10 @@ class Agent:
         """Send a command and wait for its reply."""
         return self.reply(self.send(**cmd), timeout)
 
+    def results(self, job: str, timeout: float) -> dict[str, Any]:
+        """The job's results: the agent waits up to `timeout` s (it answers TimeoutError after)."""
+        return self.reply(self.send(op="results", job=job, timeout=timeout), timeout + 15)
+
     def peers(self) -> set[str]:
         """The device ids this agent last reported as linked."""
         evs = [e for e in self.proc.snapshot() if e.get("event") == "peers"]
@@ -94,13 +98,16 @@ def wait_mesh(agents: Sequence[Agent], timeout: float = 30.0) -> None:
     raise AssertionError(f"no full mesh: {[(a.name, len(a.peers())) for a in agents]}")
 
 
-def wait_live(agents: Sequence[Agent], count: int, timeout: float = 30.0) -> None:
-    """Until every worker agent counts `count` live workers of "echo" (and the mode settled)."""
+def wait_live(
+    agents: Sequence[Agent], count: int, mode: str = "lan", timeout: float = 30.0
+) -> None:
+    """Until every worker agent counts `count` live workers of "echo" and works in `mode`
+    ("strict" once its coordination bucket is up: a cluster elects its leaders first)."""
     deadline = time.monotonic() + timeout
     views: list[Any] = []
     while time.monotonic() < deadline:
         views = [a.request(op="live", kind="echo") for a in agents]
-        if all(len(v["live"]) == count for v in views):
+        if all(len(v["live"]) == count and v["mode"] == mode for v in views):
             return
         time.sleep(0.1)
     raise AssertionError(f"workers not all live: {views}")

@@ -103,6 +103,21 @@ def test_an_owner_hands_work_only_to_an_idle_peer_and_keeps_its_share() -> None:
     assert rules.handoff(keep + 100, 4, 0, 4, 4) == 0  # ... or no free slot
 
 
+def test_only_a_closed_entry_whose_holder_gave_up_may_be_replaced() -> None:
+    gave_up = [Claim("3", 1, "a", 40, LOST, strict=True)]
+    closed = {"d": "a", "a": 1, "s": OK}
+    assert rules.given_up(closed, gave_up)
+    assert rules.given_up({**closed, "s": ERR}, gave_up)
+    # A live entry passes on only when the server says so, whatever the doc claims.
+    assert not rules.given_up({"d": "a", "a": 1}, gave_up)
+    # Another attempt, another device, a claim not given up, a LAN claim: kept.
+    assert not rules.given_up({**closed, "a": 2}, gave_up)
+    assert not rules.given_up({**closed, "d": "b"}, gave_up)
+    assert not rules.given_up(closed, [Claim("3", 1, "a", 40, OK, strict=True)])
+    assert not rules.given_up(closed, [Claim("3", 1, "a", 1, LOST)])
+    assert not rules.given_up(closed, [])
+
+
 def test_lease_holder_is_the_highest_token_among_live_holders() -> None:
     def holder(entries: list[LeaseClaim], now: float = 100.0, alive: float = 100.0):  # type: ignore[no-untyped-def]
         return rules.lease_holder(entries, me=C, now=now, last_alive=lambda e: alive)

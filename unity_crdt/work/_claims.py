@@ -208,8 +208,15 @@ class Claiming:
         lease = st.board.spec.lease
         key = task_kv_key(st.board.job_id, task)
         sent = self.now()
+        ours = st.kv_nonces.setdefault(task, set())  # a claim whose answer was lost may be ours
         try:
-            rev = await self.kv.create(key, {"d": self.me, "a": attempt}, lease)
+            rev = await self.kv.create(
+                key,
+                {"d": self.me, "a": attempt},
+                lease,
+                ours,
+                lambda entry: rules.given_up(entry, st.board.task_claims(task)),
+            )
         except CoordinationError as exc:
             log.warning("claim of %s/%s: %s; trying again later", st.board.job_id, task, exc)
             rev = None
@@ -226,7 +233,7 @@ class Claiming:
         claim = Claim(task, attempt, self.me, rev, RUN, strict=True)
         st.board.write(claim)
         run = self._start(worker, st, claim, spawn=False)
-        run.kv_key, run.rev = key, rev
+        run.kv_key, run.rev, run.nonces = key, rev, st.kv_nonces.pop(task)
         run.valid_until, run.renewed_at = sent + lease, sent
         self.kick()  # the write is committed with others at the end of this loop turn
         await self._run(worker, run)  # in this task: one task per claimed task, not two

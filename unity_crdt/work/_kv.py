@@ -17,7 +17,10 @@ another key). A key's revision is the stream sequence of its last message: the f
 Reads are not read-your-writes (direct gets may come from a follower), so ownership is decided
 from the compare-and-set answer alone. When an answer is lost (a timeout, a leader change),
 the outcome is unknown: every value carries a nonce, and the key is read back from the stream
-leader (not a direct get) to learn whether our write landed.
+leader (not a direct get) to learn whether our write landed. A caller that writes one key
+several times (claim, renewals, close) passes the set of its nonces for that key (`ours`): a
+later write refused because an earlier one landed unseen finds that write there, and goes on
+from its revision instead of mistaking its own write for someone else's.
 """
 
 from __future__ import annotations
@@ -152,11 +155,10 @@ class KvStore:
 
     async def _watch_leases(self) -> None:
         assert self._watcher is not None
-        while True:
-            try:
-                entry = await self._watcher.updates(timeout=3600)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
+        # `async for` awaits the watcher's queue itself: `updates(timeout)` wraps it in
+        # wait_for, which on Python 3.11 loses a cancel that arrives with an entry (the
+        # task would then watch for ever).
+        async for entry in self._watcher:
             if entry is None or self.on_lease is None:
                 continue
             payload = None
@@ -200,13 +202,26 @@ class KvStore:
 
     # -- compare-and-set ----------------------------------------------------------------------
 
-    async def create(self, key: str, payload: dict[str, Any], ttl: float) -> int | None:
-        """Write `payload` only if `key` is absent; its revision, or None if someone holds it."""
-        return await self._cas(key, payload, 0, ttl, creating=True)
+    async def create(
+        self,
+        key: str,
+        payload: dict[str, Any],
+        ttl: float,
+        ours: set[str] | None = None,
+        replaceable: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> int | None:
+        """Write `payload` only if `key` is absent (or holds one of `ours`, or an entry that
+        is `replaceable`); its revision, or None if someone holds it."""
+        return await self._cas(
+            key, payload, 0, ttl, creating=True, ours=ours, replaceable=replaceable
+        )
 
-    async def update(self, key: str, payload: dict[str, Any], last: int, ttl: float) -> int | None:
-        """Write `payload` only if `key` is still at revision `last`; new revision, or None."""
-        return await self._cas(key, payload, last, ttl, creating=False)
+    async def update(
+        self, key: str, payload: dict[str, Any], last: int, ttl: float, ours: set[str] | None = None
+    ) -> int | None:
+        """Write `payload` only if `key` is still at revision `last` (or holds one of `ours`);
+        new revision, or None."""
+        return await self._cas(key, payload, last, ttl, creating=False, ours=ours)
 
     async def delete(self, key: str, last: int) -> bool:
         """Delete `key` only if it is still at revision `last` (a release)."""
@@ -227,12 +242,22 @@ class KvStore:
         return self._nc.jetstream(timeout=self._timeout)
 
     async def _cas(
-        self, key: str, payload: dict[str, Any], last: int, ttl: float, *, creating: bool
+        self,
+        key: str,
+        payload: dict[str, Any],
+        last: int,
+        ttl: float,
+        *,
+        creating: bool,
+        ours: set[str] | None,
+        replaceable: Callable[[dict[str, Any]], bool] | None = None,
     ) -> int | None:
         subject = self._subject(key)
         nonce = f"{self._nonce_prefix}{next(self._nonces)}"  # unique to this write
         data = self._seal(subject, {**payload, "nonce": nonce})
-        unknown = False
+        ours = set() if ours is None else ours
+        unknown = bool(ours)  # an earlier write of ours to this key may have landed unseen
+        ours.add(nonce)
         for _ in range(3):
             headers = {_EXPECT: str(last), _TTL: _ttl(ttl)}
             try:
@@ -248,8 +273,14 @@ class KvStore:
                 unknown = True
             # The write was refused, or its answer lost: ask the stream leader what is there.
             found = await self.read(key)
-            if found is not None and found[1] is not None and found[1].get("nonce") == nonce:
-                return found[0]  # our write landed after all
+            if found is not None and found[1] is not None and found[1].get("nonce") in ours:
+                if found[1]["nonce"] == nonce:
+                    return found[0]  # our write landed after all
+                last = found[0]  # an earlier write of ours landed: we hold the key, go on
+                continue
+            if found is not None and found[1] is not None and replaceable and replaceable(found[1]):
+                last = found[0]  # compare-and-set on it: one claimer replaces it
+                continue
             if creating and found is not None and found[1] is not None:
                 return None  # held by someone
             if creating:

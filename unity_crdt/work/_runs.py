@@ -120,7 +120,7 @@ class Running:
         assert self.kv is not None and run.kv_key is not None
         while True:
             try:
-                return await self.kv.update(run.kv_key, payload, run.rev, ttl)
+                return await self.kv.update(run.kv_key, payload, run.rev, ttl, run.nonces)
             except CoordinationError as exc:
                 if self.now() >= run.valid_until:
                     log.warning("task %s: could not close its claim (%s)", run.task.id, exc)
@@ -136,7 +136,7 @@ class Running:
                     return
                 sent = self.now()
                 rev = await self.kv.update(
-                    run.kv_key, {"d": self.me, "a": run.claim.attempt}, run.rev, lease
+                    run.kv_key, {"d": self.me, "a": run.claim.attempt}, run.rev, lease, run.nonces
                 )
         except CoordinationError:
             return  # try again next scan; the deadline stays where it was

@@ -43,6 +43,7 @@ class Run:
     renewing: bool = False
     closing: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # renewals and the close take turns
+    nonces: set[str] = field(default_factory=set)  # strict: our writes to the key (see _kv)
 
 
 @dataclass
@@ -59,5 +60,6 @@ class JobState:
     watch: set[str] = field(default_factory=set)  # tasks to re-judge over time
     claiming: set[str] = field(default_factory=set)
     blocked_until: dict[str, float] = field(default_factory=dict)  # strict: held elsewhere
+    kv_nonces: dict[str, set[str]] = field(default_factory=dict)  # strict: claims of unknown fate
     done: asyncio.Event = field(default_factory=asyncio.Event)
     built: bool = False

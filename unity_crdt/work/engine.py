@@ -281,6 +281,7 @@ class WorkEngine(Claiming, Running):
                 st.finished_at[task] = self.now()
             st.finished[task] = v
             st.watch.discard(task)
+            st.kv_nonces.pop(task, None)
         else:
             st.finished.pop(task, None)
             if v.state != State.PENDING:
@@ -427,8 +428,11 @@ class WorkEngine(Claiming, Running):
             for task in list(st.watch):
                 v = self._rejudge(st, task)
                 due = v.state == State.EXPIRED or (v.state == State.RETRY and v.at <= now)
-                if v.state == State.PENDING and task in st.blocked_until:
-                    due = st.blocked_until[task] <= now  # strict: ask the server again
+                if v.state == State.PENDING:
+                    # Blocked (strict): ask the server again when the time comes. Otherwise
+                    # pending again because its claim ended lost (a holder that could not
+                    # close it on the server): into a queue, or nobody would ever claim it.
+                    due = st.blocked_until.get(task, 0.0) <= now and task not in st.queued
                 if due and task not in st.claiming:
                     st.blocked_until.pop(task, None)
                     st.watch.discard(task)

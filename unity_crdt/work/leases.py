@@ -58,6 +58,7 @@ class Lease:
     renewed_at: float = 0.0
     renewing: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # renewals and release take turns
+    nonces: set[str] = field(default_factory=set, repr=False)  # strict: our writes to the key
 
 
 class LeaseContext:
@@ -152,6 +153,7 @@ class LeaseManager:
         if name in self.held:
             raise UnityCrdtError(f"this node already holds the lease {name!r}")
         wake = self._wake.setdefault(name, asyncio.Event())
+        ours: set[str] = set()  # our claims of `name`: one whose answer was lost may have landed
         async with asyncio.timeout(timeout):
             if self.kv is not None and not self.kv.settled.is_set():
                 # The first use starts the connection. A lease taken in LAN mode a moment
@@ -161,7 +163,7 @@ class LeaseManager:
             while True:
                 wake.clear()
                 lease = await (
-                    self._try_strict(name, ttl) if self.strict else self._try_lan(name, ttl)
+                    self._try_strict(name, ttl, ours) if self.strict else self._try_lan(name, ttl)
                 )
                 if lease is not None:
                     self.held[name] = lease
@@ -169,13 +171,13 @@ class LeaseManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(ttl / 4, 0.5))
 
-    async def _try_strict(self, name: str, ttl: float) -> Lease | None:
+    async def _try_strict(self, name: str, ttl: float, ours: set[str]) -> Lease | None:
         assert self.kv is not None and self.board is not None
         key = lease_key(self._names, name)
         sent = self.now()
         payload = {"n": name, "d": self.me, "ttl": ttl, "exp": self.clock() + ttl}
         try:
-            rev = await self.kv.create(key, payload, ttl)
+            rev = await self.kv.create(key, payload, ttl, ours)
         except CoordinationError as exc:
             log.warning("lease %r: %s", name, exc)
             return None
@@ -183,7 +185,7 @@ class LeaseManager:
             return None
         self.board.write(LeaseClaim(name, self.me, rev, True, ttl, strict=True))
         return Lease(name, rev, self.me, ttl, strict=True, kv_key=key, rev=rev,
-                     valid_until=sent + ttl, renewed_at=sent)  # fmt: skip
+                     valid_until=sent + ttl, renewed_at=sent, nonces=ours)  # fmt: skip
 
     async def _try_lan(self, name: str, ttl: float) -> Lease | None:
         assert self.board is not None
@@ -323,7 +325,9 @@ class LeaseManager:
                     "ttl": lease.ttl,
                     "exp": self.clock() + lease.ttl,
                 }
-                rev = await self.kv.update(lease.kv_key, payload, lease.rev, lease.ttl)
+                rev = await self.kv.update(
+                    lease.kv_key, payload, lease.rev, lease.ttl, lease.nonces
+                )
         except CoordinationError:
             return  # the next tick tries again; the deadline does not move
         finally:

@@ -55,6 +55,7 @@ __all__ = [
     "State",
     "Verdict",
     "backoff",
+    "given_up",
     "handoff",
     "is_lost",
     "judge",
@@ -181,6 +182,20 @@ def judge(
     if attempts >= max_attempts:
         return Verdict(State.FAILED, current, attempts, seen)
     return Verdict(State.EXPIRED, current, attempts, seen)
+
+
+def given_up(entry: Mapping[str, object], claims: Iterable[Claim]) -> bool:
+    """Whether a strict claim's key-value entry may be replaced before the server lets it go:
+    it is closed (its holder finished: it holds nothing now), and that holder then recorded
+    the claim as LOST in the doc (the close was never confirmed to it, so it dropped the
+    result). Waiting out the closed entry's TTL would only delay the task's next run. A live
+    entry (not closed) is never replaced: the server alone decides when it passes on."""
+    if "s" not in entry:
+        return False
+    return any(
+        c.strict and c.state == LOST and c.device == entry.get("d") and c.attempt == entry.get("a")
+        for c in claims
+    )
 
 
 def is_lost(mine: Claim, claims: Iterable[Claim]) -> bool:
