@@ -24,30 +24,26 @@ from unity_crdt.errors import (
 )
 from unity_crdt.ids import check_doc_id
 from unity_crdt.sync.codec import (
-    DEFAULT_LIMITS,
     PROTOCOL_VERSION,
-    Advert,
     Awareness,
     Batch,
     Hello,
-    Inventory,
-    InventoryRequest,
-    Limits,
     Members,
     Message,
     MsgType,
     Part,
     Ping,
     Pong,
-    Summary,
     SyncStep1,
     SyncStep2,
     Update,
     decode,
     encode,
 )
+from unity_crdt.sync.inventory import Advert, Inventory, InventoryRequest, Summary
 from unity_crdt.sync.replica import Replica
 from unity_crdt.sync.session import SyncSession
+from unity_crdt.sync.wire import DEFAULT_LIMITS, Limits
 from unity_crdt.sync.yjs import DIGEST_SIZE
 
 
