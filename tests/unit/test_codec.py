@@ -24,15 +24,14 @@ from unity_crdt.errors import (
 )
 from unity_crdt.ids import check_doc_id
 from unity_crdt.sync.codec import (
-    DEFAULT_LIMITS,
     PROTOCOL_VERSION,
     Awareness,
     Batch,
     Hello,
-    Limits,
     Members,
     Message,
     MsgType,
+    Part,
     Ping,
     Pong,
     SyncStep1,
@@ -41,8 +40,10 @@ from unity_crdt.sync.codec import (
     decode,
     encode,
 )
+from unity_crdt.sync.inventory import Advert, Inventory, InventoryRequest, Summary
 from unity_crdt.sync.replica import Replica
 from unity_crdt.sync.session import SyncSession
+from unity_crdt.sync.wire import DEFAULT_LIMITS, Limits
 from unity_crdt.sync.yjs import DIGEST_SIZE
 
 
@@ -66,6 +67,12 @@ WORKED = [
     (Batch((Ping(1), Pong(1))), "0702020301020401"),
     (Members((), want_all=True), "0f0100"),
     (Members((b"\xaa" * 130,)), "0f000182" + "01" + "aa" * 130),
+    (Summary(b"\x78" * 16, 5), "08" + "78" * 16 + "05"),
+    (InventoryRequest(None), "0900"),
+    (InventoryRequest(3, ""), "09010300"),
+    (Inventory(7, (("a", b"\x31" * 16),), more=True), "0a07" + "01" + "0161" + "31" * 16 + "01"),
+    (Advert("d", b"\x33" * 16), "0b" + "01" + "0164" + "33" * 16),
+    (Part("d", b"xyz", final=True), "0c" + "0164" + "01" + "0378797a"),
 ]
 
 

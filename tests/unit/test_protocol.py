@@ -17,21 +17,17 @@ from unity_crdt.errors import ErrorCode, ProtocolError
 from unity_crdt.sync import codec
 from unity_crdt.sync.codec import (
     PROTOCOL_VERSION,
-    Advert,
     Batch,
-    Buckets,
     Hello,
-    Inventory,
-    InventoryRequest,
     Message,
     Part,
     Ping,
     Pong,
-    Summary,
     SyncStep1,
     SyncStep2,
     Update,
 )
+from unity_crdt.sync.inventory import Advert, Buckets, Inventory, InventoryRequest, Summary
 from unity_crdt.sync.replica import RemoteOrigin, Replica
 from unity_crdt.sync.session import EMPTY_UPDATE, Outgoing, Reply, SeenFilter, SyncSession
 from unity_crdt.sync.yjs import bucket_of

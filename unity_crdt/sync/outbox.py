@@ -22,8 +22,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
 from ..errors import ErrorCode, ProtocolError
-from .codec import DEFAULT_LIMITS, Message, Part, encode, encode_batch
+from .codec import Message, Part, encode, encode_batch
 from .session import Reply
+from .wire import DEFAULT_LIMITS
 
 BATCH_BYTES = 256 * 1024
 # Under the receiver's Limits.max_batch (10,000), whatever the mix of messages.

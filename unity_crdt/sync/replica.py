@@ -27,8 +27,8 @@ from pycrdt import Doc, TransactionEvent, merge_updates
 
 from ..errors import ConfigError, DecodeError, ErrorCode, ProtocolError, StoreError
 from ..ids import check_doc_id
-from .codec import BUCKETS
 from .content import content_digest
+from .inventory import BUCKETS
 from .yjs import (
     bucket_of,
     check_state_vector,

@@ -69,27 +69,21 @@ from dataclasses import dataclass
 
 from ..errors import ErrorCode, ProtocolError
 from .codec import (
-    BUCKETS,
     PROTOCOL_VERSION,
-    Advert,
     Awareness,
     Batch,
-    Buckets,
-    Check,
     Hello,
-    Inventory,
-    InventoryRequest,
     Members,
     Message,
     Notice,
     Part,
     Ping,
     Pong,
-    Summary,
     SyncStep1,
     SyncStep2,
     Update,
 )
+from .inventory import BUCKETS, Advert, Buckets, Check, Inventory, InventoryRequest, Summary
 from .replica import RemoteOrigin, Replica
 from .yjs import bucket_of, check_state_vector, entry_hash, is_empty_update
 
