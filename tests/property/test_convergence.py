@@ -30,10 +30,11 @@ from pycrdt import Array, Map, Text
 from unity_crdt.errors import ProtocolError
 from unity_crdt.sync import codec
 from unity_crdt.sync.codec import Message
+from unity_crdt.sync.nodewide import PullGate, SeenFilter
 from unity_crdt.sync.outbox import Outbox
 from unity_crdt.sync.replica import Replica
 from unity_crdt.sync.router import Router
-from unity_crdt.sync.session import PART_SIZE, PullGate, Reply, SeenFilter, SyncSession
+from unity_crdt.sync.session import PART_SIZE, Reply, SyncSession
 from unity_crdt.sync.yjs import read_state_vector
 
 pytestmark = pytest.mark.slow

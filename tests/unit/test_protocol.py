@@ -28,8 +28,9 @@ from unity_crdt.sync.codec import (
     Update,
 )
 from unity_crdt.sync.inventory import Advert, Buckets, Inventory, InventoryRequest, Summary
+from unity_crdt.sync.nodewide import SeenFilter
 from unity_crdt.sync.replica import RemoteOrigin, Replica
-from unity_crdt.sync.session import EMPTY_UPDATE, Outgoing, Reply, SeenFilter, SyncSession
+from unity_crdt.sync.session import EMPTY_UPDATE, Outgoing, Reply, SyncSession
 from unity_crdt.sync.yjs import bucket_of
 from unity_crdt.testing import Net, Party
 

@@ -47,8 +47,8 @@ from ..errors import ProtocolError, SecurityError, UnityCrdtError
 from ..status import RelayStatus
 from ..sync import codec
 from ..sync.codec import Batch, Hello, Members, Notice, SyncStep1, SyncStep2, Update
+from ..sync.nodewide import SeenFilter
 from ..sync.replica import RemoteOrigin, Replica, merge_small
-from ..sync.session import SeenFilter
 from ..sync.yjs import is_empty_update
 from ._outbox import Entry, RelayOutbox
 

@@ -33,10 +33,11 @@ from ..store.files import load_or_create_secret_file, prepare_cache_dir
 from ..store.sqlite import SqliteStore
 from ..store.writer import CacheWriter
 from ..sync.codec import PROTOCOL_VERSION, Awareness, Members, Notice
+from ..sync.nodewide import DocQuota, PullGate, SeenFilter
 from ..sync.presence import Presence
 from ..sync.replica import Replica
 from ..sync.router import Router
-from ..sync.session import DocQuota, PullGate, SeenFilter, SyncSession
+from ..sync.session import SyncSession
 from ._discovery import start_discovery
 from ._members import MembersService
 from ._status import node_status

@@ -14,8 +14,8 @@ from ..errors import RelayError
 from ..net._outbox import RelayOutbox
 from ..net.relay import Relay, RelaySettings
 from ..sync.codec import Members, Notice
+from ..sync.nodewide import SeenFilter
 from ..sync.replica import Replica
-from ..sync.session import SeenFilter
 
 __all__ = ["make_relay"]
 

@@ -18,9 +18,10 @@ from pycrdt import Array, Map, Text
 
 from ..sync import codec
 from ..sync.codec import Batch, Message, flatten
+from ..sync.nodewide import PullGate, SeenFilter
 from ..sync.replica import Replica
 from ..sync.router import Router
-from ..sync.session import PullGate, Reply, SeenFilter, SyncSession
+from ..sync.session import Reply, SyncSession
 
 __all__ = ["Net", "Party"]
 
