@@ -27,6 +27,7 @@ from ..errors import SecurityError
 from ..members.invites import InviteCode
 from ..members.ops import Epoch, Grant
 from ..members.roster import EpochRecord, RosterView
+from ._services import start_relay
 
 if TYPE_CHECKING:
     from . import Node
@@ -200,7 +201,7 @@ async def move_node(
         old.send_members(roster_ops)
         old.halt()
         node._relay = None
-        await node._start_relay(keys, outbox_name(record))
+        await start_relay(node, keys, outbox_name(record))
         with contextlib.suppress(Exception):
             await old.drain(RELAY_NOTICE_WAIT)
         await old.close()

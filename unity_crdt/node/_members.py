@@ -41,6 +41,7 @@ from ..store.files import write_private_file
 from ..sync.codec import Members
 from ._epochs import EpochKeys, Reader, ledger_name, move_node, new_epoch, outbox_name
 from ._gate import LinkGate
+from ._services import start_services
 from ._state import read_state, state_json, state_parts
 
 if TYPE_CHECKING:
@@ -448,7 +449,7 @@ class MembersService:
         held = self.epochs.held(view)
         if held is None or (self.epoch is not None and held.op_id == self.epoch.op_id):
             if self.epoch is not None and not node._services_started:
-                await node._start_services()
+                await start_services(node)
             return
         self._enter(held)
         keys = self.epochs.keys_of(held)
@@ -456,7 +457,7 @@ class MembersService:
         if node._mesh is not None:
             node._mesh.set_keys(keys)
         if not node._services_started:
-            await node._start_services()
+            await start_services(node)
         else:
             await move_node(node, keys, held, self.all_ops(), self._readers(view, held))
         self._rebuild_psk(view)

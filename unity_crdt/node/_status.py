@@ -66,6 +66,6 @@ def node_status(node: Node) -> NodeStatus:
         relay=node._relay.status() if node._relay else None,
         cache=node._writer.status(),
         membership=node._members.status() if node._members else None,
-        equivocations=tuple(sorted(node._equivocations)),
+        equivocations=tuple(sorted(node._traffic.equivocations)),
         work=node._work.status(),
     )

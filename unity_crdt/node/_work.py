@@ -1,6 +1,6 @@
 """The node's collective work: workers, jobs and leases (`unity_crdt.work`), wired to the node.
 
-Built with the node (so `@node.worker` may come before `start()`), started by `Node._start`:
+Built with the node (so `@node.worker` may come before `start()`), started by `start_services`:
 it chooses the coordination mode from the config (strict on NATS key-value when
 `coordination_url`, or a NATS `relay_url`, is set; LAN otherwise), connects with the cloud
 channel's own `net.nats.connect` (so `work` never imports `net`) when the node first works,
